@@ -1,0 +1,1 @@
+"""Aggregator heads, bag batching, the trainer, metrics and prediction."""

@@ -1,0 +1,1 @@
+"""Sources of instances, backbones, and the GPU extraction loop."""

@@ -1,0 +1,363 @@
+"""The LMDB feature store: one record per bag, one shard per writer process, read as one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from milcache.errors import StoreError
+from milcache.store.metadata import METADATA_FILE, StoreMetadata, read_metadata, write_metadata
+from milcache.store.record import Bag, CorruptRecord, decode, encode, read_header
+
+_BAGS_DB = b"bags"
+_FAILURES_DB = b"failures"
+_SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.mdb$")
+_INITIAL_MAP_SIZE = 1 << 30  # sparse on Linux/macOS: costs no disk until used
+_MAX_GROWTHS = 40
+
+
+def shard_path(store_dir: Path, shard: int) -> Path:
+    return Path(store_dir) / f"shard-{shard:05d}.mdb"
+
+
+def shard_paths(store_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(store_dir).iterdir() if _SHARD_PATTERN.match(p.name))
+
+
+def remove_store(store_dir: Path) -> None:
+    """Delete a store's files (store.json and every shard), leaving other files alone."""
+    store_dir = Path(store_dir)
+    if not store_dir.exists():
+        return
+    for path in shard_paths(store_dir):
+        path.unlink()
+        Path(f"{path}-lock").unlink(missing_ok=True)
+    (store_dir / METADATA_FILE).unlink(missing_ok=True)
+    for stale in store_dir.glob(".store.json.*"):
+        stale.unlink()
+
+
+class StoreWriter:
+    """Writes bags into one shard of a store; each ``put`` is one LMDB transaction.
+
+    A bag is therefore in the store whole or not at all, also when the process is killed. Several
+    processes write several shards (``shard=rank``) of one store; their metadata must agree.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        metadata: StoreMetadata,
+        shard: int = 0,
+        overwrite: bool = False,
+        map_size: int = _INITIAL_MAP_SIZE,
+    ) -> None:
+        self.path = Path(store_dir)
+        self.metadata = metadata
+        if overwrite:
+            remove_store(self.path)
+        if (self.path / METADATA_FILE).exists():
+            existing = read_metadata(self.path)
+            metadata.check_compatible(existing, self.path)
+            self.metadata = existing
+        else:
+            write_metadata(self.path, metadata)
+        self._file = shard_path(self.path, shard)
+        try:
+            self._env = lmdb.open(
+                str(self._file), subdir=False, map_size=map_size, max_dbs=2, meminit=False, readahead=False
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open {self._file} for writing: {exc}") from None
+        self._bags = self._env.open_db(_BAGS_DB)
+        self._failures = self._env.open_db(_FAILURES_DB)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def put(
+        self,
+        bag_id: str,
+        embeddings: np.ndarray,
+        coords: np.ndarray | None = None,
+        attrs: Mapping[str, np.ndarray] | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        """Store one bag (replacing an earlier record or failure of the same id)."""
+        bag = self._validated(bag_id, embeddings, coords, attrs or {}, extras or {}, meta or {})
+        key = _key(bag_id)
+        record = encode(bag)
+
+        def write(txn: lmdb.Transaction) -> None:
+            txn.put(key, record, db=self._bags)
+            txn.delete(key, db=self._failures)
+
+        self._transact(write, bag_id)
+
+    def fail(self, bag_id: str, reason: str) -> None:
+        """Record that a bag could not be made, with a reason a human can act on."""
+        key = _key(bag_id)
+        value = json.dumps({"reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+
+        def write(txn: lmdb.Transaction) -> None:
+            txn.delete(key, db=self._bags)
+            txn.put(key, value, db=self._failures)
+
+        self._transact(write, bag_id)
+
+    def _transact(self, write, bag_id: str) -> None:
+        for _ in range(_MAX_GROWTHS):
+            try:
+                with self._env.begin(write=True) as txn:  # aborted on any exception
+                    write(txn)
+                return
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise StoreError(
+                    f"could not write bag {bag_id!r} to {self._file}: {exc}; the store is unchanged (is the disk full?)"
+                ) from None
+        raise StoreError(f"bag {bag_id!r} does not fit in {self._file} even after growing its map")
+
+    def _validated(self, bag_id, embeddings, coords, attrs, extras, meta) -> Bag:
+        if not isinstance(bag_id, str) or not bag_id:
+            raise StoreError(f"bag id must be a non-empty string, not {bag_id!r}")
+        emb = np.asarray(embeddings)
+        dim = self.metadata.dim
+        if emb.ndim != 2 or emb.shape[1] != dim:
+            raise StoreError(f"bag {bag_id!r}: embeddings must be (n, {dim}), got shape {emb.shape}")
+        n = emb.shape[0]
+        if n == 0:
+            raise StoreError(f"bag {bag_id!r} has no instances; record it with fail() instead")
+        if not np.isfinite(emb).all():
+            bad = int((~np.isfinite(emb)).any(axis=1).sum())
+            raise StoreError(f"bag {bag_id!r}: {bad} of {n} embeddings contain NaN or Inf")
+        with np.errstate(over="ignore"):  # overflow is reported below, by bag
+            emb = emb.astype(self.metadata.dtype, copy=False)
+        if emb.dtype == np.float16 and not np.isfinite(emb).all():
+            raise StoreError(f"bag {bag_id!r}: embeddings overflow float16; write the store as float32")
+        k = len(self.metadata.coords)
+        coords = np.zeros((n, k), np.int32) if coords is None else np.asarray(coords)
+        if coords.shape != (n, k):
+            raise StoreError(
+                f"bag {bag_id!r}: coords must be (n, {k}) = ({n}, {k}) for columns "
+                f"{self.metadata.coords}, got shape {coords.shape}"
+            )
+        if coords.size and (np.abs(coords).max() > np.iinfo(np.int32).max):
+            raise StoreError(f"bag {bag_id!r}: coordinates do not fit in int32")
+        checked_attrs = {}
+        for name, values in attrs.items():
+            values = np.asarray(values)
+            if values.shape != (n,) or values.dtype.kind not in "biuf":
+                raise StoreError(
+                    f"bag {bag_id!r}: attribute {name!r} must be numeric with shape ({n},), "
+                    f"got {values.dtype} {values.shape}"
+                )
+            checked_attrs[name] = values
+        try:
+            json.dumps(meta)
+        except TypeError as exc:
+            raise StoreError(f"bag {bag_id!r}: meta must be JSON-serialisable: {exc}") from None
+        extras = {name: np.asarray(value) for name, value in extras.items()}
+        return Bag(bag_id, emb, coords.astype(np.int32, copy=False), checked_attrs, extras, meta)
+
+
+def _key(bag_id: str) -> bytes:
+    key = bag_id.encode("utf-8")
+    if len(key) > 500:  # LMDB's default maximum key size is 511 bytes
+        raise StoreError(f"bag id is too long ({len(key)} bytes, at most 500): {bag_id[:60]}...")
+    return key
+
+
+def _map_base(path: Path) -> int | None:
+    """Start address of LMDB's memory map of ``path`` in this process (Linux), else None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[2] == "00000000" and fields[5].strip() == str(path):
+                    return int(fields[0].split("-")[0], 16)
+    except OSError:
+        return None
+    return None
+
+
+class _Shard:
+    """A read-only LMDB environment with one long-lived read transaction (a consistent snapshot)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.env = lmdb.open(
+                # readahead on: a bag is a long run of overflow pages, read start to end
+                str(path),
+                subdir=False,
+                readonly=True,
+                lock=True,
+                max_dbs=2,
+                readahead=True,
+            )
+            self.bags = self.env.open_db(_BAGS_DB, create=False)
+            self.failures = self.env.open_db(_FAILURES_DB, create=False)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open shard {path}: {exc}") from None
+        self.txn = self._begin()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._base = _map_base(path.resolve())
+
+    def read_copy(self, view: memoryview) -> bytearray:
+        """A copy of a record. Read with one pread where the map's address is known: a cold record
+        then streams at disk speed instead of faulting in one page at a time."""
+        out = bytearray(len(view))
+        if self._base is not None:
+            offset = np.frombuffer(view, np.uint8).ctypes.data - self._base if len(view) else 0
+            if offset >= 0 and os.preadv(self._fd, [out], offset) == len(view):
+                return out
+        out[:] = view
+        return out
+
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:  # a writer grew the map: adopt the new size
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=True)
+
+    def renew(self) -> None:
+        self.txn.abort()
+        self.txn = self._begin()
+
+    def keys(self, db) -> list[str]:
+        with self.txn.cursor(db=db) as cursor:
+            return [bytes(k).decode("utf-8") for k in cursor.iternext(keys=True, values=False)]
+
+    def get(self, bag_id: str, db) -> memoryview | None:
+        return self.txn.get(bag_id.encode("utf-8"), db=db)
+
+    def close(self) -> None:
+        self.txn.abort()
+        self.env.close()
+        os.close(self._fd)
+
+
+class FeatureStore:
+    """Read access to every shard of a store, as one mapping of bag id → Bag, in key order.
+
+    The store is read from a snapshot taken at open (or at ``refresh()``): a writer working at the
+    same time never shows a half-written bag. Arrays of returned bags view the memory map in place;
+    they are valid until ``close()``.
+    """
+
+    def __init__(self, store_dir: str | Path) -> None:
+        self.path = Path(store_dir)
+        if not self.path.is_dir():
+            raise StoreError(f"no store at {self.path}: not a directory")
+        self.metadata = read_metadata(self.path)
+        self._shards = [_Shard(p) for p in shard_paths(self.path)]
+        self._index()
+
+    def _index(self) -> None:
+        self._where: dict[str, _Shard] = {}
+        for shard in self._shards:
+            for bag_id in shard.keys(shard.bags):
+                other = self._where.setdefault(bag_id, shard)
+                if other is not shard:
+                    raise StoreError(
+                        f"bag {bag_id!r} is in two shards of {self.path}: {other.path.name} and "
+                        f"{shard.path.name}; remove one of them"
+                    )
+        self._ids = sorted(self._where)
+
+    def refresh(self) -> None:
+        """Take a new snapshot, so that bags written since opening become visible."""
+        known = {s.path for s in self._shards}
+        for shard in self._shards:
+            shard.renew()
+        self._shards += [_Shard(p) for p in shard_paths(self.path) if p not in known]
+        self._index()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+        self._shards = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, bag_id: object) -> bool:
+        return bag_id in self._where
+
+    def bag_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def raw(self, bag_id: str) -> memoryview:
+        """The record bytes of one bag, in place."""
+        shard = self._where.get(bag_id)
+        if shard is None:
+            raise KeyError(bag_id)
+        return shard.get(bag_id, shard.bags)
+
+    def get(self, bag_id: str, check: bool = False, copy: bool = False) -> Bag:
+        """One bag; ``check`` also verifies its checksum, ``copy`` detaches its arrays from the store
+        (reading the whole record ahead, the fast way to load bags that are not in the page cache).
+        Unknown ids raise KeyError."""
+        raw = self.raw(bag_id)
+        if copy:
+            raw = self._where[bag_id].read_copy(raw)
+        try:
+            return decode(bag_id, raw, check=check)
+        except CorruptRecord as exc:
+            raise StoreError(f"bag {bag_id!r} in {self.path} is corrupt: {exc}") from None
+
+    def __getitem__(self, bag_id: str) -> Bag:
+        return self.get(bag_id)
+
+    def __iter__(self) -> Iterator[Bag]:
+        for bag_id in self._ids:
+            yield self.get(bag_id)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of instances of every bag, read from the record headers only."""
+        out = {}
+        for bag_id in self._ids:
+            try:
+                header, _ = read_header(self.raw(bag_id))
+                out[bag_id] = int(next(a for a in header["arrays"] if a["name"] == "embeddings")["shape"][0])
+            except (CorruptRecord, StopIteration, KeyError, IndexError) as exc:
+                raise StoreError(f"bag {bag_id!r} in {self.path} is corrupt: {exc}") from None
+        return out
+
+    def failures(self) -> dict[str, str]:
+        """Bags whose extraction failed (and that no shard holds a finished record of) → reason."""
+        out = {}
+        for shard in self._shards:
+            for bag_id in shard.keys(shard.failures):
+                if bag_id not in self._where:
+                    out[bag_id] = json.loads(bytes(shard.get(bag_id, shard.failures)))["reason"]
+        return dict(sorted(out.items()))
+
+    def disk_bytes(self) -> int:
+        """Bytes the store really occupies (LMDB maps are sparse files)."""
+        return sum(p.stat().st_blocks * 512 for p in self.path.iterdir() if p.is_file())

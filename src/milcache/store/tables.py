@@ -1,0 +1,183 @@
+"""Manifests and label tables (CSV or parquet, read with polars), validated row by row.
+
+A manifest has one row per image: ``bag_id`` and ``path`` are required; ``label``, ``group`` (patient or
+case, for grouped splits) and any other columns are optional and kept. Several rows sharing a bag id
+make one bag of several images (for example the CC and MLO views of one breast). Relative paths are
+relative to the manifest's own folder, so a dataset folder can move as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from milcache.errors import LabelError, ManifestError
+
+_MAX_LISTED = 20
+_ROW = "__row__"  # 1-based data row number, kept so that errors can name rows
+
+
+def read_table(path: str | Path, string_columns: tuple[str, ...] = ("bag_id",)) -> pl.DataFrame:
+    """A CSV/TSV/parquet file as a DataFrame, with ``string_columns`` read as text."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            table = pl.read_parquet(path)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            table = pl.read_csv(
+                path,
+                separator="\t" if suffix == ".tsv" else ",",
+                schema_overrides={c: pl.Utf8 for c in string_columns},
+                infer_schema_length=10_000,
+            )
+        else:
+            raise ManifestError(f"{path}: expected a .csv, .tsv or .parquet file, not {suffix or 'no suffix'}")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise ManifestError(f"{path}: cannot read it as a table: {exc}") from None
+    casts = [pl.col(c).cast(pl.Utf8) for c in string_columns if c in table.columns]
+    return table.with_columns(casts) if casts else table
+
+
+def _problem_list(path: Path, what: str, problems: list[str]) -> ManifestError:
+    shown = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return ManifestError(f"{path}: {what}:\n  " + "\n  ".join(shown) + more)
+
+
+def _require_columns(table: pl.DataFrame, path: Path, required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns) or 'none'}"
+        )
+
+
+def _check_ids(table: pl.DataFrame, path: Path) -> None:
+    empty = table.filter(pl.col("bag_id").is_null() | (pl.col("bag_id").str.strip_chars() == ""))
+    if empty.height:
+        raise _problem_list(path, "empty bag_id", [f"row {r}" for r in empty[_ROW]])
+
+
+def _check_consistent(table: pl.DataFrame, path: Path, column: str) -> None:
+    """Rows of one bag must agree on a bag-level column (label, group)."""
+    if column not in table.columns:
+        return
+    bad = (
+        table.group_by("bag_id", maintain_order=True)
+        .agg(pl.col(column).unique(maintain_order=True).alias("values"), pl.col(_ROW).alias("rows"))
+        .filter(pl.col("values").list.len() > 1)
+    )
+    if bad.height:
+        problems = [
+            f"bag {b!r} (rows {', '.join(map(str, rows))}) has {column}s {', '.join(map(str, values))}"
+            for b, values, rows in bad.select("bag_id", "values", "rows").iter_rows()
+        ]
+        raise _problem_list(path, f"rows of one bag disagree on {column}", problems)
+
+
+@dataclass
+class BagSpec:
+    """One bag of a manifest: its images and bag-level fields."""
+
+    bag_id: str
+    paths: list[Path]
+    label: object = None
+    group: object = None
+    rows: list[dict] = field(default_factory=list)  # every column of each image row, as read
+
+
+@dataclass
+class Manifest:
+    path: Path
+    table: pl.DataFrame  # one row per image; ``path`` resolved to absolute paths
+
+    def bags(self) -> list[BagSpec]:
+        """Bags in the order of their first row."""
+        specs: dict[str, BagSpec] = {}
+        has_label, has_group = "label" in self.table.columns, "group" in self.table.columns
+        for row in self.table.drop(_ROW).iter_rows(named=True):
+            spec = specs.get(row["bag_id"])
+            if spec is None:
+                spec = specs[row["bag_id"]] = BagSpec(
+                    row["bag_id"],
+                    [],
+                    row["label"] if has_label else None,
+                    row["group"] if has_group else None,
+                )
+            spec.paths.append(Path(row["path"]))
+            spec.rows.append(row)
+        return list(specs.values())
+
+    def __len__(self) -> int:
+        return self.table["bag_id"].n_unique()
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest; every problem names its rows."""
+    path = Path(path)
+    table = read_table(path, ("bag_id", "path", "group"))
+    _require_columns(table, path, ("bag_id", "path"))
+    table = table.with_row_index(_ROW, offset=1)
+    _check_ids(table, path)
+    empty_paths = table.filter(pl.col("path").is_null() | (pl.col("path").str.strip_chars() == ""))
+    if empty_paths.height:
+        raise _problem_list(path, "empty path", [f"row {r}" for r in empty_paths[_ROW]])
+    base = path.parent.resolve()
+    table = table.with_columns(
+        pl.col("path").map_elements(lambda p: str(base / os.path.expanduser(p)), return_dtype=pl.Utf8)
+    )
+    dup = table.filter(pl.struct("bag_id", "path").is_duplicated())
+    if dup.height:
+        raise _problem_list(
+            path,
+            "the same image is listed twice for one bag",
+            [f"row {r}: bag {b!r}, {p}" for r, b, p in dup.select(_ROW, "bag_id", "path").iter_rows()],
+        )
+    _check_consistent(table, path, "label")
+    _check_consistent(table, path, "group")
+    if check_files:
+        problems = [
+            f"row {r}: {p}: {why}" for r, p in table.select(_ROW, "path").iter_rows() if (why := _unreadable(Path(p)))
+        ]
+        if problems:
+            raise _problem_list(path, "image files that cannot be read", problems)
+    return Manifest(path, table)
+
+
+def _unreadable(path: Path) -> str | None:
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return None if os.access(path, os.R_OK | os.X_OK) else "folder is not readable"
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def read_labels(path: str | Path, label_column: str = "label") -> pl.DataFrame:
+    """Bag labels from a labels table or a manifest: one row per bag, columns ``bag_id``, ``label``
+    and, when present, ``group`` and ``split``.
+    """
+    path = Path(path)
+    table = read_table(path, ("bag_id", "group", "split"))
+    _require_columns(table, path, ("bag_id", label_column))
+    table = table.rename({label_column: "label"}) if label_column != "label" else table
+    table = table.with_row_index(_ROW, offset=1)
+    _check_ids(table, path)
+    missing = table.filter(pl.col("label").is_null())
+    if missing.height:
+        rows = [f"row {r}: bag {b!r}" for r, b in missing.select(_ROW, "bag_id").iter_rows()]
+        raise LabelError(str(_problem_list(path, "missing labels", rows)))
+    keep = [c for c in ("bag_id", "label", "group", "split") if c in table.columns]
+    for column in keep[1:]:
+        _check_consistent(table, path, column)
+    return table.select(keep).unique(subset="bag_id", keep="first", maintain_order=True)

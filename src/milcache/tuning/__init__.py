@@ -1,0 +1,1 @@
+"""Optuna studies over aggregator heads."""

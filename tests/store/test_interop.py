@@ -1,0 +1,92 @@
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from milcache.errors import StoreError
+from milcache.store import FeatureStore, export_h5, import_embeddings
+from tests.conftest import random_bags
+
+
+def _check_same(store_dir, bags, dtype=np.float16):
+    with FeatureStore(store_dir) as store:
+        assert store.bag_ids() == sorted(bags)
+        for bag_id, (emb, coords, _) in bags.items():
+            np.testing.assert_array_equal(store[bag_id].embeddings, emb.astype(dtype))
+            if coords is not None:
+                np.testing.assert_array_equal(store[bag_id].coords, coords)
+
+
+def test_import_clam_h5_folder(tmp_path):
+    bags = random_bags(6, dim=32)
+    (tmp_path / "h5").mkdir()
+    for bag_id, (emb, coords, _) in bags.items():
+        with h5py.File(tmp_path / "h5" / f"{bag_id}.h5", "w") as f:
+            f.create_dataset("features", data=emb)
+            f.create_dataset("coords", data=coords).attrs["patch_size"] = 256
+    report = import_embeddings(tmp_path / "h5", tmp_path / "s", backbone="uni")
+    assert (report.bags, report.dim) == (6, 32)
+    _check_same(tmp_path / "s", bags)
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.metadata.backbone == "uni" and store.metadata.coords == ["x", "y"]
+        assert store["bag-0000"].meta == {"patch_size": 256}
+
+
+def test_import_pt_and_npy_folder(tmp_path):
+    bags = random_bags(4, dim=8)
+    (tmp_path / "pt").mkdir()
+    for i, (bag_id, (emb, _, _)) in enumerate(bags.items()):
+        if i % 2:
+            torch.save(torch.from_numpy(emb), tmp_path / "pt" / f"{bag_id}.pt")
+        else:
+            np.save(tmp_path / "pt" / f"{bag_id}.npy", emb)
+    import_embeddings(tmp_path / "pt", tmp_path / "s", dtype="float32")
+    _check_same(tmp_path / "s", {k: (v[0], None, None) for k, v in bags.items()}, np.float32)
+
+
+def test_pt_with_pickled_objects_is_refused(tmp_path):
+    (tmp_path / "pt").mkdir()
+    torch.save({"features": torch.zeros(2, 4), "evil": object()}, tmp_path / "pt" / "x.pt")
+    with pytest.raises(StoreError, match="x.pt: cannot load as tensors"):
+        import_embeddings(tmp_path / "pt", tmp_path / "s")
+
+
+def test_import_instance_table_keeps_order_and_label(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for bag, n, label in (("s2", 3, 1), ("s1", 2, 0)):
+        for i in range(n):
+            features = {f"f{j}": float(rng.standard_normal()) for j in range(5)}
+            rows.append({"slide": bag, "label": label, "x": i, "y": 2 * i, **features})
+    table = pl.DataFrame(rows)
+    table.write_parquet(tmp_path / "t.parquet")
+    import_embeddings(
+        tmp_path / "t.parquet", tmp_path / "s", bag_column="slide", coord_columns=["x", "y"], dtype="float32"
+    )
+    with FeatureStore(tmp_path / "s") as store:
+        bag = store["s2"]
+        expected = table.filter(pl.col("slide") == "s2").select([f"f{j}" for j in range(5)]).to_numpy()
+        np.testing.assert_allclose(bag.embeddings, expected, rtol=1e-6)
+        np.testing.assert_array_equal(bag.coords, [[0, 0], [1, 2], [2, 4]])
+        assert bag.meta == {"label": 1} and store["s1"].meta == {"label": 0}
+        assert store.metadata.dim == 5  # x, y and label are not features
+
+
+def test_table_rows_of_a_bag_must_agree_on_label(tmp_path):
+    pl.DataFrame({"bag_id": ["a", "a"], "label": [0, 1], "f": [1.0, 2.0]}).write_csv(tmp_path / "t.csv")
+    with pytest.raises(Exception, match="bag 'a' disagree on label"):
+        import_embeddings(tmp_path / "t.csv", tmp_path / "s")
+
+
+def test_export_then_import_gives_identical_embeddings(small_store, tmp_path):
+    path, bags = small_store
+    assert export_h5(path, tmp_path / "h5") == len(bags)
+    with h5py.File(tmp_path / "h5" / "bag-0001.h5") as f:  # the CLAM layout
+        assert f["features"].shape == bags["bag-0001"][0].shape and f["coords"].shape[1] == 2
+    import_embeddings(tmp_path / "h5", tmp_path / "back", backbone="test-net")
+    with FeatureStore(path) as a, FeatureStore(tmp_path / "back") as b:
+        for bag_id in a.bag_ids():
+            np.testing.assert_array_equal(a[bag_id].embeddings, b[bag_id].embeddings)
+            np.testing.assert_array_equal(a[bag_id].coords, b[bag_id].coords)
+            np.testing.assert_array_equal(a[bag_id].attrs["tissue"], b[bag_id].attrs["tissue"])

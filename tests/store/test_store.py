@@ -1,0 +1,226 @@
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from milcache.errors import StoreError, StoreMismatchError
+from milcache.store import FeatureStore, StoreWriter
+from milcache.store.inspect import verify
+from milcache.store.metadata import read_metadata
+from tests.conftest import make_meta, random_bags, write_store
+
+
+def test_round_trip_many_bags_of_different_sizes(tmp_path):
+    bags = random_bags(200, sizes=(1, 300))
+    write_store(tmp_path / "s", bags)
+    with FeatureStore(tmp_path / "s") as store:
+        assert len(store) == 200
+        assert store.bag_ids() == sorted(bags)
+        assert [b.bag_id for b in store] == sorted(bags)  # iteration in key order
+        for bag_id, (emb, coords, attrs) in bags.items():
+            bag = store[bag_id]
+            assert bag.embeddings.dtype == np.float16
+            np.testing.assert_array_equal(bag.embeddings, emb.astype(np.float16))
+            np.testing.assert_array_equal(bag.coords, coords)
+            np.testing.assert_array_equal(bag.attrs["tissue"], attrs["tissue"])
+            np.testing.assert_array_equal(bag.attrs["kind"], attrs["kind"])
+            assert not bag.embeddings.flags.writeable  # a view of the memory map, not a copy
+            loaded = store.get(bag_id, copy=True, check=True)  # read with pread, detached
+            np.testing.assert_array_equal(loaded.embeddings, bag.embeddings)
+            np.testing.assert_array_equal(loaded.attrs["kind"], attrs["kind"])
+        assert all(shard._base is not None for shard in store._shards)  # the pread path is taken
+        assert store.sizes() == {k: v[0].shape[0] for k, v in bags.items()}
+        assert verify(store) == {}
+
+
+def test_float32_store_keeps_exact_values(tmp_path):
+    bags = random_bags(5)
+    write_store(tmp_path / "s", bags, make_meta(dtype="float32"))
+    with FeatureStore(tmp_path / "s") as store:
+        for bag_id, (emb, _, _) in bags.items():
+            assert store[bag_id].embeddings.dtype == np.float32
+            np.testing.assert_array_equal(store[bag_id].embeddings, emb)
+
+
+def test_extras_and_meta_round_trip(tmp_path):
+    with StoreWriter(tmp_path / "s", make_meta()) as w:
+        cam = np.arange(12, dtype=np.float32).reshape(3, 4)
+        w.put("a", np.ones((2, 16)), extras={"cam": cam}, meta={"label": 1, "files": ["x.dcm"]})
+    with FeatureStore(tmp_path / "s") as store:
+        bag = store["a"]
+        np.testing.assert_array_equal(bag.extras["cam"], cam)
+        assert bag.meta == {"label": 1, "files": ["x.dcm"]}
+        assert bag.coords.shape == (2, 2)
+        copy = bag.copy()
+    assert copy.embeddings.sum() == 32  # a copy outlives the store
+
+
+def test_multi_shard_read_as_one_store(tmp_path):
+    bags = random_bags(30)
+    ids = sorted(bags)
+    for shard in range(3):
+        write_store(tmp_path / "s", {k: bags[k] for k in ids[shard::3]}, shard=shard)
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == ids
+        np.testing.assert_array_equal(store[ids[4]].embeddings, bags[ids[4]][0].astype(np.float16))
+
+
+def test_bag_in_two_shards_is_an_error(tmp_path):
+    bags = random_bags(3)
+    write_store(tmp_path / "s", bags, shard=0)
+    write_store(tmp_path / "s", {"bag-0001": bags["bag-0001"]}, shard=1)
+    with pytest.raises(StoreError, match="bag-0001.*two shards"):
+        FeatureStore(tmp_path / "s")
+
+
+def test_refuses_mismatched_backbone_naming_both(tmp_path):
+    write_store(tmp_path / "s", random_bags(2))
+    with pytest.raises(StoreMismatchError, match="backbone: store has 'test-net', this run has 'other-net'"):
+        StoreWriter(tmp_path / "s", make_meta(backbone="other-net"))
+    with pytest.raises(StoreMismatchError, match="dim"):
+        StoreWriter(tmp_path / "s", make_meta(dim=32))
+    with pytest.raises(StoreMismatchError, match="preprocessing"):
+        StoreWriter(tmp_path / "s", make_meta(preprocessing={"mean": [0.5, 0.5, 0.5]}))
+    with StoreWriter(tmp_path / "s", make_meta(backbone="other-net"), overwrite=True) as w:
+        w.put("new", np.zeros((1, 16)))
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == ["new"] and store.metadata.backbone == "other-net"
+
+
+def test_map_grows_past_initial_size(tmp_path):
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "s", make_meta(dim=256), map_size=64 * 1024) as w:
+        for i in range(20):  # 20 × 500 × 256 × 2 bytes ≈ 5 MB, far past 64 KiB
+            w.put(f"b{i}", rng.standard_normal((500, 256)))
+    with FeatureStore(tmp_path / "s") as store:
+        assert len(store) == 20 and verify(store) == {}
+
+
+def test_failures_are_recorded_and_cleared_by_success(tmp_path):
+    with StoreWriter(tmp_path / "s", make_meta()) as w:
+        w.fail("slide-1", "no tissue found")
+        w.fail("slide-2", "file missing: /data/slide-2.svs")
+        w.put("slide-2", np.ones((3, 16)))  # a retry that worked
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.failures() == {"slide-1": "no tissue found"}
+        assert store.bag_ids() == ["slide-2"]
+
+
+def test_bad_bags_are_refused_with_their_id(tmp_path):
+    with StoreWriter(tmp_path / "s", make_meta()) as w:
+        with pytest.raises(StoreError, match="'nan-bag'.*NaN"):
+            w.put("nan-bag", np.full((2, 16), np.nan))
+        with pytest.raises(StoreError, match="'empty'.*no instances"):
+            w.put("empty", np.zeros((0, 16)))
+        with pytest.raises(StoreError, match=r"'wide'.*\(n, 16\)"):
+            w.put("wide", np.zeros((3, 17)))
+        with pytest.raises(StoreError, match="'coords'.*coords must be"):
+            w.put("coords", np.zeros((3, 16)), coords=np.zeros((3, 3)))
+        with pytest.raises(StoreError, match="overflow float16"):
+            w.put("big", np.full((1, 16), 1e6))
+    with FeatureStore(tmp_path / "s") as store:
+        assert len(store) == 0
+
+
+def test_store_json_describes_the_store(tmp_path):
+    write_store(tmp_path / "s", random_bags(1), make_meta(preprocessing={"size": [224, 224]}, weights_digest="abc"))
+    data = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert data["backbone"] == "test-net" and data["dim"] == 16 and data["dtype"] == "float16"
+    assert data["weights_digest"] == "abc" and data["preprocessing"] == {"size": [224, 224]}
+    assert data["schema_version"] == 1 and "numpy" in data["versions"] and data["created"]
+    assert read_metadata(tmp_path / "s").coords == ["x", "y"]
+
+
+def test_corrupt_record_is_named_by_verify(tmp_path):
+    bags = random_bags(5)
+    marker = np.full((1000, 16), 1234.0, np.float32)  # large: lives in overflow pages, written once
+    bags["bag-0002"] = (marker, np.zeros((1000, 2), np.int32), {})
+    write_store(tmp_path / "s", bags)
+    path = tmp_path / "s" / "shard-00000.mdb"
+    data = bytearray(path.read_bytes())
+    at = data.find(marker.astype(np.float16).tobytes())
+    assert at > 0
+    data[at + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with FeatureStore(tmp_path / "s") as store:
+        problems = verify(store)
+    assert list(problems) == ["bag-0002"] and "checksum" in problems["bag-0002"]
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="store.json is missing"):
+        FeatureStore(tmp_path)
+
+
+_WRITER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from milcache.store import StoreWriter
+from tests.conftest import make_meta
+rng = np.random.default_rng(0)
+with StoreWriter(sys.argv[1], make_meta(dim=512)) as w:
+    for i in range(100000):
+        w.put(f"bag-{i:06d}", rng.standard_normal((int(rng.integers(200, 2000)), 512)))
+        if i == 5:
+            print("ready", flush=True)
+"""
+
+
+def _start_writer(store: Path) -> subprocess.Popen:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(store), str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_sigkill_mid_write_leaves_only_complete_bags(tmp_path):
+    proc = _start_writer(tmp_path / "s")
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with FeatureStore(tmp_path / "s") as store:
+        assert len(store) > 5
+        assert verify(store) == {}
+        last = store.bag_ids()[-1]
+        assert store.bag_ids() == [f"bag-{i:06d}" for i in range(len(store))]
+        assert store[last].embeddings.shape[1] == 512
+    # and the store can be written again afterwards (resume)
+    with StoreWriter(tmp_path / "s", make_meta(dim=512)) as w:
+        w.put("after", np.zeros((1, 512)))
+
+
+def test_concurrent_reader_sees_complete_bags_only(tmp_path):
+    proc = _start_writer(tmp_path / "s")
+    try:
+        seen = 0
+        with FeatureStore(tmp_path / "s") as store:
+            for _ in range(10):
+                store.refresh()
+                assert verify(store) == {}
+                seen = max(seen, len(store))
+                time.sleep(0.1)
+        assert seen > 5
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _read_in_process(path, bag_id, queue):
+    with FeatureStore(path) as store:
+        queue.put(float(store[bag_id].embeddings.astype(np.float32).sum()))
+
+
+def test_store_opens_in_a_spawned_worker(small_store):
+    path, bags = small_store
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_read_in_process, args=(path, "bag-0003", queue))
+    proc.start()
+    proc.join(60)
+    assert queue.get(timeout=5) == pytest.approx(float(bags["bag-0003"][0].astype(np.float16).astype(np.float32).sum()))
