@@ -38,6 +38,37 @@ def _csv_list(_ctx, _param, value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+class _HeadChoice(click.Choice):
+    """The registered head names, read from the registry only when needed (it imports torch)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self):  # noqa: D401 - click reads this attribute
+        from milcache.aggregator.heads import list_heads
+
+        return list_heads()
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass
+
+
+def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
+    """KEY=VALUE options, with values parsed as JSON where they can be (numbers, true/false)."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
 existing_path = click.Path(exists=True, path_type=Path)
 output_path = click.Path(path_type=Path)
 
@@ -156,6 +187,116 @@ def store_synth(out: Path, labels: Path | None, **options) -> None:
     labels = labels or out / "labels.csv"
     table.write_csv(labels)
     click.echo(f"wrote {table.height} bags to {out}, labels to {labels}")
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when available), cuda, cuda:N or cpu."
+)
+
+
+@cli.command("train-head")
+@click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store.")
+@click.option(
+    "--labels",
+    required=True,
+    type=existing_path,
+    help="CSV/parquet with bag_id, label [, group, split], or the manifest.",
+)
+@click.option("--head", default="gated-attention", show_default=True, type=_HeadChoice())
+@click.option("--out", required=True, type=output_path, help="Run directory to write.")
+@click.option("--folds", default=5, show_default=True, help="Cross-validation folds (grouped by `group`).")
+@click.option("--repeats", default=1, show_default=True, help="Repeated cross-validation.")
+@click.option(
+    "--task",
+    "task_kind",
+    type=click.Choice(["binary", "multiclass", "ordinal", "regression"]),
+    help="Default: inferred from the labels.",
+)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--epochs", type=int, help="Most epochs per fold [40].")
+@click.option("--lr", type=float, help="AdamW learning rate [2e-3].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-2].")
+@click.option("--batch-size", type=int, help="Bags per step [16].")
+@click.option("--instances", type=int, help="Random instances per bag per training step, 0 = all [1024].")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), help="Learning-rate schedule [cosine].")
+@click.option("--patience", type=int, help="Early-stopping patience in epochs [10].")
+@click.option("--elastic-net", type=float, help="Strength of the L1/L2 penalty on weights [0].")
+@click.option("--l1-ratio", type=float, help="L1 share of the elastic-net penalty [0.5].")
+@click.option("--class-weights/--no-class-weights", default=None, help="Weight the loss by inverse class frequency.")
+@click.option("--balanced-sampling/--no-balanced-sampling", default=None, help="Draw class-balanced bags.")
+@click.option("--hidden", type=int, help="Instance embedding size of the head [128].")
+@click.option("--dropout", type=float, help="Dropout of the head [0.25].")
+@click.option(
+    "--head-option",
+    "head_options",
+    multiple=True,
+    callback=_key_values,
+    metavar="KEY=VALUE",
+    help="A head-specific option, e.g. attention_dim=128 (repeatable).",
+)
+@click.option("--seed", type=int, help="Random seed [0].")
+@device_option
+def train_head_command(
+    store_dir,
+    labels,
+    head,
+    out,
+    folds,
+    repeats,
+    task_kind,
+    label_column,
+    device,
+    hidden,
+    dropout,
+    head_options,
+    **train_options,
+) -> None:
+    """Cross-validate an aggregator head on cached embeddings, refit it on all labelled bags, and
+    write RUN: model, metrics.json, out-of-fold predictions, ROC curve."""
+    from milcache.aggregator.run import train_head
+    from milcache.aggregator.trainer import TrainConfig
+
+    options = {k: v for k, v in train_options.items() if v is not None}
+    if options.get("instances") == 0:
+        options["instances"] = None
+    head_options = {**head_options, **{k: v for k, v in (("hidden", hidden), ("dropout", dropout)) if v is not None}}
+    config = TrainConfig(head=head, head_options=head_options, **options)
+    metrics = train_head(
+        store_dir, labels, out, config, folds, repeats, task_kind, device, label_column, progress=sys.stderr.isatty()
+    )
+    shown = [
+        k
+        for k in ("auc", "accuracy", "balanced_accuracy", "f1", "log_loss", "kappa", "mse", "r2", "pearson_r")
+        if k in metrics
+    ]
+    click.echo(f"{head} · {metrics['bags']} bags · {len(metrics['folds'])} fold(s) · {metrics['seconds']:.1f}s")
+    for key in shown:
+        click.echo(f"  {key:<18} {metrics[key]:.4f} ± {metrics[key + '_std']:.4f}")
+    if metrics["unlabelled_bags"]:
+        click.echo(f"  ({metrics['unlabelled_bags']} bags of the store have no label and were not used)")
+    click.echo(f"final model: {metrics['final_model']}; written to {out}")
+
+
+@cli.command("predict")
+@click.option("--model", "model_dir", required=True, type=existing_path, help="Run directory of train-head.")
+@click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store to predict.")
+@click.option("--out", required=True, type=output_path, help="Predictions table (.csv or .parquet).")
+@click.option("--bags", "bag_list", type=existing_path, help="Only the bag ids of this table's bag_id column.")
+@click.option("--top-k", default=5, show_default=True, help="Most attended instances listed per bag.")
+@click.option("--heatmaps", type=output_path, help="Folder for one PNG heatmap of instance scores per bag.")
+@click.option("--geojson", type=output_path, help="Folder for one QuPath-importable GeoJSON per bag.")
+@device_option
+def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, device) -> None:
+    """Predict bag probabilities with a trained head; list top instances; draw heatmaps."""
+    from milcache.aggregator.predict import predict
+    from milcache.store.tables import read_table
+
+    bag_ids = read_table(bag_list)["bag_id"].to_list() if bag_list else None
+    table = predict(model_dir, store_dir, out, bag_ids, top_k, heatmaps, geojson, device)
+    click.echo(f"predicted {table.height} bags → {out}")
+    for folder in (heatmaps, geojson):
+        if folder:
+            click.echo(f"  {folder}")
 
 
 def main() -> None:

@@ -1,0 +1,133 @@
+"""Bags resident in memory as one flat tensor plus offsets (CSR), and padded, masked batches of many
+bags built from it on the device: no Python loop over bags or instances while training.
+
+Regimes: the cohort lives on the GPU when it fits (float16), otherwise in pinned host memory, from
+which each batch's instances are gathered and sent to the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from milcache.store import FeatureStore
+
+_GPU_FRACTION = 0.6  # of free GPU memory the resident cohort may take (the rest is for the heads)
+
+
+@dataclass
+class BagTensor:
+    features: torch.Tensor  # (total instances, D), float16 or float32, on `features.device`
+    offsets: torch.Tensor  # (bags + 1,) int64, on the compute device
+    lengths: np.ndarray  # (bags,) int64, on the host, for batch planning
+    bag_ids: list[str]
+    device: torch.device  # where heads run
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+
+def load_bags(store: FeatureStore, bag_ids: list[str], device: torch.device, progress: bool = False) -> BagTensor:
+    """Read the given bags once into one flat tensor (on the GPU when it fits)."""
+    from tqdm import tqdm
+
+    sizes = store.sizes()
+    lengths = np.array([sizes[b] for b in bag_ids], dtype=np.int64)
+    offsets = np.zeros(len(bag_ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = torch.float16 if store.metadata.dtype == "float16" else torch.float32
+    flat = torch.empty((int(offsets[-1]), store.metadata.dim), dtype=dtype, pin_memory=device.type == "cuda")
+    target = flat.numpy()
+    for i, bag_id in enumerate(tqdm(bag_ids, desc="load", unit="bag", disable=not progress)):
+        target[offsets[i] : offsets[i + 1]] = store.get(bag_id).embeddings
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if flat.numel() * flat.element_size() < _GPU_FRACTION * free:
+            flat = flat.to(device, non_blocking=True)
+    return BagTensor(flat, torch.from_numpy(offsets).to(device), lengths, list(bag_ids), device)
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    max_tokens: int,
+    cap: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Group bags of similar size so that padding stays small; shuffled when ``rng`` is given.
+
+    A batch holds at most ``batch_size`` bags and ``max_tokens`` padded instances (bags × longest).
+    ``cap`` is the per-bag instance count after subsampling.
+    """
+    size = lengths[indices] if cap is None else np.minimum(lengths[indices], cap)
+    if rng is not None:  # jitter keeps batches of similar sizes while varying their membership
+        order = np.argsort(size * rng.uniform(0.85, 1.15, len(size)), kind="stable")
+    else:
+        order = np.argsort(size, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < batch_size and (end - start + 1) * size[order[end]] <= max_tokens:
+            end += 1
+        batches.append(indices[order[start:end]])
+        start = end
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def gather_batch(
+    data: BagTensor, batch: np.ndarray, cap: int | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded embeddings (B × N × D) and mask (B × N) of the given bags, on the compute device.
+
+    With ``cap``, bags longer than ``cap`` contribute ``cap`` random instances (in stored order).
+    """
+    device = data.device
+    bags = torch.from_numpy(batch).to(device)
+    n = torch.from_numpy(data.lengths[batch]).to(device)
+    longest = int(data.lengths[batch].max())
+    if cap is not None and longest > cap:
+        keys = torch.rand((len(batch), longest), device=device, generator=generator)
+        keys.masked_fill_(torch.arange(longest, device=device) >= n.unsqueeze(1), float("inf"))
+        local = keys.topk(cap, dim=1, largest=False).indices.sort(dim=1).values
+        mask = torch.arange(cap, device=device) < n.clamp_max(cap).unsqueeze(1)
+    else:
+        local = torch.arange(longest, device=device).expand(len(batch), -1)
+        mask = local < n.unsqueeze(1)
+    rows = (data.offsets[bags].unsqueeze(1) + local).masked_fill(~mask, 0)
+    if data.features.device != device:
+        x = data.features[rows.cpu()].pin_memory().to(device, non_blocking=True)
+    else:
+        x = data.features[rows]
+    return x, mask
+
+
+def instance_rows(data: BagTensor, bag_indices: np.ndarray) -> torch.Tensor:
+    """Boolean (total instances,) marking the instances of the given bags."""
+    flags = np.zeros(len(data), dtype=bool)
+    flags[bag_indices] = True
+    return torch.from_numpy(np.repeat(flags, data.lengths)).to(data.features.device)
+
+
+def feature_statistics(data: BagTensor, bag_indices: np.ndarray, chunk: int = 1 << 20) -> tuple[torch.Tensor, ...]:
+    """Per-feature mean and std over the instances of the given bags (the training split only)."""
+    rows = instance_rows(data, bag_indices)
+    total = torch.zeros(data.dim, dtype=torch.float64, device=data.features.device)
+    squares = torch.zeros_like(total)
+    count = 0
+    for start in range(0, data.features.shape[0], chunk):
+        x = data.features[start : start + chunk][rows[start : start + chunk]].double()
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / max(count, 1)
+    std = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float().to(data.device), std.float().to(data.device)

@@ -1,0 +1,58 @@
+"""A trained model: feature standardisation + a head, saved as safetensors + a JSON config that
+rebuilds it (nothing is unpickled)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from milcache.aggregator.heads import HeadOutput, create_head
+from milcache.aggregator.tasks import Task
+from milcache.errors import MilcacheError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class MILModel(nn.Module):
+    """Standardises embeddings with statistics of the training split, then applies the head."""
+
+    def __init__(self, head: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
+        x = (x.float() - self.mean) / self.std
+        return self.head(x.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
+
+
+def build_model(head: str, head_options: dict, dim: int, task: Task) -> MILModel:
+    return MILModel(create_head(head, dim, task.n_outputs, **head_options), dim)
+
+
+def save_model(model: MILModel, run_dir: Path, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, run_dir / WEIGHTS_FILE)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[MILModel, dict, Task]:
+    """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / WEIGHTS_FILE).is_file():
+        raise MilcacheError(f"{run_dir} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    task = Task(config["task"]["kind"], config["task"]["classes"])
+    model = build_model(config["head"], config["head_options"], config["dim"], task)
+    model.load_state_dict(load_file(run_dir / WEIGHTS_FILE, device=str(device)))
+    return model.to(device).eval(), config, task

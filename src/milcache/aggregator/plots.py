@@ -1,0 +1,49 @@
+"""PNG figures people look at: ROC curves of out-of-fold predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(y: np.ndarray, outputs: np.ndarray, classes: list, path: Path, title: str) -> None:
+    """One-vs-rest ROC curves (the positive class only, for binary tasks) with their AUCs."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    shown = [1] if len(classes) == 2 else range(len(classes))
+    for c in shown:
+        truth = y == c
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, outputs[:, c])
+        ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {roc_auc_score(truth, outputs[:, c]):.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_regression(y: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.scatter(y, pred, s=8, alpha=0.6)
+    low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([low, high], [low, high], linestyle="--", color="grey", linewidth=0.8)
+    ax.set(xlabel="label", ylabel="prediction", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

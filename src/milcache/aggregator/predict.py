@@ -1,0 +1,170 @@
+"""`predict`: bag probabilities, the most attended instances, heatmaps (PNG) and QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from milcache.aggregator.data import load_bags
+from milcache.aggregator.model import load_model
+from milcache.aggregator.trainer import TrainConfig, infer
+from milcache.devices import resolve_device
+from milcache.errors import MilcacheError, StoreMismatchError
+from milcache.store import FeatureStore
+from milcache.store.record import Bag
+
+
+def _check_store(config: dict, store: FeatureStore, model_dir: Path) -> None:
+    trained = config["store"]
+    if store.metadata.dim != config["dim"] or store.metadata.backbone != trained["backbone"]:
+        raise StoreMismatchError(
+            f"the model in {model_dir} was trained on {config['dim']}-d embeddings of {trained['backbone']!r}; "
+            f"the store {store.path} holds {store.metadata.dim}-d embeddings of {store.metadata.backbone!r}"
+        )
+
+
+def predict(
+    model_dir: str | Path,
+    store_dir: str | Path,
+    out_file: str | Path | None = None,
+    bag_ids: list[str] | None = None,
+    top_k: int = 5,
+    heatmaps: str | Path | None = None,
+    geojson: str | Path | None = None,
+    device: str = "auto",
+) -> pl.DataFrame:
+    """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)."""
+    model_dir = Path(model_dir)
+    torch_device = resolve_device(device)
+    model, config, task = load_model(model_dir, torch_device)
+    with FeatureStore(store_dir) as store:
+        _check_store(config, store, model_dir)
+        ids = store.bag_ids() if bag_ids is None else list(bag_ids)
+        unknown = [b for b in ids if b not in store]
+        if unknown:
+            raise MilcacheError(f"bag(s) not in the store {store_dir}: {', '.join(unknown[:20])}")
+        if not ids:
+            raise MilcacheError(f"the store {store_dir} holds no bags to predict")
+        data = load_bags(store, ids, torch_device)
+        train = TrainConfig(**{k: v for k, v in config["train"].items() if k in TrainConfig.__dataclass_fields__})
+        logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)
+        outputs = task.outputs(logits).cpu().numpy()
+        table = _table(ids, outputs, task, scores, store, top_k)
+        if heatmaps or geojson:
+            for i, bag_id in enumerate(ids):
+                if scores[i] is None:
+                    continue
+                bag = store[bag_id]
+                if heatmaps:
+                    draw_heatmap(bag, scores[i], store.metadata.source, Path(heatmaps) / f"{bag_id}.png")
+                if geojson:
+                    write_geojson(bag, scores[i], store.metadata.source, Path(geojson) / f"{bag_id}.geojson")
+    if out_file is not None:
+        out_file = Path(out_file)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        if out_file.suffix.lower() in (".parquet", ".pq"):
+            table.write_parquet(out_file)
+        elif out_file.suffix.lower() == ".csv":
+            table.write_csv(out_file)
+        else:
+            raise MilcacheError(f"{out_file}: write predictions to a .csv or .parquet file")
+    return table
+
+
+def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.DataFrame:
+    columns: dict = {"bag_id": ids}
+    if task.kind == "regression":
+        columns["prediction"] = outputs[:, 0]
+    else:
+        for c, name in enumerate(task.classes):
+            columns[f"prob_{name}"] = outputs[:, c]
+        columns["predicted"] = [task.classes[c] for c in outputs.argmax(1)]
+    tops = []
+    for bag_id, s in zip(ids, scores, strict=True):
+        if s is None:
+            tops.append("[]")
+            continue
+        order = np.argsort(-s)[:top_k]
+        coords = store[bag_id].coords
+        names = store.metadata.coords
+        tops.append(
+            json.dumps(
+                [
+                    {
+                        "index": int(i),
+                        "score": round(float(s[i]), 6),
+                        **dict(zip(names, coords[i].tolist(), strict=True)),
+                    }
+                    for i in order
+                ]
+            )
+        )
+    columns["top_instances"] = tops
+    return pl.DataFrame(columns)
+
+
+def _tile_extent(bag: Bag, source: dict) -> float:
+    """Side of one instance in coordinate units: from the store's settings, else the grid spacing."""
+    if source.get("tile_size_level0"):
+        return float(source["tile_size_level0"])
+    xy = bag.coords[:, :2].astype(np.float64)
+    gaps = [np.diff(np.unique(xy[:, axis])) for axis in (0, 1)]
+    gaps = np.concatenate([g[g > 0] for g in gaps]) if any(len(g) for g in gaps) else np.array([])
+    return float(gaps.min()) if gaps.size else 1.0
+
+
+def draw_heatmap(bag: Bag, scores: np.ndarray, source: dict, path: Path) -> None:
+    """Per-instance scores as squares at the instance coordinates, over the bag's thumbnail if the
+    store kept one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    if bag.coords.shape[1] < 2:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = _tile_extent(bag, source)
+    xy = bag.coords[:, :2].astype(np.float64)
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=110)
+    thumbnail = bag.extras.get("thumbnail")
+    if thumbnail is not None and source.get("thumbnail_downsample"):
+        h, w = thumbnail.shape[:2]
+        scale = float(source["thumbnail_downsample"])
+        ax.imshow(thumbnail, extent=(0, w * scale, h * scale, 0))
+    norm = (scores - scores.min()) / max(float(np.ptp(scores)), 1e-12)
+    patches = PatchCollection([Rectangle((x, y), side, side) for x, y in xy], cmap="inferno", alpha=0.55)
+    patches.set_array(norm)
+    ax.add_collection(patches)
+    ax.set_xlim(xy[:, 0].min() - side, xy[:, 0].max() + 2 * side)
+    ax.set_ylim(xy[:, 1].max() + 2 * side, xy[:, 1].min() - side)
+    ax.set_aspect("equal")
+    ax.set_title(f"{bag.bag_id}: instance scores")
+    fig.colorbar(patches, ax=ax, fraction=0.046, label="score (min–max scaled)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_geojson(bag: Bag, scores: np.ndarray, source: dict, path: Path) -> None:
+    """Each instance as a square polygon (level-0 pixels) carrying its score, for QuPath's import."""
+    if bag.coords.shape[1] < 2:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = _tile_extent(bag, source)
+    features = []
+    for (x, y), score in zip(bag.coords[:, :2].tolist(), scores.tolist(), strict=True):
+        ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "detection", "name": "instance", "measurements": {"score": score}},
+            }
+        )
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))

@@ -1,0 +1,230 @@
+"""`train-head`: labels + store → cross-validated metrics, out-of-fold predictions, a refit model."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from milcache import __version__
+from milcache.aggregator.data import BagTensor, load_bags
+from milcache.aggregator.model import build_model, save_model
+from milcache.aggregator.plots import plot_regression, plot_roc
+from milcache.aggregator.splits import cv_splits, validation_split
+from milcache.aggregator.tasks import Task
+from milcache.aggregator.trainer import Report, TrainConfig, fit, infer
+from milcache.devices import resolve_device
+from milcache.errors import LabelError
+from milcache.store import FeatureStore, read_labels
+
+
+@dataclass
+class Cohort:
+    """The labelled bags of a store, resident in memory, with encoded targets."""
+
+    data: BagTensor
+    task: Task
+    y: np.ndarray
+    groups: np.ndarray
+    split: np.ndarray | None
+    labels: list
+    unlabelled: int  # bags in the store without a label (not used)
+    store_meta: dict
+
+
+def load_cohort(
+    store_dir: str | Path,
+    labels_path: str | Path,
+    task_kind: str | None = None,
+    device: str = "auto",
+    label_column: str = "label",
+    progress: bool = False,
+) -> Cohort:
+    """Match labels to store bags (refusing labels of unknown bags) and load those bags once."""
+    labels = read_labels(labels_path, label_column)
+    with FeatureStore(store_dir) as store:
+        in_store = set(store.bag_ids())
+        missing = [b for b in labels["bag_id"].to_list() if b not in in_store]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise LabelError(f"{len(missing)} labelled bag(s) are not in the store {store_dir}: {shown}")
+        task = Task.infer(labels["label"].to_list(), task_kind)
+        ids = labels["bag_id"].to_list()
+        data = load_bags(store, ids, resolve_device(device), progress)
+        store_meta = {
+            "backbone": store.metadata.backbone,
+            "dim": store.metadata.dim,
+            "weights_digest": store.metadata.weights_digest,
+        }
+        unlabelled = len(in_store) - len(ids)
+    groups = np.asarray(labels["group"].to_list() if "group" in labels.columns else ids, dtype=object)
+    split = np.asarray(labels["split"].to_list(), dtype=object) if "split" in labels.columns else None
+    raw = labels["label"].to_list()
+    return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta)
+
+
+def _fixed_split(cohort: Cohort) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    split = np.char.lower(cohort.split.astype(str))
+    unknown = sorted(set(split) - {"train", "val", "test"})
+    if unknown:
+        raise LabelError(f"the split column may hold train, val and test, not {', '.join(unknown)}")
+    train, val, test = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+    if not len(train) or not len(test):
+        raise LabelError("a fixed split needs bags marked train and bags marked test")
+    return train, test, (val if len(val) else None)
+
+
+def _summarise(fold_metrics: list[dict]) -> dict:
+    keys = fold_metrics[0].keys()
+    out = {}
+    for key in keys:
+        values = np.array([m[key] for m in fold_metrics], dtype=float)
+        out[key] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+        out[f"{key}_std"] = float(np.nanstd(values)) if not np.isnan(values).all() else float("nan")
+    return out
+
+
+def cross_validate(
+    cohort: Cohort,
+    config: TrainConfig,
+    folds: int = 5,
+    repeats: int = 1,
+    report: Report | None = None,
+    monitor: str = "auc",
+) -> tuple[dict, pl.DataFrame, list[int]]:
+    """Metrics per fold and their mean ± std, out-of-fold predictions, and each fold's best epoch."""
+    task, y, groups = cohort.task, cohort.y, cohort.groups
+    stratified = task.kind != "regression"
+    if cohort.split is not None:
+        train, test, val = _fixed_split(cohort)
+        plans = [(train, test, val)]
+    else:
+        plans = [(tr, te, None) for tr, te in cv_splits(y, groups, stratified, folds, repeats, config.seed)]
+    fold_metrics, oof, best_epochs = [], [], []
+    for k, (train, test, val) in enumerate(plans):
+        if val is None:
+            train, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
+        model = build_model(config.head, config.head_options, cohort.data.dim, task)
+        result = fit(
+            model,
+            cohort.data,
+            task,
+            y,
+            train,
+            val if len(val) else None,
+            config,
+            report,
+            monitor,
+            step_offset=k * config.epochs,
+        )
+        best_epochs.append(result["best_epoch"])
+        logits, _ = infer(model, cohort.data, test, config)
+        outputs = task.outputs(logits).cpu().numpy()
+        fold_metrics.append({"fold": k, "best_epoch": result["best_epoch"], **task.metrics(y[test], outputs)})
+        oof.append(
+            _prediction_table(cohort, test, outputs).with_columns(
+                pl.lit(k // max(folds, 1) if cohort.split is None else 0).alias("repeat"), pl.lit(k).alias("fold")
+            )
+        )
+    summary = _summarise([{k: v for k, v in m.items() if k not in ("fold", "best_epoch")} for m in fold_metrics])
+    return {**summary, "folds": fold_metrics}, pl.concat(oof), best_epochs
+
+
+def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) -> pl.DataFrame:
+    table = {"bag_id": [cohort.data.bag_ids[i] for i in indices], "label": [cohort.labels[i] for i in indices]}
+    if cohort.task.kind == "regression":
+        table["prediction"] = outputs[:, 0]
+    else:
+        for c, name in enumerate(cohort.task.classes):
+            table[f"prob_{name}"] = outputs[:, c]
+        table["predicted"] = [cohort.task.classes[c] for c in outputs.argmax(1)]
+    return pl.DataFrame(table)
+
+
+def refit(cohort: Cohort, config: TrainConfig, epochs: int):
+    """The final model: trained on every labelled bag for ``epochs`` (the folds' median best epoch)."""
+    final = TrainConfig(**{**config.to_dict(), "epochs": max(1, epochs)})
+    model = build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
+    fit(model, cohort.data, cohort.task, cohort.y, np.arange(len(cohort.y)), None, final)
+    return model
+
+
+def train_head(
+    store_dir: str | Path,
+    labels_path: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    folds: int = 5,
+    repeats: int = 1,
+    task_kind: str | None = None,
+    device: str = "auto",
+    label_column: str = "label",
+    cohort: Cohort | None = None,
+    progress: bool = False,
+) -> dict:
+    """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
+    config = config or TrainConfig()
+    start = time.perf_counter()
+    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress)
+    metrics, oof, best_epochs = cross_validate(cohort, config, folds, repeats)
+    if cohort.split is not None:  # keep the test bags out of the final model too
+        train, _, val = _fixed_split(cohort)
+        model = build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
+        if val is None:
+            train, val = validation_split(
+                cohort.y, cohort.groups, train, config.val_fraction, cohort.task.kind != "regression", config.seed
+            )
+        fit(model, cohort.data, cohort.task, cohort.y, train, val if len(val) else None, config)
+        final = "model trained on the split's train bags (test bags kept out)"
+    else:
+        model = refit(cohort, config, int(np.median(best_epochs)))
+        final = f"refit on all {len(cohort.y)} labelled bags for {max(1, int(np.median(best_epochs)))} epochs"
+    out = Path(out_dir)
+    model_config = {
+        "head": config.head,
+        "head_options": config.head_options,
+        "dim": cohort.data.dim,
+        "task": {"kind": cohort.task.kind, "classes": cohort.task.classes},
+        "store": cohort.store_meta,
+        "train": config.to_dict(),
+        "milcache_version": __version__,
+    }
+    save_model(model.cpu(), out, model_config)
+    metrics.update(
+        {
+            "final_model": final,
+            "bags": len(cohort.y),
+            "unlabelled_bags": cohort.unlabelled,
+            "task": cohort.task.kind,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    oof.write_parquet(out / "oof.parquet")
+    _plot(cohort, oof, out)
+    settings = {
+        "store": str(store_dir),
+        "labels": str(labels_path),
+        "folds": folds,
+        "repeats": repeats,
+        "task": task_kind,
+        "device": device,
+        "label_column": label_column,
+        **config.to_dict(),
+    }
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    return metrics
+
+
+def _plot(cohort: Cohort, oof: pl.DataFrame, out: Path) -> None:
+    y = cohort.task.encode(oof["label"].to_list())
+    title = f"out-of-fold · {len(oof)} predictions"
+    if cohort.task.kind == "regression":
+        plot_regression(y, oof["prediction"].to_numpy(), out / "predictions.png", title)
+    else:
+        outputs = oof.select([f"prob_{c}" for c in cohort.task.classes]).to_numpy()
+        plot_roc(y, outputs, cohort.task.classes, out / "roc.png", title)

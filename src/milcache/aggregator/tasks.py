@@ -1,0 +1,127 @@
+"""What a label means: binary, multi-class, ordinal or continuous; its loss, probabilities and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from milcache.errors import LabelError
+
+TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
+
+
+@dataclass
+class Task:
+    """``classes`` maps class index → original label value (empty for regression)."""
+
+    kind: str
+    classes: list
+
+    @property
+    def n_outputs(self) -> int:
+        if self.kind in ("binary", "regression"):
+            return 1
+        if self.kind == "ordinal":
+            return len(self.classes) - 1  # cumulative logits: P(y > k) for k = 0 .. C-2
+        return len(self.classes)
+
+    @classmethod
+    def infer(cls, labels: list, kind: str | None = None) -> Task:
+        """Choose the task from the label values (or check the one asked for)."""
+        values = sorted(set(labels), key=lambda v: (isinstance(v, str), v))
+        if kind is None:
+            numeric = all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in values)
+            integral = numeric and all(float(v).is_integer() for v in values)
+            kind = "regression" if numeric and not integral else ("binary" if len(values) == 2 else "multiclass")
+        if kind not in TASK_KINDS:
+            raise LabelError(f"unknown task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
+        if kind == "regression":
+            return cls(kind, [])
+        if len(values) < 2:
+            raise LabelError(f"every labelled bag has the label {values[0]!r}: a classifier needs two classes at least")
+        if kind == "binary" and len(values) != 2:
+            raise LabelError(f"a binary task needs exactly two label values, found {len(values)}: {values[:10]}")
+        return cls(kind, values)
+
+    def encode(self, labels: list) -> np.ndarray:
+        if self.kind == "regression":
+            return np.asarray(labels, dtype=np.float32)
+        index = {v: i for i, v in enumerate(self.classes)}
+        unknown = sorted({str(v) for v in labels if v not in index})
+        if unknown:
+            raise LabelError(f"labels not seen in training: {', '.join(unknown[:10])}")
+        return np.asarray([index[v] for v in labels], dtype=np.int64)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        logits = logits.float()
+        if self.kind == "regression":
+            return F.mse_loss(logits[:, 0], y.float())
+        if self.kind == "binary":
+            pos_weight = None if class_weights is None else class_weights[1] / class_weights[0]
+            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pos_weight)
+        if self.kind == "ordinal":
+            thresholds = torch.arange(logits.shape[1], device=y.device)
+            above = (y.unsqueeze(1) > thresholds).float()
+            weight = None if class_weights is None else class_weights[y].unsqueeze(1)
+            return F.binary_cross_entropy_with_logits(logits, above, weight=weight)
+        return F.cross_entropy(logits, y, weight=class_weights)
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B × classes), or the predicted value (B × 1) for regression."""
+        logits = logits.float()
+        if self.kind == "regression":
+            return logits
+        if self.kind == "binary":
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - p, p], 1)
+        if self.kind == "ordinal":
+            above = torch.sigmoid(logits).cummin(dim=1).values  # P(y > k), kept monotone
+            ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
+            cumulative = torch.cat([ones, above, zeros], 1)
+            return cumulative[:, :-1] - cumulative[:, 1:]
+        return torch.softmax(logits, 1)
+
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        """Metrics of one evaluation; y are encoded targets, outputs as from ``outputs``."""
+        from scipy.stats import pearsonr
+        from sklearn import metrics as m
+
+        if self.kind == "regression":
+            pred = outputs[:, 0]
+            r = float(pearsonr(y, pred)[0]) if len(y) > 1 and np.std(pred) > 0 else float("nan")
+            return {"mse": float(m.mean_squared_error(y, pred)), "r2": float(m.r2_score(y, pred)), "pearson_r": r}
+        pred = outputs.argmax(1)
+        labels = list(range(len(self.classes)))
+        probs = np.clip(outputs, 1e-7, 1)
+        probs = probs / probs.sum(1, keepdims=True)
+        out = {
+            "auc": _auc(y, outputs, labels),
+            "accuracy": float(m.accuracy_score(y, pred)),
+            "balanced_accuracy": float(m.balanced_accuracy_score(y, pred)),
+            "f1": float(m.f1_score(y, pred, average="binary" if self.kind == "binary" else "macro", zero_division=0)),
+            "log_loss": float(m.log_loss(y, probs, labels=labels)),
+        }
+        if self.kind == "ordinal":
+            out["kappa"] = float(m.cohen_kappa_score(y, pred, weights="quadratic"))
+        return out
+
+
+def _auc(y: np.ndarray, outputs: np.ndarray, labels: list[int]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return float("nan")  # undefined on a single class
+    if outputs.shape[1] == 2:
+        return float(roc_auc_score(y, outputs[:, 1]))
+    present = np.unique(y)
+    if len(present) < len(labels):  # one-vs-rest over the classes that occur
+        sub = outputs[:, present] / outputs[:, present].sum(1, keepdims=True)
+        return (
+            float(roc_auc_score(np.searchsorted(present, y), sub, multi_class="ovr"))
+            if len(present) > 2
+            else float(roc_auc_score(y == present[1], sub[:, 1]))
+        )
+    return float(roc_auc_score(y, outputs, multi_class="ovr", labels=labels))
