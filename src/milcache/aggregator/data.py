@@ -117,16 +117,24 @@ def instance_rows(data: BagTensor, bag_indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.repeat(flags, data.lengths)).to(data.features.device)
 
 
-def feature_statistics(data: BagTensor, bag_indices: np.ndarray, chunk: int = 1 << 20) -> tuple[torch.Tensor, ...]:
-    """Per-feature mean and std over the instances of the given bags (the training split only)."""
-    rows = instance_rows(data, bag_indices)
+def feature_statistics(data: BagTensor, bag_indices: np.ndarray, chunk: int = 1 << 16) -> tuple[torch.Tensor, ...]:
+    """Per-feature mean and std over the instances of the given bags (the training split only).
+
+    Sums run in float32 over chunks of 65,536 rows and accumulate in float64 across chunks.
+    """
+    every_bag = len(np.unique(bag_indices)) == len(data)
+    rows = None if every_bag else instance_rows(data, bag_indices)
     total = torch.zeros(data.dim, dtype=torch.float64, device=data.features.device)
     squares = torch.zeros_like(total)
     count = 0
     for start in range(0, data.features.shape[0], chunk):
-        x = data.features[start : start + chunk][rows[start : start + chunk]].double()
-        total += x.sum(0)
-        squares += (x * x).sum(0)
+        x = data.features[start : start + chunk]
+        if rows is not None:
+            x = x[rows[start : start + chunk]]
+        x = x.float()
+        ones = torch.ones(1, x.shape[0], device=x.device)
+        total += (ones @ x)[0].double()  # column sums as a GEMV: far faster than sum(0) on CPUs
+        squares += (ones @ x.mul_(x))[0].double()
         count += x.shape[0]
     mean = total / max(count, 1)
     std = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)

@@ -27,8 +27,10 @@ class MILModel(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
-        x = (x.float() - self.mean) / self.std
-        return self.head(x.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
+        # In place after the one unavoidable copy: this tensor is the largest of a step. Padded slots
+        # hold real (finite) instances of the batch, and every head masks them out.
+        x = x.float() if x.dtype != torch.float32 else x.clone()
+        return self.head(x.sub_(self.mean).div_(self.std), mask)
 
 
 def build_model(head: str, head_options: dict, dim: int, task: Task) -> MILModel:

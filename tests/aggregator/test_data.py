@@ -1,0 +1,45 @@
+import numpy as np
+import torch
+
+from milcache.aggregator.data import BagTensor, feature_statistics, gather_batch, plan_batches
+
+
+def _data(lengths, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    feats = torch.from_numpy(rng.standard_normal((int(offsets[-1]), dim)).astype(np.float16))
+    return BagTensor(
+        feats, torch.from_numpy(offsets), lengths, [str(i) for i in range(len(lengths))], torch.device("cpu")
+    )
+
+
+def test_statistics_use_only_the_given_bags():
+    data = _data([5, 9, 3, 7])
+    mean, std = feature_statistics(data, np.array([1, 3]), chunk=4)
+    rows = np.concatenate([data.features[5:14].float().numpy(), data.features[17:24].float().numpy()])
+    np.testing.assert_allclose(mean.numpy(), rows.mean(0), atol=1e-5)
+    np.testing.assert_allclose(std.numpy(), rows.std(0), atol=1e-4)
+
+
+def test_gather_pads_masks_and_subsamples_in_order():
+    data = _data([5, 2, 8])
+    x, mask = gather_batch(data, np.array([0, 1, 2]))
+    assert x.shape == (3, 8, 6) and mask.sum(1).tolist() == [5, 2, 8]
+    torch.testing.assert_close(x[1, :2], data.features[5:7])
+    gen = torch.Generator().manual_seed(0)
+    x, mask = gather_batch(data, np.array([2, 1]), cap=4, generator=gen)
+    assert x.shape == (2, 4, 6) and mask.sum(1).tolist() == [4, 2]
+    bag = data.features[7:15]
+    picked = [int((bag == row).all(1).nonzero()[0]) for row in x[0]]
+    assert picked == sorted(picked) and len(set(picked)) == 4  # distinct instances, stored order
+
+
+def test_batches_group_similar_sizes_and_cover_every_bag():
+    lengths = np.array([1, 100, 2, 90, 3, 95, 4, 80])
+    data = _data(lengths)
+    batches = plan_batches(data.lengths, np.arange(8), batch_size=4, max_tokens=10_000)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    assert {frozenset(b.tolist()) for b in batches} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}
+    small = plan_batches(data.lengths, np.arange(8), batch_size=8, max_tokens=200)
+    assert all(len(b) * data.lengths[b].max() <= 200 or len(b) == 1 for b in small)
