@@ -38,21 +38,60 @@ def _csv_list(_ctx, _param, value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-class _HeadChoice(click.Choice):
-    """The registered head names, read from the registry only when needed (it imports torch)."""
+class _RegistryChoice(click.Choice):
+    """The names of a registry, read only when needed (registries import torch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names) -> None:
+        self._names = names
         super().__init__([])
 
     @property
-    def choices(self):  # noqa: D401 - click reads this attribute
-        from milcache.aggregator.heads import list_heads
-
-        return list_heads()
+    def choices(self):
+        return self._names()
 
     @choices.setter
     def choices(self, _value) -> None:
         pass
+
+
+def _head_names() -> list[str]:
+    from milcache.aggregator.heads import list_heads
+
+    return list_heads()
+
+
+def _source_names() -> list[str]:
+    from milcache.extractor import tiles  # noqa: F401  (registers the built-in sources)
+    from milcache.extractor.sources import list_sources
+
+    return list_sources()
+
+
+def _load_config(ctx: click.Context, _param, path: Path | None) -> Path | None:
+    """--config FILE (TOML or YAML): its keys become the command's defaults; the command line wins."""
+    if path is None:
+        return None
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # both parsers raise their own error types
+        raise click.BadParameter(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a table of option = value")
+    known = {p.name for p in ctx.command.params}
+    normalised = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **normalised}
+    return path
 
 
 def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
@@ -202,7 +241,7 @@ device_option = click.option(
     type=existing_path,
     help="CSV/parquet with bag_id, label [, group, split], or the manifest.",
 )
-@click.option("--head", default="gated-attention", show_default=True, type=_HeadChoice())
+@click.option("--head", default="gated-attention", show_default=True, type=_RegistryChoice(_head_names))
 @click.option("--out", required=True, type=output_path, help="Run directory to write.")
 @click.option("--folds", default=5, show_default=True, help="Cross-validation folds (grouped by `group`).")
 @click.option("--repeats", default=1, show_default=True, help="Repeated cross-validation.")
@@ -297,6 +336,142 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
     for folder in (heatmaps, geojson):
         if folder:
             click.echo(f"  {folder}")
+
+
+@cli.command("extract")
+@click.argument("manifest", type=existing_path)
+@click.option(
+    "--config",
+    type=existing_path,
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="TOML/YAML file of option values (the command line wins), to repeat a run exactly.",
+)
+@click.option("--source", "source_kind", default="tiles", show_default=True, type=_RegistryChoice(_source_names))
+@click.option("--out", required=True, type=output_path, help="Store to create or resume.")
+@click.option("--backbone", required=True, help="A timm model name (e.g. resnet50, vit_base_patch16_224).")
+@click.option("--weights", type=existing_path, help="Local weights: .safetensors, .pth or a timm-style folder.")
+@click.option("--pretrained", is_flag=True, help="timm's pretrained weights, from the local cache only.")
+@click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in output pixels.")
+@click.option("--stride", type=int, help="Step between tiles in output pixels [tile size: no overlap].")
+@click.option("--mpp", type=float, help="Target microns per pixel (read from the slide's metadata).")
+@click.option("--level", type=int, help="Pyramid level to tile at.")
+@click.option("--scale", type=float, help="Level-0 pixels per output pixel (for images without mpp).")
+@click.option(
+    "--tissue-threshold", type=float, default=0.25, show_default=True, help="Least tissue fraction of a kept tile."
+)
+@click.option("--offset-grid", is_flag=True, help="Add a second grid shifted by half a tile.")
+@click.option("--max-tiles", type=int, help="Keep the K tiles with the most tissue.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="Reading/decoding processes.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on CUDA, fp32 on CPU.",
+)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Stored embedding dtype.",
+)
+@click.option("--input-size", type=int, help="Backbone input side [timm's data config].")
+@click.option("--mean", callback=_csv_list, help="Normalisation mean, comma-separated [timm's data config].")
+@click.option("--std", callback=_csv_list, help="Normalisation std, comma-separated [timm's data config].")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), help="Resize filter [timm's].")
+@click.option("--shard", help="i/n: this process takes every n-th bag from the i-th (default from torchrun).")
+@click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
+@device_option
+def extract_command(
+    manifest,
+    source_kind,
+    out,
+    backbone,
+    weights,
+    pretrained,
+    tile_size,
+    stride,
+    mpp,
+    level,
+    scale,
+    tissue_threshold,
+    offset_grid,
+    max_tiles,
+    batch_size,
+    workers,
+    precision,
+    compile_model,
+    dtype,
+    input_size,
+    mean,
+    std,
+    interpolation,
+    shard,
+    overwrite,
+    device,
+) -> None:
+    """Embed every instance of every bag of MANIFEST with a timm backbone into an LMDB store.
+
+    Resumable: a rerun skips finished bags and retries failed ones. Exits 1 when bags failed."""
+    from milcache.extractor.loop import ExtractConfig, extract
+    from milcache.extractor.sources import create_source
+
+    shard_pair = None
+    if shard:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise click.BadParameter(f"expected i/n, got {shard!r}", param_hint="--shard") from None
+        shard_pair = (index, count)
+    source = create_source(
+        source_kind,
+        tile_size=tile_size,
+        stride=stride,
+        mpp=mpp,
+        level=level,
+        scale=scale,
+        tissue_threshold=tissue_threshold,
+        offset_grid=offset_grid,
+        max_tiles=max_tiles,
+    )
+    config = ExtractConfig(
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        compile=compile_model,
+        dtype=dtype,
+        shard=shard_pair,
+        overwrite=overwrite,
+        preprocessing={
+            k: v
+            for k, v in (
+                ("input_size", (input_size, input_size) if input_size else None),
+                ("mean", [float(m) for m in mean] if mean else None),
+                ("std", [float(s) for s in std] if std else None),
+                ("interpolation", interpolation),
+            )
+            if v is not None
+        },
+    )
+    summary = extract(manifest, out, source, config, progress=sys.stderr.isatty())
+    click.echo(
+        f"{summary.bags} bags, {summary.instances} instances in {summary.seconds:.1f}s "
+        f"({summary.instances_per_second:.1f} instances/s); {summary.skipped} already done; "
+        f"{len(summary.failures)} failed"
+    )
+    for bag_id, reason in summary.failures.items():
+        click.echo(f"  FAILED {bag_id}: {reason}")
+    if summary.failures:
+        sys.exit(1)
 
 
 def main() -> None:

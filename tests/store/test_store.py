@@ -60,6 +60,11 @@ def test_extras_and_meta_round_trip(tmp_path):
         assert bag.coords.shape == (2, 2)
         copy = bag.copy()
     assert copy.embeddings.sum() == 32  # a copy outlives the store
+    del store
+    import gc
+
+    gc.collect()
+    assert bag.embeddings.sum() == 32 and bag.extras["cam"][2, 3] == 11  # and so do views (no crash)
 
 
 def test_multi_shard_read_as_one_store(tmp_path):

@@ -108,8 +108,9 @@ def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.Da
 
 def _tile_extent(bag: Bag, source: dict) -> float:
     """Side of one instance in coordinate units: from the store's settings, else the grid spacing."""
-    if source.get("tile_size_level0"):
-        return float(source["tile_size_level0"])
+    size = bag.meta.get("tile_size_level0") or source.get("tile_size_level0")
+    if size:
+        return float(size)
     xy = bag.coords[:, :2].astype(np.float64)
     gaps = [np.diff(np.unique(xy[:, axis])) for axis in (0, 1)]
     gaps = np.concatenate([g[g > 0] for g in gaps]) if any(len(g) for g in gaps) else np.array([])
@@ -133,9 +134,10 @@ def draw_heatmap(bag: Bag, scores: np.ndarray, source: dict, path: Path) -> None
     xy = bag.coords[:, :2].astype(np.float64)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=110)
     thumbnail = bag.extras.get("thumbnail")
-    if thumbnail is not None and source.get("thumbnail_downsample"):
+    scale = bag.meta.get("thumbnail_downsample") or source.get("thumbnail_downsample")
+    if thumbnail is not None and scale:
         h, w = thumbnail.shape[:2]
-        scale = float(source["thumbnail_downsample"])
+        scale = float(scale)
         ax.imshow(thumbnail, extent=(0, w * scale, h * scale, 0))
     norm = (scores - scores.min()) / max(float(np.ptp(scores)), 1e-12)
     patches = PatchCollection([Rectangle((x, y), side, side) for x, y in xy], cmap="inferno", alpha=0.55)

@@ -250,18 +250,43 @@ class _Shard:
     def get(self, bag_id: str, db) -> memoryview | None:
         return self.txn.get(bag_id.encode("utf-8"), db=db)
 
-    def close(self) -> None:
-        self.txn.abort()
-        self.env.close()
-        os.close(self._fd)
+    def __del__(self) -> None:
+        # Runs once neither the store nor any array viewing this shard's map is left (see _pinned).
+        try:
+            self.txn.abort()
+            self.env.close()
+            os.close(self._fd)
+        except (AttributeError, OSError, lmdb.Error):
+            pass
+
+
+class _Pin:
+    """Exposes an array that views a shard's memory map while holding that shard alive, so the map
+    outlives every array made from it (reading a closed map would crash the interpreter)."""
+
+    def __init__(self, array: np.ndarray, shard: _Shard) -> None:
+        self.__array_interface__ = array.__array_interface__
+        self._array, self._shard = array, shard
+
+
+def _pinned(bag: Bag, shard: _Shard) -> Bag:
+    pin = lambda a: np.asarray(_Pin(a, shard))  # noqa: E731
+    return Bag(
+        bag.bag_id,
+        pin(bag.embeddings),
+        pin(bag.coords),
+        {k: pin(v) for k, v in bag.attrs.items()},
+        {k: pin(v) for k, v in bag.extras.items()},
+        bag.meta,
+    )
 
 
 class FeatureStore:
     """Read access to every shard of a store, as one mapping of bag id → Bag, in key order.
 
     The store is read from a snapshot taken at open (or at ``refresh()``): a writer working at the
-    same time never shows a half-written bag. Arrays of returned bags view the memory map in place;
-    they are valid until ``close()``.
+    same time never shows a half-written bag. Arrays of returned bags view the memory map in place
+    (read-only) and keep it mapped for as long as they live, also after ``close()``.
     """
 
     def __init__(self, store_dir: str | Path) -> None:
@@ -299,9 +324,8 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        for shard in self._shards:
-            shard.close()
-        self._shards = []
+        """Let go of the shards; each closes once no bag array still views it."""
+        self._shards, self._where, self._ids = [], {}, []
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -324,10 +348,11 @@ class FeatureStore:
         (reading the whole record ahead, the fast way to load bags that are not in the page cache).
         Unknown ids raise KeyError."""
         raw = self.raw(bag_id)
-        if copy:
-            raw = self._where[bag_id].read_copy(raw)
+        shard = self._where[bag_id]
         try:
-            return decode(bag_id, raw, check=check)
+            if copy:
+                return decode(bag_id, shard.read_copy(raw), check=check)
+            return _pinned(decode(bag_id, raw, check=check), shard)
         except CorruptRecord as exc:
             raise StoreError(f"bag {bag_id!r} in {self.path} is corrupt: {exc}") from None
 

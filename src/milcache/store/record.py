@@ -29,7 +29,7 @@ class CorruptRecord(ValueError):
 class Bag:
     """One bag as read from a store. Arrays are read-only views into the store's memory map.
 
-    They stay valid while the store they came from is open; ``copy()`` detaches them.
+    ``copy()`` detaches them from the store.
     """
 
     bag_id: str

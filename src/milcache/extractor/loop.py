@@ -1,0 +1,273 @@
+"""The extraction loop: sources read and decode in DataLoader workers, the backbone runs on the GPU
+(bf16, channels_last, optionally compiled), and a writer thread stores each finished bag while the
+next ones compute. Resumable, shardable over processes (torchrun or --shard i/n)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from milcache.devices import resolve_device
+from milcache.errors import ExtractionError, MilcacheError
+from milcache.extractor.backbones import Backbone, create_backbone
+from milcache.extractor.sources import BagPlan, Source
+from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
+from milcache.store.lmdb_store import remove_store, shard_path
+from milcache.store.tables import BagSpec
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str
+    weights: str | None = None
+    pretrained: bool = False  # timm weights from an already-filled local cache
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 4
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    compile: bool = False
+    dtype: str = "float16"  # of the stored embeddings
+    shard: tuple[int, int] | None = None  # (index, count); default from torchrun's RANK / WORLD_SIZE
+    overwrite: bool = False
+    profile: bool = False  # synchronise the GPU after each batch to time the model alone
+    preprocessing: dict = field(default_factory=dict)  # input_size / mean / std / interpolation overrides
+
+
+@dataclass
+class ExtractSummary:
+    bags: int = 0  # written in this run
+    skipped: int = 0  # already complete from an earlier run
+    instances: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # where the time went (main thread)
+
+    @property
+    def instances_per_second(self) -> float:
+        return self.instances / self.seconds if self.seconds else 0.0
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ExtractionError(f"shard {index}/{count} is not valid: need 0 ≤ index < count")
+    return index, count
+
+
+class Embedder:
+    """uint8 pixels (B × H × W × C, pinned) → embeddings (B × dim) on the device."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, precision: str, compile: bool) -> None:
+        self.backbone, self.device = backbone, device
+        self.model = backbone.model.to(device).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        if compile:
+            self.model = torch.compile(self.model)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if precision == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.autocast_dtype = dtype
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(backbone.mean, device=device).view(shape)
+        self.std = torch.tensor(backbone.std, device=device).view(shape)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        if tuple(x.shape[-2:]) != tuple(self.backbone.input_size):
+            mode = "bicubic" if self.backbone.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=self.backbone.input_size, mode=mode, antialias=True, align_corners=False)
+        x = x.sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(pixels)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
+            return self.model(x).float()
+
+
+class _BagStream(IterableDataset):
+    """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why)."""
+
+    def __init__(self, bags: list[tuple[int, BagSpec]], source: Source, batch_size: int) -> None:
+        self.bags, self.source, self.batch_size = bags, source, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.bags[info.id :: info.num_workers] if info else self.bags
+        try:
+            for index, bag in mine:
+                yield from self._bag(index, bag)
+        finally:
+            self.source.close()
+
+    def _bag(self, index: int, bag: BagSpec):
+        try:
+            plan = self.source.plan(bag)
+        except MilcacheError as exc:
+            yield ("fail", index, str(exc))
+            return
+        except Exception as exc:  # a broken file can raise anything from its decoder
+            yield ("fail", index, f"{type(exc).__name__}: {exc}")
+            return
+        yield ("plan", index, plan)
+        for start in range(0, len(plan), self.batch_size):
+            indices = np.arange(start, min(start + self.batch_size, len(plan)))
+            try:
+                pixels = self.source.read(bag, plan, indices)
+            except Exception as exc:
+                yield ("fail", index, f"reading instances {start}..{indices[-1]}: {type(exc).__name__}: {exc}")
+                return
+            yield ("pixels", index, start, torch.from_numpy(pixels))
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with each other for cores
+
+
+class _Writer(threading.Thread):
+    """Stores finished bags while the main thread computes the next ones."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        super().__init__(daemon=True, name="milcache-writer")
+        self.writer, self.jobs, self.error, self.busy = writer, queue.Queue(maxsize=8), None, 0.0
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                job()
+            except BaseException as exc:  # re-raised in the main thread
+                self.error = exc
+            self.busy += time.perf_counter() - start
+
+    def submit(self, job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract(
+    manifest: str | Path, out: str | Path, source: Source, config: ExtractConfig, progress: bool = True
+) -> ExtractSummary:
+    """Embed every instance of every bag of ``manifest`` (this shard's share) into the store ``out``."""
+    from tqdm import tqdm
+
+    start_time = time.perf_counter()
+    out = Path(out)
+    shard, shards = resolve_shard(config.shard)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
+    backbone = create_backbone(config.backbone, config.weights, config.pretrained, **config.preprocessing)
+    metadata = StoreMetadata(
+        backbone=config.backbone,
+        dim=backbone.dim,
+        dtype=config.dtype,
+        weights_digest=backbone.weights_digest,
+        preprocessing=backbone.preprocessing(),
+        source=source.settings(),
+        coords=source.coord_names,
+    )
+    if config.overwrite:
+        if shards == 1:
+            remove_store(out)
+        else:  # other processes write the other shards: remove only ours
+            shard_path(out, shard).unlink(missing_ok=True)
+    done = set()
+    if (out / "store.json").exists():
+        with FeatureStore(out) as existing:
+            done = set(existing.bag_ids())
+    summary = ExtractSummary()
+    mine = [(i, b) for i, b in enumerate(bags) if i % shards == shard]
+    todo = [(i, b) for i, b in mine if b.bag_id not in done]
+    summary.skipped = len(mine) - len(todo)
+    embedder = Embedder(backbone, device, config.precision, config.compile)
+    writer = _Writer(StoreWriter(out, metadata, shard=shard))
+    writer.start()
+    loader = DataLoader(
+        _BagStream(todo, source, config.batch_size),
+        batch_size=None,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if config.workers else None,
+        prefetch_factor=4 if config.workers else None,
+        persistent_workers=False,
+    )
+    pending: dict[int, tuple[BagPlan, torch.Tensor, list[int]]] = {}
+    bar = tqdm(
+        total=0,
+        unit="tile",
+        desc=f"extract {shard + 1}/{shards}" if shards > 1 else "extract",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    wait = compute = 0.0
+    try:
+        mark = time.perf_counter()
+        for item in loader:
+            now = time.perf_counter()
+            wait += now - mark
+            kind, index = item[0], item[1]
+            bag = bags[index]
+            if kind == "fail":
+                pending.pop(index, None)
+                summary.failures[bag.bag_id] = item[2]
+                writer.submit(lambda b=bag.bag_id, why=item[2]: writer.writer.fail(b, why))
+            elif kind == "plan":
+                plan = item[2]
+                pending[index] = (plan, torch.empty((len(plan), backbone.dim), device=device), [0])
+                bar.total += len(plan)
+                bar.refresh()
+            else:
+                plan, embeddings, filled = pending[index]
+                batch = embedder(item[3])
+                embeddings[item[2] : item[2] + len(batch)] = batch
+                if config.profile and device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                filled[0] += len(batch)
+                bar.update(len(batch))
+                if filled[0] == len(plan):
+                    del pending[index]
+                    result = embeddings.cpu().numpy()
+                    writer.submit(
+                        lambda b=bag.bag_id, p=plan, e=result: writer.writer.put(
+                            b, e, p.coords, p.attrs, p.extras, p.meta
+                        )
+                    )
+                    summary.bags += 1
+                    summary.instances += len(plan)
+                    bar.set_postfix(bags=f"{summary.bags + summary.skipped}/{len(mine)}", refresh=False)
+            mark = time.perf_counter()
+            compute += mark - now
+    finally:
+        bar.close()
+        writer.finish()
+        writer.writer.close()
+    summary.seconds = time.perf_counter() - start_time
+    summary.timings = {"waiting_for_pixels": wait, "model_and_transfer": compute, "store_writes": writer.busy}
+    return summary

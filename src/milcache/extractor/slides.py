@@ -1,0 +1,186 @@
+"""Reading large 2D images as pyramids: OpenSlide for vendor whole-slide formats, tifffile for
+pyramidal (and plain) TIFF, Pillow for PNG / JPEG. One interface: level sizes and downsamples, mpp,
+``read_region`` (RGB uint8, white outside the image) and ``thumbnail``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from milcache.errors import ExtractionError
+
+_OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".tif", ".tiff"}
+_PIL_LIMIT_HINT = (
+    "it is larger than Pillow's pixel limit; save it as a tiled pyramidal TIFF "
+    "(e.g. `vips tiffsave in.png out.tif --tile --pyramid`) and list that file instead"
+)
+
+
+class SlideReader:
+    """A pyramid of one image. ``dimensions[l]`` is (width, height) of level l."""
+
+    path: Path
+    dimensions: list[tuple[int, int]]
+    downsamples: list[float]
+    mpp: float | None  # microns per level-0 pixel, when the file says
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height × width × 3) of level ``level`` whose top-left is level-0 (x, y)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def best_level(self, downsample: float) -> int:
+        """The most downsampled level that is still at least as detailed as ``downsample``."""
+        candidates = [i for i, d in enumerate(self.downsamples) if d <= downsample * 1.01]
+        return max(candidates, key=lambda i: self.downsamples[i]) if candidates else 0
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail whose longer side is at most ``max_side``, and its level-0 downsample."""
+        from PIL import Image
+
+        w0, h0 = self.dimensions[0]
+        target = max(w0, h0) / max_side
+        level = self.best_level(max(target, 1.0))
+        w, h = self.dimensions[level]
+        image = self.read_region(0, 0, level, w, h)
+        scale = max(w, h) / max_side
+        if scale > 1:
+            size = (max(1, round(w / scale)), max(1, round(h / scale)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        return image, w0 / image.shape[1]
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.shape[2] == 4:  # RGBA: composite onto white
+        alpha = array[..., 3:4].astype(np.float32) / 255
+        array = (array[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if array.dtype != np.uint8:
+        top = float(array.max()) or 1.0
+        array = (array.astype(np.float32) * (255 / top)).astype(np.uint8)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def _paste(source_read, full_w: int, full_h: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """Read the part of a window that lies inside the image; white everywhere else."""
+    out = np.full((height, width, 3), 255, np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, full_w), min(y + height, full_h)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = _rgb(source_read(x0, y0, x1, y1))
+    return out
+
+
+class OpenSlideReader(SlideReader):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self.path = path
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise ExtractionError(f"{path}: OpenSlide cannot read it ({exc})") from None
+        self.dimensions = list(self._slide.level_dimensions)
+        self.downsamples = [float(d) for d in self._slide.level_downsamples]
+        mpp = self._slide.properties.get("openslide.mpp-x")
+        self.mpp = float(mpp) if mpp else None
+
+    def read_region(self, x, y, level, width, height):
+        region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+        return _rgb(np.asarray(region))  # transparent (outside the scan) becomes white
+
+    def close(self):
+        self._slide.close()
+
+
+class TiffReader(SlideReader):
+    """Pyramidal TIFF (levels as SubIFDs or pages) read tile by tile through zarr."""
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+        import zarr
+
+        self.path = path
+        try:
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+        except (tifffile.TiffFileError, OSError, IndexError) as exc:
+            raise ExtractionError(f"{path}: not a readable TIFF ({exc})") from None
+        self._levels = [zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
+        axes = series.axes
+        if not (axes.startswith("YX")):
+            raise ExtractionError(f"{path}: expected an RGB or grey image (axes YX[S]), found axes {axes}")
+        self.dimensions = [(int(lv.shape[1]), int(lv.shape[0])) for lv in self._levels]
+        self.downsamples = [self.dimensions[0][0] / w for w, _ in self.dimensions]
+        self.mpp = _tiff_mpp(series.levels[0].keyframe)
+
+    def read_region(self, x, y, level, width, height):
+        d = self.downsamples[level]
+        lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
+        array = self._levels[level]
+        w, h = self.dimensions[level]
+        return _paste(lambda x0, y0, x1, y1: array[y0:y1, x0:x1], w, h, lx, ly, int(width), int(height))
+
+    def close(self):
+        self._tif.close()
+
+
+def _tiff_mpp(page) -> float | None:
+    """Microns per pixel from TIFF resolution tags (pixels per centimetre or inch)."""
+    try:
+        x_res = page.tags["XResolution"].value
+        unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
+    except KeyError:
+        return None
+    pixels_per_unit = x_res[0] / x_res[1] if isinstance(x_res, tuple) else float(x_res)
+    if pixels_per_unit <= 0 or unit not in (2, 3):
+        return None
+    microns = 25_400.0 if unit == 2 else 10_000.0
+    mpp = microns / pixels_per_unit
+    return mpp if mpp < 100 else None  # 72 dpi and friends are screen defaults, not a scan resolution
+
+
+class ImageReader(SlideReader):
+    """A plain image (PNG, JPEG, BMP …) held in memory as one level."""
+
+    def __init__(self, path: Path) -> None:
+        from PIL import Image
+
+        self.path = path
+        try:
+            with Image.open(path) as image:
+                self._image = _rgb(np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB")))
+        except Image.DecompressionBombError:
+            raise ExtractionError(f"{path}: {_PIL_LIMIT_HINT}") from None
+        except OSError as exc:
+            raise ExtractionError(f"{path}: not a readable image ({exc})") from None
+        h, w = self._image.shape[:2]
+        self.dimensions, self.downsamples, self.mpp = [(w, h)], [1.0], None
+
+    def read_region(self, x, y, level, width, height):
+        h, w = self._image.shape[:2]
+        return _paste(lambda x0, y0, x1, y1: self._image[y0:y1, x0:x1], w, h, int(x), int(y), int(width), int(height))
+
+
+def open_slide(path: str | Path) -> SlideReader:
+    """The right reader for a file: vendor formats through OpenSlide, TIFF through tifffile."""
+    path = Path(path)
+    if not path.exists():
+        raise ExtractionError(f"{path}: file missing")
+    suffix = path.suffix.lower()
+    if suffix in _OPENSLIDE_SUFFIXES:
+        import openslide
+
+        vendor = openslide.OpenSlide.detect_format(str(path))
+        if vendor and vendor != "generic-tiff":
+            return OpenSlideReader(path)
+        if suffix in (".tif", ".tiff"):
+            return TiffReader(path)
+        if vendor is None:
+            raise ExtractionError(f"{path}: OpenSlide does not recognise this {suffix} file")
+        return OpenSlideReader(path)
+    return ImageReader(path)

@@ -1,0 +1,232 @@
+"""Tiles of whole-slide and other large 2D images: tissue detection on a thumbnail, a regular grid
+(plus an optional half-tile offset grid), white-padded edge tiles, and most-tissue-first top-K."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from milcache.errors import ExtractionError
+from milcache.extractor.slides import SlideReader, open_slide
+from milcache.extractor.sources import BagPlan, Source, register_source
+from milcache.store.tables import BagSpec
+
+_THUMBNAIL_SIDE = 2048  # tissue detection resolution (longer side, pixels)
+_KEPT_THUMBNAIL_SIDE = 512  # thumbnail kept in the store for heatmaps
+
+
+def tissue_mask(thumbnail: np.ndarray, min_saturation: int = 20, min_object_fraction: float = 1e-4) -> np.ndarray:
+    """Tissue on an RGB thumbnail: Otsu threshold on HSV saturation (never below ``min_saturation``
+    of 255, so a blank slide has no tissue), holes filled, specks removed."""
+    from PIL import Image
+    from scipy import ndimage
+
+    saturation = np.asarray(Image.fromarray(thumbnail).convert("HSV"))[..., 1]
+    threshold = max(_otsu(saturation), min_saturation)
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(saturation > threshold, iterations=2))
+    labels, count = ndimage.label(mask)
+    if count:
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= max(16, min_object_fraction * mask.size)
+        keep[0] = False
+        mask = keep[labels]
+    return mask
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    weight0 = np.cumsum(hist)
+    mean0 = np.cumsum(hist * np.arange(256))
+    weight1 = total - weight0
+    between = (mean0[-1] * weight0 / total - mean0) ** 2 / np.maximum(weight0 * weight1, 1e-12) * total
+    return float(np.argmax(between))
+
+
+@dataclass
+class Grid:
+    x: np.ndarray  # level-0 top-left corners
+    y: np.ndarray
+    offset: np.ndarray  # 0: main grid, 1: the grid shifted by half a tile
+
+
+def make_grid(width: int, height: int, footprint: float, step: float, offset_grid: bool) -> Grid:
+    """Tile corners covering the image (edge tiles reach past it and are padded white)."""
+
+    def axis(length: int, start: float) -> np.ndarray:
+        return np.arange(start, length, step) if start < length else np.array([])
+
+    xs, ys, flags = [], [], []
+    for flag, start in ((0, 0.0), (1, footprint / 2)) if offset_grid else ((0, 0.0),):
+        gx, gy = np.meshgrid(axis(width, start), axis(height, start))
+        xs.append(gx.ravel())
+        ys.append(gy.ravel())
+        flags.append(np.full(gx.size, flag, np.uint8))
+    return Grid(
+        np.round(np.concatenate(xs)).astype(np.int64),
+        np.round(np.concatenate(ys)).astype(np.int64),
+        np.concatenate(flags),
+    )
+
+
+def tissue_fractions(mask: np.ndarray, downsample: float, grid: Grid, footprint: float) -> np.ndarray:
+    """Fraction of each tile covered by tissue (outside the image counts as none), from a
+    summed-area table of the mask: one vectorised lookup for all tiles."""
+    table = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+    x0 = np.clip(np.floor(grid.x / downsample).astype(np.int64), 0, w)
+    y0 = np.clip(np.floor(grid.y / downsample).astype(np.int64), 0, h)
+    x1 = np.clip(np.ceil((grid.x + footprint) / downsample).astype(np.int64), 0, w)
+    y1 = np.clip(np.ceil((grid.y + footprint) / downsample).astype(np.int64), 0, h)
+    inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    area = max((footprint / downsample) ** 2, 1.0)
+    return np.clip(inside / area, 0.0, 1.0).astype(np.float32)
+
+
+@register_source("tiles")
+class TileSource(Source):
+    """Tiles of ``tile_size`` output pixels every ``stride`` pixels at a resolution given by ``mpp``
+    (microns per pixel, from the slide's metadata), ``level`` (a pyramid level) or ``scale``
+    (level-0 pixels per output pixel); level 0 when none is given."""
+
+    coord_names = ["x", "y", "level"]
+
+    def __init__(
+        self,
+        tile_size: int = 224,
+        stride: int | None = None,
+        mpp: float | None = None,
+        level: int | None = None,
+        scale: float | None = None,
+        tissue_threshold: float = 0.25,
+        offset_grid: bool = False,
+        max_tiles: int | None = None,
+    ) -> None:
+        if sum(v is not None for v in (mpp, level, scale)) > 1:
+            raise ExtractionError("give at most one of --mpp, --level and --scale")
+        if tile_size < 8 or (stride is not None and stride < 1):
+            raise ExtractionError(f"--tile-size must be at least 8 and --stride at least 1 (got {tile_size}, {stride})")
+        if not 0 <= tissue_threshold <= 1:
+            raise ExtractionError(f"--tissue-threshold is a fraction of a tile, in [0, 1], not {tissue_threshold}")
+        self.tile_size, self.stride = int(tile_size), int(stride or tile_size)
+        self.mpp, self.level, self.scale = mpp, level, scale
+        self.tissue_threshold, self.offset_grid, self.max_tiles = tissue_threshold, offset_grid, max_tiles
+        self._readers: dict[str, SlideReader] = {}
+
+    def settings(self) -> dict:
+        return {
+            "kind": self.kind,
+            "tile_size": self.tile_size,
+            "stride": self.stride,
+            "mpp": self.mpp,
+            "level": self.level,
+            "scale": self.scale,
+            "tissue_threshold": self.tissue_threshold,
+            "offset_grid": self.offset_grid,
+            "max_tiles": self.max_tiles,
+        }
+
+    def __getstate__(self) -> dict:  # handles stay in the process that opened them
+        return {**self.__dict__, "_readers": {}}
+
+    def reader(self, path) -> SlideReader:
+        key = str(path)
+        if key not in self._readers:
+            self._readers[key] = open_slide(path)
+        return self._readers[key]
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def scale_for(self, reader: SlideReader) -> float:
+        """Level-0 pixels per output pixel."""
+        if self.mpp is not None:
+            if reader.mpp is None:
+                raise ExtractionError(
+                    f"{reader.path}: no microns-per-pixel in its metadata, so --mpp cannot be honoured; "
+                    "use --level or --scale for such images"
+                )
+            return self.mpp / reader.mpp
+        if self.level is not None:
+            if not 0 <= self.level < len(reader.downsamples):
+                raise ExtractionError(f"{reader.path}: has levels 0..{len(reader.downsamples) - 1}, not {self.level}")
+            return reader.downsamples[self.level]
+        return float(self.scale or 1.0)
+
+    def plan(self, bag: BagSpec) -> BagPlan:
+        parts, extras, meta = [], {}, {"images": []}
+        for image_index, path in enumerate(bag.paths):
+            reader = self.reader(path)
+            scale = self.scale_for(reader)
+            footprint, step = self.tile_size * scale, self.stride * scale
+            width, height = reader.dimensions[0]
+            thumbnail, thumb_ds = reader.thumbnail(_THUMBNAIL_SIDE)
+            grid = make_grid(width, height, footprint, step, self.offset_grid)
+            tissue = tissue_fractions(tissue_mask(thumbnail), thumb_ds, grid, footprint)
+            level = reader.best_level(scale)
+            keep = tissue >= max(self.tissue_threshold, 1e-9)
+            parts.append(
+                (
+                    grid.x[keep],
+                    grid.y[keep],
+                    np.full(keep.sum(), level),
+                    tissue[keep],
+                    grid.offset[keep],
+                    np.full(keep.sum(), image_index, np.uint8),
+                )
+            )
+            meta["images"].append(
+                {
+                    "path": str(path),
+                    "width": width,
+                    "height": height,
+                    "mpp": reader.mpp,
+                    "scale": scale,
+                    "level": level,
+                    "tile_size_level0": footprint,
+                }
+            )
+            if image_index == 0:
+                small, small_ds = _shrink(thumbnail, thumb_ds, _KEPT_THUMBNAIL_SIDE)
+                extras["thumbnail"] = small
+                meta.update({"thumbnail_downsample": small_ds, "tile_size_level0": footprint})
+        x, y, level, tissue, offset, image = (np.concatenate(c) for c in zip(*parts, strict=True))
+        if not len(x):
+            raise ExtractionError(
+                f"bag {bag.bag_id!r}: no tissue found (no tile has ≥ {self.tissue_threshold:.0%} tissue)"
+            )
+        order = np.lexsort((x, y, image, -tissue)) if self.max_tiles else np.arange(len(x))
+        order = order[: self.max_tiles] if self.max_tiles else order
+        coords = np.stack([x, y, level], 1)[order].astype(np.int32)
+        attrs = {"tissue": tissue[order], "offset_grid": offset[order], "image": image[order]}
+        return BagPlan(coords, attrs, extras, meta)
+
+    def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        out = np.empty((len(indices), self.tile_size, self.tile_size, 3), np.uint8)
+        for row, i in enumerate(indices):
+            x, y, level = (int(v) for v in plan.coords[i])
+            info = plan.meta["images"][int(plan.attrs["image"][i])]
+            reader = self.reader(info["path"])
+            side = math.ceil(info["tile_size_level0"] / reader.downsamples[level])
+            tile = reader.read_region(x, y, level, side, side)
+            if side != self.tile_size:
+                tile = np.asarray(Image.fromarray(tile).resize((self.tile_size, self.tile_size), Image.BILINEAR))
+            out[row] = tile
+        return out
+
+
+def _shrink(image: np.ndarray, downsample: float, side: int) -> tuple[np.ndarray, float]:
+    from PIL import Image
+
+    factor = max(image.shape[:2]) / side
+    if factor <= 1:
+        return image, downsample
+    size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return small, downsample * image.shape[1] / small.shape[1]

@@ -1,0 +1,241 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from milcache.cli import cli
+from milcache.errors import ExtractionError
+from milcache.extractor.backbones import create_backbone
+from milcache.extractor.loop import ExtractConfig, extract
+from milcache.extractor.slides import open_slide
+from milcache.extractor.sources import create_source
+from milcache.store import FeatureStore
+from milcache.store.inspect import verify
+from milcache.store.tables import BagSpec
+from tests.conftest import tissue_image, write_pyramid_tiff
+
+BACKBONE = "test_resnet"
+FAST = {"input_size": (64, 64)}
+
+
+def _manifest(folder: Path, names: dict[str, str]) -> Path:
+    pl.DataFrame({"bag_id": list(names), "path": list(names.values())}).write_csv(folder / "manifest.csv")
+    return folder / "manifest.csv"
+
+
+def _plan(path, **settings):
+    source = create_source("tiles", **settings)
+    return source, source.plan(BagSpec("b", [Path(path)]))
+
+
+def test_grid_counts_coordinates_and_white_edge_padding(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(650, 1050))
+    source, plan = _plan(path, tile_size=100, tissue_threshold=0.1)
+    assert len(plan) == 11 * 7  # edge tiles (partly outside the image) are kept, not dropped
+    assert set(plan.coords[:, 0]) == set(range(0, 1100, 100)) and set(plan.coords[:, 1]) == set(range(0, 700, 100))
+    edge = np.flatnonzero((plan.coords[:, 0] == 1000) & (plan.coords[:, 1] == 0))
+    tile = source.read(BagSpec("b", [path]), plan, edge)[0]
+    assert (tile[:, 50:] == 255).all() and (tile[:, :50] != 255).any()  # white beyond the image edge
+    assert plan.attrs["tissue"][edge][0] == pytest.approx(0.5, abs=0.05)
+    _, overlap = _plan(path, tile_size=100, stride=50, tissue_threshold=0.1)
+    assert len(overlap) == 21 * 13
+
+
+def test_offset_grid_adds_half_shifted_tiles(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(400, 400))
+    _, plan = _plan(path, tile_size=100, offset_grid=True, tissue_threshold=0.1)
+    main, shifted = plan.coords[plan.attrs["offset_grid"] == 0], plan.coords[plan.attrs["offset_grid"] == 1]
+    assert len(main) == 16 and len(shifted) == 16  # the shifted grid's last row/column is half outside
+    assert set(shifted[:, 0]) == {50, 150, 250, 350}
+
+
+def test_tissue_filter_drops_blank_tiles_and_blank_slides_fail(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(800, 800, box=(0, 0, 300, 300)))
+    _, plan = _plan(path, tile_size=100, tissue_threshold=0.5)
+    assert len(plan) == 9 and plan.coords[:, :2].max() == 200
+    blank = write_pyramid_tiff(tmp_path / "blank.tif", np.full((400, 400, 3), 250, np.uint8))
+    with pytest.raises(ExtractionError, match="no tissue"):
+        _plan(blank, tile_size=100)
+
+
+def test_top_k_keeps_most_tissue_first(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(400, 400, box=(0, 0, 250, 150)))
+    _, plan = _plan(path, tile_size=100, tissue_threshold=0.01, max_tiles=4)
+    assert len(plan) == 4
+    assert np.all(np.diff(plan.attrs["tissue"]) <= 0) and plan.attrs["tissue"][1] > 0.9
+    assert {tuple(c) for c in plan.coords[:2, :2]} == {(0, 0), (0, 100)}  # the two fully covered tiles
+    assert {tuple(c) for c in plan.coords[2:, :2]} == {(100, 0), (100, 100)}  # then the half covered
+
+
+def test_mpp_chooses_the_pyramid_level(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(1024, 1024), mpp=0.25, levels=3)
+    reader = open_slide(path)
+    assert reader.mpp == pytest.approx(0.25) and reader.downsamples == [1.0, 2.0, 4.0]
+    _, plan = _plan(path, tile_size=64, mpp=1.0)
+    assert set(plan.coords[:, 2]) == {2} and plan.meta["images"][0]["tile_size_level0"] == 256
+    source, plan = _plan(path, tile_size=64, mpp=0.75)  # 3× level 0: read level 1, resize the rest
+    assert set(plan.coords[:, 2]) == {1} and set(np.diff(np.unique(plan.coords[:, 0]))) == {192}
+    assert source.read(BagSpec("b", [path]), plan, np.arange(2)).shape == (2, 64, 64, 3)
+    bare = write_pyramid_tiff(tmp_path / "bare.tif", tissue_image(256, 256), mpp=None)
+    with pytest.raises(ExtractionError, match="no microns-per-pixel.*--level or --scale"):
+        _plan(bare, tile_size=64, mpp=0.5)
+    _, plan = _plan(bare, tile_size=64, level=1)
+    assert plan.meta["images"][0]["tile_size_level0"] == 128
+
+
+def test_embeddings_equal_a_direct_backbone_call(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(256, 320))
+    manifest = _manifest(tmp_path, {"slide": "s.tif"})
+    source = create_source("tiles", tile_size=64)
+    summary = extract(
+        manifest, tmp_path / "store", source, ExtractConfig(BACKBONE, workers=0, dtype="float32"), progress=False
+    )
+    assert summary.bags == 1 and summary.instances == 20
+    backbone = create_backbone(BACKBONE)
+    with FeatureStore(tmp_path / "store") as store:
+        bag = store["slide"]
+        pixels = source.read(BagSpec("slide", [path]), source.plan(BagSpec("slide", [path])), np.arange(len(bag)))
+        assert store.metadata.preprocessing["input_size"] == [160, 160]
+        assert store.metadata.source["tile_size"] == 64 and store.metadata.coords == ["x", "y", "level"]
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(160, 160), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (backbone.mean, backbone.std))
+    with torch.no_grad():
+        direct = backbone.model((x - mean) / std).numpy()
+    np.testing.assert_allclose(bag.embeddings, direct, rtol=1e-3, atol=1e-4)
+
+
+def test_real_image_from_scikit_image(tmp_path):
+    from skimage import data
+
+    ihc = data.immunohistochemistry()  # a real stained tissue image (512 × 512)
+    path = write_pyramid_tiff(tmp_path / "ihc.tif", ihc, mpp=0.5, levels=2)
+    _, plan = _plan(path, tile_size=64, tissue_threshold=0.5)
+    assert 10 < len(plan) <= 64 and plan.attrs["tissue"].min() >= 0.5
+    _, all_tiles = _plan(path, tile_size=64, tissue_threshold=0.0)
+    assert len(all_tiles) >= len(plan)
+
+
+def test_failed_bags_are_recorded_and_retried(tmp_path):
+    write_pyramid_tiff(tmp_path / "good.tif", tissue_image(200, 200))
+    write_pyramid_tiff(tmp_path / "blank.tif", np.full((200, 200, 3), 255, np.uint8))
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00garbage")
+    manifest = _manifest(
+        tmp_path, {"good": "good.tif", "blank": "blank.tif", "broken": "broken.tif", "gone": "missing.tif"}
+    )
+    args = [
+        "extract",
+        str(manifest),
+        "--out",
+        str(tmp_path / "store"),
+        "--backbone",
+        BACKBONE,
+        "--tile-size",
+        "64",
+        "--workers",
+        "0",
+        "--input-size",
+        "64",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "FAILED gone: " in result.output and "file missing" in result.output
+    assert "FAILED blank: " in result.output and "no tissue" in result.output
+    assert "FAILED broken: " in result.output
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.bag_ids() == ["good"] and set(store.failures()) == {"blank", "broken", "gone"}
+    write_pyramid_tiff(tmp_path / "missing.tif", tissue_image(200, 200))  # the user fixes one file
+    result = CliRunner().invoke(cli, args)
+    assert "1 bags" in result.output and "1 already done" in result.output
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.bag_ids() == ["gone", "good"] and set(store.failures()) == {"blank", "broken"}
+
+
+def test_other_backbone_into_the_same_store_is_refused(tmp_path):
+    write_pyramid_tiff(tmp_path / "s.tif", tissue_image(128, 128))
+    manifest = _manifest(tmp_path, {"s": "s.tif"})
+    base = ["extract", str(manifest), "--out", str(tmp_path / "store"), "--tile-size", "64", "--workers", "0"]
+    assert CliRunner().invoke(cli, [*base, "--backbone", BACKBONE, "--input-size", "64"]).exit_code == 0
+    result = CliRunner().invoke(cli, [*base, "--backbone", "test_vit"])
+    assert result.exit_code == 2 and "backbone: store has 'test_resnet', this run has 'test_vit'" in result.output
+
+
+def test_config_file_sets_options(tmp_path):
+    write_pyramid_tiff(tmp_path / "s.tif", tissue_image(128, 128))
+    manifest = _manifest(tmp_path, {"s": "s.tif"})
+    (tmp_path / "run.toml").write_text('backbone = "test_resnet"\ntile-size = 64\nworkers = 0\ninput_size = 64\n')
+    result = CliRunner().invoke(
+        cli, ["extract", str(manifest), "--out", str(tmp_path / "store"), "--config", str(tmp_path / "run.toml")]
+    )
+    assert result.exit_code == 0, result.output
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.metadata.source["tile_size"] == 64 and len(store["s"]) == 4
+
+
+def test_resume_after_sigkill_finishes_every_bag(tmp_path):
+    for i in range(6):
+        write_pyramid_tiff(tmp_path / f"s{i}.tif", tissue_image(256, 512, seed=i))
+    manifest = _manifest(tmp_path, {f"s{i}": f"s{i}.tif" for i in range(6)})
+    command = [
+        sys.executable,
+        "-m",
+        "milcache.cli",
+        "extract",
+        str(manifest),
+        "--out",
+        str(tmp_path / "store"),
+        "--backbone",
+        BACKBONE,
+        "--tile-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    written = 0
+    while time.time() < deadline and written < 1:
+        time.sleep(0.2)
+        if (tmp_path / "store" / "shard-00000.mdb").exists():
+            with FeatureStore(tmp_path / "store") as store:
+                written = len(store)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with FeatureStore(tmp_path / "store") as store:
+        first = len(store)
+        assert verify(store) == {}
+    assert 1 <= first < 6
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{first} already done" in result.stdout
+    with FeatureStore(tmp_path / "store") as store:
+        assert len(store) == 6 and verify(store) == {}
+        assert all(len(store[f"s{i}"]) == 128 for i in range(6))
+
+
+def test_sharded_processes_write_one_store(tmp_path):
+    for i in range(4):
+        write_pyramid_tiff(tmp_path / f"s{i}.tif", tissue_image(128, 128, seed=i))
+    manifest = _manifest(tmp_path, {f"s{i}": f"s{i}.tif" for i in range(4)})
+    source = create_source("tiles", tile_size=64)
+    for shard in range(2):
+        extract(
+            manifest,
+            tmp_path / "store",
+            source,
+            ExtractConfig(BACKBONE, workers=0, shard=(shard, 2), preprocessing=FAST),
+            progress=False,
+        )
+    assert sorted(p.name for p in (tmp_path / "store").glob("shard-*.mdb")) == ["shard-00000.mdb", "shard-00001.mdb"]
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.bag_ids() == ["s0", "s1", "s2", "s3"]
