@@ -338,6 +338,60 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
             click.echo(f"  {folder}")
 
 
+@cli.command("tune")
+@click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store.")
+@click.option("--labels", required=True, type=existing_path, help="Labels table or manifest.")
+@click.option("--out", required=True, type=output_path, help="Run directory (study, best.json, plots, best/).")
+@click.option("--n-trials", default=50, show_default=True, help="Finished trials (complete or pruned) wanted.")
+@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@click.option(
+    "--storage",
+    help="SQLAlchemy URL (e.g. postgresql://user@host/db) or journal:PATH, to share one study "
+    "between processes or machines [sqlite file in --out].",
+)
+@click.option("--study-name", default="milcache", show_default=True)
+@click.option(
+    "--metric",
+    default="auc",
+    show_default=True,
+    help="Cross-validated metric to optimise "
+    "(auc, accuracy, balanced_accuracy, f1, log_loss, kappa, mse, r2, pearson_r).",
+)
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--jobs", default=1, show_default=True, help="Trials run at once in this process (one GPU).")
+@click.option("--resume", is_flag=True, help="Continue the study of an earlier (killed) run.")
+@click.option("--folds", default=5, show_default=True)
+@click.option("--space", "space_file", type=existing_path, help="TOML/YAML that narrows or widens the search space.")
+@click.option(
+    "--set",
+    "fixed",
+    multiple=True,
+    callback=_key_values,
+    metavar="KEY=VALUE",
+    help="Fix a parameter instead of searching it (repeatable), e.g. --set head=gated-attention.",
+)
+@click.option("--task", "task_kind", type=click.Choice(["binary", "multiclass", "ordinal", "regression"]))
+@click.option("--seed", default=0, show_default=True)
+@device_option
+def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, **settings) -> None:
+    """Search aggregator heads and hyper-parameters with Optuna; retrain the best into RUN/best."""
+    from milcache.tuning.study import TuneSettings, safe_url, tune
+
+    tune_settings = TuneSettings(**settings)
+    where = safe_url(tune_settings.storage) if tune_settings.storage else f"sqlite file {out / 'study.db'}"
+    click.echo(f"study {tune_settings.study_name!r} in {where}")
+    best = tune(
+        store_dir, labels, out, tune_settings, space_file, fixed, task_kind, device, progress=sys.stderr.isatty()
+    )
+    trials = best["trials"]
+    click.echo(
+        f"{trials['COMPLETE']} complete, {trials['PRUNED']} pruned, {trials['FAIL']} failed trials "
+        f"in {best['seconds']:.0f}s"
+    )
+    click.echo(f"best: trial {best['trial']}, {best['head']}, {best['metric']} {best['value']:.4f}")
+    click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
+
+
 @cli.command("extract")
 @click.argument("manifest", type=existing_path)
 @click.option(

@@ -95,8 +95,12 @@ def cross_validate(
     repeats: int = 1,
     report: Report | None = None,
     monitor: str = "auc",
+    report_stride: int | None = None,
 ) -> tuple[dict, pl.DataFrame, list[int]]:
-    """Metrics per fold and their mean ± std, out-of-fold predictions, and each fold's best epoch."""
+    """Metrics per fold and their mean ± std, out-of-fold predictions, and each fold's best epoch.
+
+    ``report(step, value)`` gets the ``monitor`` metric of each epoch; fold k reports from step
+    ``k * report_stride`` (default: the epoch count) so steps are comparable between runs."""
     task, y, groups = cohort.task, cohort.y, cohort.groups
     stratified = task.kind != "regression"
     if cohort.split is not None:
@@ -119,7 +123,7 @@ def cross_validate(
             config,
             report,
             monitor,
-            step_offset=k * config.epochs,
+            step_offset=k * (report_stride or config.epochs),
         )
         best_epochs.append(result["best_epoch"])
         logits, _ = infer(model, cohort.data, test, config)

@@ -1,0 +1,112 @@
+"""The search space of a study: which head, its sizes, and the training hyper-parameters.
+
+A space maps a parameter name to a distribution (``{"type": "float", "low": …, "high": …,
+"log": true}``, ``int`` likewise, ``{"type": "categorical", "choices": […]}``, or a plain list of
+choices) or to a fixed value. Head options (hidden, dropout, attention_dim …) are sampled only for
+heads that take them; the rest are TrainConfig fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from milcache.aggregator.heads import head_class, list_heads
+from milcache.aggregator.trainer import TrainConfig
+from milcache.errors import MilcacheError
+
+_TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"head", "head_options"}
+
+
+def default_space() -> dict:
+    return {
+        "head": {"type": "categorical", "choices": list_heads()},
+        "hidden": {"type": "categorical", "choices": [64, 128, 256]},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "attention_dim": {"type": "categorical", "choices": [32, 64, 128]},
+        "classifier_hidden": {"type": "categorical", "choices": [0, 64]},
+        "temperature": {"type": "float", "low": 0.5, "high": 20.0, "log": True},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+        "epochs": {"type": "int", "low": 10, "high": 60},
+        "instances": {"type": "categorical", "choices": [128, 512, 2048]},
+        "elastic_net": {"type": "float", "low": 1e-7, "high": 1e-3, "log": True},
+        "class_weights": {"type": "categorical", "choices": [False, True]},
+    }
+
+
+def load_space(path: str | Path | None, fixed: dict | None = None) -> dict:
+    """The default space, updated by a TOML/YAML file and by fixed values (which win)."""
+    space = default_space()
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".toml":
+                import tomllib
+
+                update = tomllib.loads(text)
+            else:
+                import yaml
+
+                update = yaml.safe_load(text) or {}
+        except Exception as exc:  # both parsers raise their own error types
+            raise MilcacheError(f"{path}: cannot parse the search space ({exc})") from None
+        space.update({k.replace("-", "_"): v for k, v in update.items()})
+    space.update(fixed or {})
+    for name, spec in space.items():
+        _check(name, spec)
+    return space
+
+
+def _check(name: str, spec) -> None:
+    if isinstance(spec, dict):
+        kind = spec.get("type")
+        if kind in ("float", "int"):
+            if "low" not in spec or "high" not in spec or spec["low"] > spec["high"]:
+                raise MilcacheError(f"search space: {name!r} needs low ≤ high, got {spec}")
+        elif kind == "categorical":
+            if not spec.get("choices"):
+                raise MilcacheError(f"search space: {name!r} needs a non-empty list of choices")
+        else:
+            raise MilcacheError(f"search space: {name!r} has type {kind!r}; use float, int or categorical")
+    if name == "head":
+        names = spec["choices"] if isinstance(spec, dict) else (spec if isinstance(spec, list) else [spec])
+        for head in names:
+            head_class(head)  # raises with the list of valid names
+
+
+def _suggest(trial, name: str, spec):
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    if not isinstance(spec, dict):
+        return spec
+    if spec["type"] == "float":
+        return trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    if spec["type"] == "int":
+        return trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return trial.suggest_categorical(name, spec["choices"])
+
+
+def sample_config(trial, space: dict, seed: int = 0) -> TrainConfig:
+    """A TrainConfig for one trial: the head first, then only the options that head takes."""
+    head = _suggest(trial, "head", space["head"])
+    head_options_taken = set(head_class(head).options())
+    options, train = {}, {"seed": seed}
+    for name, spec in space.items():
+        if name == "head":
+            continue
+        if name in _TRAIN_FIELDS:
+            train[name] = _suggest(trial, name, spec)
+        elif name in head_options_taken:
+            options[name] = _suggest(trial, name, spec)
+    if train.get("instances") == 0:
+        train["instances"] = None  # 0 stands for "all instances"
+    return TrainConfig(head=head, head_options=options, **train)
+
+
+def max_epochs(space: dict) -> int:
+    """The largest epoch count a trial may draw: the stride between folds in reported steps."""
+    spec = space.get("epochs", TrainConfig.epochs)
+    if isinstance(spec, dict):
+        return int(spec.get("high") or max(spec.get("choices", [TrainConfig.epochs])))
+    return int(max(spec) if isinstance(spec, list) else spec)

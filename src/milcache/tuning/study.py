@@ -1,0 +1,283 @@
+"""`milcache tune`: an Optuna study over aggregator heads on embeddings loaded once per process."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from milcache.aggregator.run import Cohort, cross_validate, load_cohort, train_head
+from milcache.aggregator.trainer import TrainConfig
+from milcache.errors import MilcacheError
+from milcache.tuning.space import load_space, max_epochs, sample_config
+
+MINIMISED = {"log_loss", "mse"}
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class TuneSettings:
+    n_trials: int = 50
+    timeout: float | None = None
+    storage: str | None = None  # default: sqlite inside the run directory
+    study_name: str = "milcache"
+    metric: str = "auc"
+    pruner: str = "median"
+    jobs: int = 1
+    resume: bool = False
+    folds: int = 5
+    seed: int = 0
+
+
+def safe_url(url: str) -> str:
+    """A storage URL fit to print: the password replaced by ***."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: show only its scheme
+        return url.split("://", 1)[0] + "://***"
+
+
+def open_storage(url: str):
+    """A SQLAlchemy URL (sqlite:///…, postgresql://…) or ``journal:PATH`` (a journal file, which
+    several processes on one machine or a shared file system can append to safely)."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, and what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    except Exception as exc:  # driver missing, server down, bad credentials …
+        raise MilcacheError(
+            f"cannot open the study storage {safe_url(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _pruner(name: str):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise MilcacheError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+def _finished(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _fail_interrupted(study) -> int:
+    """Trials left RUNNING by a killed process of ours become FAIL, so the study can go on."""
+    import optuna
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return len(running)
+
+
+def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
+    import optuna
+    import torch
+
+    stride = max_epochs(space)
+
+    def objective(trial: optuna.Trial) -> float:
+        config = sample_config(trial, space, settings.seed)
+        trial.set_user_attr("config", {**config.to_dict()})
+
+        def report(step: int, value: float) -> None:
+            if np.isfinite(value):
+                trial.report(float(value), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            metrics, _, _ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric, stride)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(f"out of memory: {exc}") from None  # recorded as a failed trial
+        value = metrics.get(settings.metric)
+        if value is None:
+            raise MilcacheError(
+                f"--metric {settings.metric!r} is not computed for a {cohort.task.kind} task; "
+                f"use one of {', '.join(k for k in metrics if not k.endswith('_std') and k != 'folds')}"
+            )
+        trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "folds"})
+        return float(value)
+
+    return objective
+
+
+def tune(
+    store_dir: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    settings: TuneSettings,
+    space_file: str | Path | None = None,
+    fixed: dict | None = None,
+    task_kind: str | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """Run (or resume) a study, then write best.json, trials.parquet, plots and RUN/best/."""
+    import optuna
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_space(space_file, fixed)
+    url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = open_storage(url)
+    direction = "minimize" if settings.metric in MINIMISED else "maximize"
+    exists = settings.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    shared = settings.storage is not None
+    if exists and not (settings.resume or shared):
+        raise MilcacheError(
+            f"study {settings.study_name!r} already exists in {safe_url(url)}; "
+            "use --resume to continue it or another --study-name"
+        )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=settings.study_name,
+        direction=direction,
+        sampler=optuna.samplers.TPESampler(seed=None if shared else settings.seed),
+        pruner=_pruner(settings.pruner),
+        load_if_exists=True,
+    )
+    if settings.resume and not shared:
+        _fail_interrupted(study)
+    start = time.perf_counter()
+    cohort = load_cohort(store_dir, labels, task_kind, device, progress=progress)
+    remaining = settings.n_trials - _finished(study)
+    if remaining > 0:
+        study.optimize(
+            make_objective(cohort, space, settings),
+            n_trials=remaining,
+            timeout=settings.timeout,
+            n_jobs=settings.jobs,
+            catch=(RuntimeError,),
+            show_progress_bar=progress,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(
+                    settings.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                )
+            ],
+        )
+    return _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
+
+
+def _report(study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float) -> dict:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise MilcacheError(f"no trial of study {settings.study_name!r} completed; see {out / 'trials.parquet'}")
+    table = trials_table(study)
+    table.write_parquet(out / "trials.parquet")
+    best = study.best_trial
+    config = TrainConfig(**best.user_attrs["config"])
+    summary = {
+        "metric": settings.metric,
+        "value": best.value,
+        "trial": best.number,
+        "head": config.head,
+        "config": config.to_dict(),
+        "metrics": best.user_attrs.get("metrics", {}),
+        "trials": {state: int((table["state"] == state).sum()) for state in ("COMPLETE", "PRUNED", "FAIL")},
+        "folds": settings.folds,
+        "seconds": round(seconds, 1),
+    }
+    (out / "best.json").write_text(json.dumps(summary, indent=2))
+    plot_history(table, settings.metric, out / "history.png")
+    plot_importances(study, out / "importances.png")
+    train_head(store_dir, labels, out / "best", config, settings.folds, 1, task_kind, device, cohort=cohort)
+    return summary
+
+
+def trials_table(study) -> pl.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "seconds": seconds,
+                "params": json.dumps(t.params),
+                "head": t.params.get("head"),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "number": pl.Int64,
+            "state": pl.Utf8,
+            "value": pl.Float64,
+            "seconds": pl.Float64,
+            "params": pl.Utf8,
+            "head": pl.Utf8,
+        },
+    )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(table: pl.DataFrame, metric: str, path: Path) -> None:
+    plt = _pyplot()
+    done = table.filter(pl.col("state") == "COMPLETE").sort("number")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    values = done["value"].to_numpy()
+    best = np.minimum.accumulate(values) if metric in MINIMISED else np.maximum.accumulate(values)
+    ax.scatter(done["number"], values, s=14, label="trial")
+    ax.step(done["number"], best, where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title=f"optimisation history ({len(done)} complete of {table.height})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_importances(study, path: Path) -> None:
+    import optuna
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    try:
+        with warnings.catch_warnings():  # optuna warns about sparse regimes; the plot says enough
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as exc:  # too few trials, or a single parameter value
+        importances = {}
+        ax.text(0.5, 0.5, f"parameter importances unavailable:\n{exc}", ha="center", va="center", wrap=True)
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance (optuna's default evaluator)", title="parameter importances")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from milcache.aggregator.model import load_model
+from milcache.aggregator.run import train_head
+from milcache.aggregator.trainer import TrainConfig
+from milcache.cli import cli
+from milcache.errors import MilcacheError
+from milcache.store.synthetic import make_synthetic_store
+from milcache.tuning.space import load_space
+from milcache.tuning.study import TuneSettings, safe_url, tune
+
+POSTGRES_URL = os.environ.get(
+    "MILCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://milcache:milcache@127.0.0.1:5432/milcache"
+)
+SMALL = {"epochs": 8, "instances": 0}  # fixed: every trial short, all instances
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    labels = make_synthetic_store(root / "store", bags=100, instances=(8, 30), dim=16, seed=3, signal=2.0)
+    labels.write_csv(root / "labels.csv")
+    return root
+
+
+def _tune_command(cohort, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "milcache.cli",
+        "tune",
+        "--store",
+        str(cohort / "store"),
+        "--labels",
+        str(cohort / "labels.csv"),
+        "--out",
+        str(out),
+        "--folds",
+        "2",
+        "--set",
+        "epochs=8",
+        "--set",
+        "instances=0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_study_beats_mean_pooling_and_best_rebuilds(cohort, tmp_path):
+    baseline = train_head(
+        cohort / "store",
+        cohort / "labels.csv",
+        tmp_path / "mean",
+        TrainConfig(head="mean", epochs=8, instances=None),
+        folds=2,
+        device="cpu",
+    )
+    settings = TuneSettings(n_trials=8, folds=2, pruner="none")
+    best = tune(cohort / "store", cohort / "labels.csv", tmp_path / "study", settings, fixed=SMALL, device="cpu")
+    assert best["value"] > baseline["auc"]
+    for name in ("best.json", "trials.parquet", "history.png", "importances.png", "study.db"):
+        assert (tmp_path / "study" / name).is_file(), name
+    saved = json.loads((tmp_path / "study" / "best.json").read_text())
+    _, config, _ = load_model(tmp_path / "study" / "best")
+    assert config["head"] == saved["head"] and config["train"] == saved["config"]
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "study" / "best"),
+            "--store",
+            str(cohort / "store"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with pytest.raises(MilcacheError, match="already exists.*--resume"):
+        tune(cohort / "store", cohort / "labels.csv", tmp_path / "study", settings, fixed=SMALL, device="cpu")
+
+
+def _finished(storage, name="milcache"):
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(states=states))
+
+
+def test_killed_study_resumes_to_the_asked_number_of_trials(cohort, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _tune_command(cohort, out, "--n-trials", "6"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"sqlite:///{out.resolve() / 'study.db'}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            if _finished(url) >= 2:
+                break
+        except (KeyError, Exception):  # the study is not created yet
+            continue
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _finished(url)
+    assert 2 <= done < 6
+    result = subprocess.run(
+        _tune_command(cohort, out, "--n-trials", "6", "--resume"), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert _finished(url) == 6 and (out / "best" / "model.safetensors").is_file()
+
+
+def _two_workers(cohort, tmp_path, storage):
+    commands = [
+        _tune_command(
+            cohort, tmp_path / f"worker{i}", "--n-trials", "6", "--storage", storage, "--study-name", "shared"
+        )
+        for i in range(2)
+    ]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for proc, (_stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr
+    return outputs
+
+
+def test_two_processes_share_one_journal_study(cohort, tmp_path):
+    storage = f"journal:{tmp_path / 'study.log'}"
+    _two_workers(cohort, tmp_path, storage)
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(
+        study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+    )
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) >= 6  # both stop once six are finished (one may finish its last running trial)
+    assert len(study.trials) < 12
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return None
+    except Exception as exc:  # driver missing, no server, refused
+        return f"no PostgreSQL server at {safe_url(POSTGRES_URL)} ({type(exc).__name__}); .ci/postgres starts one"
+
+
+@pytest.mark.skipif(_postgres_reachable() is not None, reason=str(_postgres_reachable()))
+def test_two_processes_share_one_postgres_study(cohort, tmp_path):
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(POSTGRES_URL).begin() as conn:  # a clean database for this test
+        conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    outputs = _two_workers(cohort, tmp_path, POSTGRES_URL)
+    assert all("milcache:***@" in out for out, _ in outputs)  # the password is never printed
+    assert all("milcache:milcache@" not in out + err for out, err in outputs)
+    assert _finished(POSTGRES_URL, "shared") >= 6
+
+
+def test_space_file_narrows_and_validates(tmp_path):
+    (tmp_path / "space.toml").write_text(
+        'head = ["attention", "mean"]\nlr = {type = "float", low = 1e-3, high = 1e-2}\n'
+    )
+    space = load_space(tmp_path / "space.toml", {"epochs": 5})
+    assert space["head"] == ["attention", "mean"] and space["epochs"] == 5 and space["lr"]["low"] == 1e-3
+    (tmp_path / "bad.yaml").write_text("head: [nope]\n")
+    with pytest.raises(MilcacheError, match="unknown head 'nope'"):
+        load_space(tmp_path / "bad.yaml")
+
+
+def test_safe_url_hides_passwords():
+    assert safe_url("postgresql+psycopg://bob:s3cret@db.example:5432/studies") == (
+        "postgresql+psycopg://bob:***@db.example:5432/studies"
+    )
+    assert "s3cret" not in safe_url("postgresql://bob:s3cret@host/db")
