@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from milcache.extractor.pyramids import write_pyramid_tiff  # noqa: F401  (re-exported for tests)
 from milcache.store import StoreMetadata, StoreWriter
 
 
@@ -39,30 +40,6 @@ def write_store(path: Path, bags: dict, meta: StoreMetadata | None = None, shard
 def small_store(tmp_path: Path) -> tuple[Path, dict]:
     bags = random_bags(12)
     return write_store(tmp_path / "store", bags), bags
-
-
-def write_pyramid_tiff(
-    path: Path,
-    image: np.ndarray,
-    mpp: float | None = 0.5,
-    levels: int = 3,
-    compression: str | None = None,
-    tile: int = 64,
-) -> Path:
-    """A tiled pyramidal TIFF (levels as SubIFDs, each half the last), with mpp in its resolution tags."""
-    import tifffile
-
-    def resolution(level: int) -> dict:
-        if mpp is None:
-            return {}
-        return {"resolution": (1e4 / (mpp * 2**level), 1e4 / (mpp * 2**level)), "resolutionunit": "CENTIMETER"}
-
-    options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(image, subifds=levels - 1, **options, **resolution(0))
-        for level in range(1, levels):
-            tif.write(image[:: 2**level, :: 2**level], subfiletype=1, **options, **resolution(level))
-    return path
 
 
 def tissue_image(height: int, width: int, box: tuple[int, int, int, int] | None = None, seed: int = 0) -> np.ndarray:

@@ -324,16 +324,17 @@ def train_head_command(
 @click.option("--top-k", default=5, show_default=True, help="Most attended instances listed per bag.")
 @click.option("--heatmaps", type=output_path, help="Folder for one PNG heatmap of instance scores per bag.")
 @click.option("--geojson", type=output_path, help="Folder for one QuPath-importable GeoJSON per bag.")
+@click.option("--scores", "scores_file", type=output_path, help="Parquet of every instance's score and coordinates.")
 @device_option
-def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, device) -> None:
+def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, scores_file, device) -> None:
     """Predict bag probabilities with a trained head; list top instances; draw heatmaps."""
     from milcache.aggregator.predict import predict
     from milcache.store.tables import read_table
 
     bag_ids = read_table(bag_list)["bag_id"].to_list() if bag_list else None
-    table = predict(model_dir, store_dir, out, bag_ids, top_k, heatmaps, geojson, device)
+    table = predict(model_dir, store_dir, out, bag_ids, top_k, heatmaps, geojson, device, scores_file)
     click.echo(f"predicted {table.height} bags → {out}")
-    for folder in (heatmaps, geojson):
+    for folder in (heatmaps, geojson, scores_file):
         if folder:
             click.echo(f"  {folder}")
 
@@ -526,6 +527,21 @@ def extract_command(
         click.echo(f"  FAILED {bag_id}: {reason}")
     if summary.failures:
         sys.exit(1)
+
+
+@cli.command("demo")
+@click.option(
+    "--out", type=output_path, default=Path("milcache-demo"), show_default=True, help="Folder for everything."
+)
+@click.option("--bags", default=120, show_default=True, help="Slides in the cohort.")
+@click.option("--trials", default=4, show_default=True, help="Tuning trials.")
+@device_option
+def demo_command(out: Path, bags: int, trials: int, device: str) -> None:
+    """Run the whole pipeline on an embedded cohort (MNIST-bags from scikit-learn's digits): extract,
+    tune, train-head, predict with heatmaps; ends with held-out AUC and accuracy."""
+    from milcache.demo import run_demo
+
+    run_demo(out, device, bags, trials, echo=click.echo)
 
 
 def main() -> None:

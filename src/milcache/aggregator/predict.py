@@ -35,8 +35,10 @@ def predict(
     heatmaps: str | Path | None = None,
     geojson: str | Path | None = None,
     device: str = "auto",
+    scores_file: str | Path | None = None,
 ) -> pl.DataFrame:
-    """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)."""
+    """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)
+    and, with ``scores_file``, every instance's score with its coordinates (parquet)."""
     model_dir = Path(model_dir)
     torch_device = resolve_device(device)
     model, config, task = load_model(model_dir, torch_device)
@@ -53,6 +55,8 @@ def predict(
         logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)
         outputs = task.outputs(logits).cpu().numpy()
         table = _table(ids, outputs, task, scores, store, top_k)
+        if scores_file is not None:
+            _instance_scores(ids, scores, store).write_parquet(scores_file)
         if heatmaps or geojson:
             for i, bag_id in enumerate(ids):
                 if scores[i] is None:
@@ -104,6 +108,20 @@ def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.Da
         )
     columns["top_instances"] = tops
     return pl.DataFrame(columns)
+
+
+def _instance_scores(ids: list[str], scores: list, store: FeatureStore) -> pl.DataFrame:
+    parts = []
+    for bag_id, s in zip(ids, scores, strict=True):
+        if s is None:
+            continue
+        coords = store[bag_id].coords
+        columns = {"bag_id": [bag_id] * len(s), "index": np.arange(len(s)), "score": s}
+        columns.update({name: coords[:, k] for k, name in enumerate(store.metadata.coords)})
+        parts.append(pl.DataFrame(columns))
+    if not parts:
+        raise MilcacheError("this head gives no per-instance scores (choose an attention-type head for them)")
+    return pl.concat(parts)
 
 
 def _tile_extent(bag: Bag, source: dict) -> float:

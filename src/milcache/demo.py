@@ -1,0 +1,270 @@
+"""`milcache demo`: the whole pipeline on the MNIST-bags task, made from scikit-learn's bundled digits.
+
+Each "slide" is a pyramidal TIFF: digits stained purple on a white background, scattered over a grid
+whose cells are exactly one tile. A slide is positive when it holds at least one 9. The backbone is a
+small timm CNN briefly trained on a part of the digits that no slide uses (the MNIST-bags recipe),
+saved as safetensors and passed with --weights. Then the real commands run in order: extract, tune,
+train-head with the best configuration, and predict with heatmaps on held-out slides.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from milcache.errors import MilcacheError
+
+BACKBONE = "test_resnet"
+CELL = 32  # pixels per digit cell = tile size
+GRID = 8  # cells per slide side
+_STAIN = np.array([120, 40, 160], dtype=np.float64)
+
+
+def render_digit(image: np.ndarray) -> np.ndarray:
+    """An 8 × 8 digit (0-16) as a CELL × CELL RGB cell: stain on white, like tissue on glass."""
+    from PIL import Image
+
+    ink = (
+        np.asarray(Image.fromarray((image / 16 * 255).astype(np.uint8)).resize((CELL - 4, CELL - 4), Image.BILINEAR))
+        / 255.0
+    )
+    alpha = np.zeros((CELL, CELL))
+    alpha[2:-2, 2:-2] = ink
+    return (255 * (1 - alpha[..., None]) + _STAIN * alpha[..., None]).astype(np.uint8)
+
+
+def pretrain_backbone(cells: np.ndarray, digits: np.ndarray, path: Path, epochs: int = 6) -> Path:
+    """Train the demo backbone to recognise digits (on digits no slide uses); save its weights."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(BACKBONE, num_classes=10)
+    x = torch.from_numpy(cells).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+    y = torch.from_numpy(digits).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    model.train()
+    for _ in range(epochs):
+        for batch in np.array_split(rng.permutation(len(y)), max(1, len(y) // 64)):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def build_cohort(root: Path, cells: np.ndarray, digits: np.ndarray, bags: int, seed: int = 0) -> dict:
+    """Write the slides, the manifest, train / held-out labels (split by patient) and a table of
+    which digit lies in which tile."""
+    from milcache.extractor.pyramids import write_pyramid_tiff
+
+    rng = np.random.default_rng(seed)
+    nines, others = np.flatnonzero(digits == 9), np.flatnonzero(digits != 9)
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    manifest, tiles = [], []
+    for i in range(bags):
+        positive = i % 2 == 1
+        n = int(rng.integers(6, 15))
+        chosen = list(rng.choice(others, n, replace=False))
+        if positive:
+            k = int(rng.integers(1, 3))
+            chosen[:k] = rng.choice(nines, k, replace=False)
+        places = rng.choice(GRID * GRID, n, replace=False)
+        slide = np.full((GRID * CELL, GRID * CELL, 3), 255, np.uint8)
+        bag_id = f"slide-{i:03d}"
+        for sample, place in zip(chosen, places, strict=True):
+            row, col = divmod(int(place), GRID)
+            slide[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL] = cells[sample]
+            tiles.append((bag_id, col * CELL, row * CELL, int(digits[sample])))
+        path = write_pyramid_tiff(root / "slides" / f"{bag_id}.tif", slide, mpp=0.5, levels=2, tile=64)
+        manifest.append((bag_id, f"slides/{path.name}", int(positive), f"patient-{i // 2:03d}"))
+    table = pl.DataFrame(manifest, schema=["bag_id", "path", "label", "group"], orient="row")
+    table.write_csv(root / "slides.csv")
+    patients = table["group"].unique(maintain_order=True).to_list()
+    held = set(patients[int(len(patients) * 0.75) :])
+    is_held = pl.col("group").is_in(list(held))
+    table.filter(~is_held).select("bag_id", "label", "group").write_csv(root / "train_labels.csv")
+    table.filter(is_held).select("bag_id", "label", "group").write_csv(root / "heldout_labels.csv")
+    pl.DataFrame(tiles, schema=["bag_id", "x", "y", "digit"], orient="row").write_parquet(root / "tiles.parquet")
+    return {"bags": bags, "train": int((~table.select(is_held).to_series()).sum()), "heldout": len(held) * 2}
+
+
+def _run(args: list[str], echo: Callable[[str], None]) -> None:
+    """Run one real milcache command in this process, printed as a user would type it."""
+    from milcache.cli import cli
+
+    echo(f"\n$ {shlex.join(['milcache', *args])}")
+    try:
+        code = cli.main(args=args, prog_name="milcache", standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code
+    if code not in (None, 0):
+        raise MilcacheError(f"the demo step `milcache {args[0]}` failed (exit {code}); see its output above")
+
+
+def _train_args(config: dict) -> list[str]:
+    """train-head options that reproduce a configuration from best.json."""
+    args = ["--head", config["head"]]
+    for key in ("lr", "weight_decay", "epochs", "batch_size", "patience", "elastic_net", "seed"):
+        args += [f"--{key.replace('_', '-')}", str(config[key])]
+    args += ["--instances", str(config["instances"] or 0)]
+    args += ["--class-weights" if config["class_weights"] else "--no-class-weights"]
+    for key, value in config["head_options"].items():
+        args += ["--head-option", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def run_demo(
+    out: str | Path = "milcache-demo",
+    device: str = "auto",
+    bags: int = 120,
+    trials: int = 4,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    from sklearn.datasets import load_digits
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    start = time.perf_counter()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    cells = np.stack([render_digit(image) for image in digits.images])
+    order = np.random.default_rng(0).permutation(len(cells))
+    pretrain, cohort = order[: len(order) // 2], order[len(order) // 2 :]  # disjoint digit images
+    echo(f"Building the MNIST-bags cohort in {root}: {bags} slides of scattered digits, positive when one is a 9")
+    weights = pretrain_backbone(cells[pretrain], digits.target[pretrain], root / "backbone.safetensors")
+    echo(f"Pretrained the {BACKBONE} backbone on {len(pretrain)} digits that no slide uses → {weights}")
+    sizes = build_cohort(root, cells[cohort], digits.target[cohort], bags)
+    (root / "space.toml").write_text('head = ["attention", "gated-attention"]\nepochs = 30\ninstances = 0\n')
+    common = ["--device", device]
+    _run(
+        [
+            "extract",
+            str(root / "slides.csv"),
+            "--out",
+            str(root / "store"),
+            "--backbone",
+            BACKBONE,
+            "--weights",
+            str(weights),
+            "--tile-size",
+            str(CELL),
+            "--input-size",
+            str(CELL),
+            "--tissue-threshold",
+            "0.1",
+            "--workers",
+            "2",
+            "--overwrite",
+            *common,
+        ],
+        echo,
+    )
+    _run(
+        [
+            "tune",
+            "--store",
+            str(root / "store"),
+            "--labels",
+            str(root / "train_labels.csv"),
+            "--out",
+            str(root / "study"),
+            "--n-trials",
+            str(trials),
+            "--folds",
+            "3",
+            "--space",
+            str(root / "space.toml"),
+            "--pruner",
+            "none",
+            *common,
+            *(["--resume"] if (root / "study" / "study.db").exists() else []),
+        ],
+        echo,
+    )
+    best = json.loads((root / "study" / "best.json").read_text())
+    _run(
+        [
+            "train-head",
+            "--store",
+            str(root / "store"),
+            "--labels",
+            str(root / "train_labels.csv"),
+            "--out",
+            str(root / "model"),
+            "--folds",
+            "3",
+            *_train_args(best["config"]),
+            *common,
+        ],
+        echo,
+    )
+    _run(
+        [
+            "predict",
+            "--model",
+            str(root / "model"),
+            "--store",
+            str(root / "store"),
+            "--bags",
+            str(root / "heldout_labels.csv"),
+            "--out",
+            str(root / "heldout_predictions.csv"),
+            "--heatmaps",
+            str(root / "heatmaps"),
+            "--scores",
+            str(root / "heldout_scores.parquet"),
+            *common,
+        ],
+        echo,
+    )
+    labels = pl.read_csv(root / "heldout_labels.csv", schema_overrides={"bag_id": pl.Utf8})
+    predictions = pl.read_csv(root / "heldout_predictions.csv", schema_overrides={"bag_id": pl.Utf8}).join(
+        labels, on="bag_id"
+    )
+    y, p = predictions["label"].to_numpy(), predictions["prob_1"].to_numpy()
+    attention = _attention_on_nines(root, labels)
+    result = {
+        "heldout_bags": len(y),
+        "auc": float(roc_auc_score(y, p)),
+        "accuracy": float(accuracy_score(y, p > 0.5)),
+        "attention_on_nines": attention["nines"],
+        "attention_on_others": attention["others"],
+        "heatmaps": sorted(str(h) for h in (root / "heatmaps").glob("*.png")),
+        "seconds": time.perf_counter() - start,
+        "cohort": sizes,
+        "best_trial": best,
+    }
+    (root / "demo.json").write_text(json.dumps({k: v for k, v in result.items() if k != "best_trial"}, indent=2))
+    echo("\nHeld-out slides (patients never seen in training or tuning):")
+    echo(f"  {'bags':<28}{len(y)}")
+    echo(f"  {'AUC':<28}{result['auc']:.3f}")
+    echo(f"  {'accuracy':<28}{result['accuracy']:.3f}")
+    echo(
+        f"  {'mean attention on 9 tiles':<28}{attention['nines']:.3f}  (other tiles of positive slides: "
+        f"{attention['others']:.3f})"
+    )
+    positives = labels.filter(pl.col("label") == 1)["bag_id"].to_list()[:3]
+    echo(f"  heatmaps                    {root / 'heatmaps'} (e.g. {', '.join(f'{b}.png' for b in positives)})")
+    echo(f"done in {result['seconds']:.0f}s")
+    return result
+
+
+def _attention_on_nines(root: Path, labels: pl.DataFrame) -> dict:
+    """Mean instance score of tiles holding a 9 against the other tiles, in held-out positive bags."""
+    scores = pl.read_parquet(root / "heldout_scores.parquet")
+    tiles = pl.read_parquet(root / "tiles.parquet")
+    positive = labels.filter(pl.col("label") == 1)["bag_id"]
+    joined = scores.filter(pl.col("bag_id").is_in(positive)).join(tiles, on=["bag_id", "x", "y"], how="left")
+    nine = joined["digit"] == 9
+    return {"nines": float(joined.filter(nine)["score"].mean()), "others": float(joined.filter(~nine)["score"].mean())}
