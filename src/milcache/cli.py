@@ -71,22 +71,13 @@ def _load_config(ctx: click.Context, _param, path: Path | None) -> Path | None:
     """--config FILE (TOML or YAML): its keys become the command's defaults; the command line wins."""
     if path is None:
         return None
-    text = path.read_text()
+    from milcache.settings_files import read_settings
+
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-    except Exception as exc:  # both parsers raise their own error types
-        raise click.BadParameter(f"{path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{path}: expected a table of option = value")
+        normalised = read_settings(path)
+    except MilcacheError as exc:
+        raise click.BadParameter(str(exc)) from None
     known = {p.name for p in ctx.command.params}
-    normalised = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
@@ -274,6 +265,14 @@ device_option = click.option(
     help="A head-specific option, e.g. attention_dim=128 (repeatable).",
 )
 @click.option("--seed", type=int, help="Random seed [0].")
+@click.option(
+    "--memory",
+    "regime",
+    type=click.Choice(["auto", "gpu", "host", "stream"]),
+    default="auto",
+    show_default=True,
+    help="Where embeddings live: auto picks GPU memory, host memory or streaming from the store by cohort size.",
+)
 @device_option
 def train_head_command(
     store_dir,
@@ -288,6 +287,7 @@ def train_head_command(
     hidden,
     dropout,
     head_options,
+    regime,
     **train_options,
 ) -> None:
     """Cross-validate an aggregator head on cached embeddings, refit it on all labelled bags, and
@@ -301,7 +301,17 @@ def train_head_command(
     head_options = {**head_options, **{k: v for k, v in (("hidden", hidden), ("dropout", dropout)) if v is not None}}
     config = TrainConfig(head=head, head_options=head_options, **options)
     metrics = train_head(
-        store_dir, labels, out, config, folds, repeats, task_kind, device, label_column, progress=sys.stderr.isatty()
+        store_dir,
+        labels,
+        out,
+        config,
+        folds,
+        repeats,
+        task_kind,
+        device,
+        label_column,
+        progress=sys.stderr.isatty(),
+        regime=regime,
     )
     shown = [
         k

@@ -264,7 +264,7 @@ def _attention_on_nines(root: Path, labels: pl.DataFrame) -> dict:
     """Mean instance score of tiles holding a 9 against the other tiles, in held-out positive bags."""
     scores = pl.read_parquet(root / "heldout_scores.parquet")
     tiles = pl.read_parquet(root / "tiles.parquet")
-    positive = labels.filter(pl.col("label") == 1)["bag_id"]
+    positive = labels.filter(pl.col("label") == 1)["bag_id"].to_list()
     joined = scores.filter(pl.col("bag_id").is_in(positive)).join(tiles, on=["bag_id", "x", "y"], how="left")
     nine = joined["digit"] == 9
     return {"nines": float(joined.filter(nine)["score"].mean()), "others": float(joined.filter(~nine)["score"].mean())}

@@ -190,3 +190,41 @@ def test_cohort_refuses_missing_labels(cohort, tmp_path):
     (tmp_path / "l.csv").write_text("bag_id,label\nbag-00000,1\nbag-00001,\n")
     with pytest.raises(LabelError, match="missing labels"):
         load_cohort(root / "store", tmp_path / "l.csv", device="cpu")
+
+
+def test_streamed_cohort_trains_like_a_resident_one(cohort, tmp_path):
+    root, _ = cohort
+    config = TrainConfig(epochs=2, instances=None)  # same batches; only float rounding may differ
+    resident = load_cohort(root / "store", root / "train.csv", device="cpu", regime="host")
+    streamed = load_cohort(root / "store", root / "train.csv", device="cpu", regime="stream")
+    from milcache.aggregator.data import StreamedBags
+
+    assert isinstance(streamed.data, StreamedBags)
+    a = train_head(root / "store", root / "train.csv", tmp_path / "a", config, folds=2, device="cpu", cohort=resident)
+    b = train_head(root / "store", root / "train.csv", tmp_path / "b", config, folds=2, device="cpu", cohort=streamed)
+    assert a["auc"] == pytest.approx(b["auc"], abs=0.01)
+    oof_a, oof_b = (pl.read_parquet(tmp_path / d / "oof.parquet").sort("bag_id") for d in ("a", "b"))
+    np.testing.assert_allclose(oof_a["prob_1"].to_numpy(), oof_b["prob_1"].to_numpy(), atol=0.01)
+
+
+def test_streamed_subsampling_keeps_order_and_bounds(cohort):
+    import torch
+
+    from milcache.aggregator.data import gather_batch
+
+    root, _ = cohort
+    streamed = load_cohort(root / "store", root / "train.csv", device="cpu", regime="stream").data
+    batch = np.argsort(-streamed.lengths)[:3]
+    x, mask = gather_batch(streamed, batch, cap=5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 5, 16) and mask.all()
+    full = streamed.embeddings(int(batch[0]))
+    rows = [int(np.flatnonzero((full == r.numpy()).all(1))[0]) for r in x[0]]
+    assert rows == sorted(rows) and len(set(rows)) == 5
+
+
+def test_same_seed_same_results(cohort, tmp_path):
+    root, _ = cohort
+    config = TrainConfig(epochs=3, instances=8)
+    first = train_head(root / "store", root / "train.csv", tmp_path / "a", config, folds=2, device="cpu")
+    second = train_head(root / "store", root / "train.csv", tmp_path / "b", config, folds=2, device="cpu")
+    assert first["folds"] == second["folds"]

@@ -35,7 +35,7 @@ def test_round_trip_many_bags_of_different_sizes(tmp_path):
             loaded = store.get(bag_id, copy=True, check=True)  # read with pread, detached
             np.testing.assert_array_equal(loaded.embeddings, bag.embeddings)
             np.testing.assert_array_equal(loaded.attrs["kind"], attrs["kind"])
-        assert all(shard._base is not None for shard in store._shards)  # the pread path is taken
+        assert all(shard._env.base is not None for shard in store._shards)  # the pread path is taken
         assert store.sizes() == {k: v[0].shape[0] for k, v in bags.items()}
         assert verify(store) == {}
 
@@ -157,6 +157,18 @@ def test_corrupt_record_is_named_by_verify(tmp_path):
     with FeatureStore(tmp_path / "s") as store:
         problems = verify(store)
     assert list(problems) == ["bag-0002"] and "checksum" in problems["bag-0002"]
+
+
+def test_a_store_opens_twice_in_one_process_and_snapshots_stay_put(tmp_path):
+    bags = random_bags(3)
+    write_store(tmp_path / "s", bags)
+    first = FeatureStore(tmp_path / "s")
+    second = FeatureStore(tmp_path / "s")  # LMDB allows one environment per file: it is shared
+    old = first["bag-0001"]
+    first.refresh()
+    second.close()
+    np.testing.assert_array_equal(old.embeddings, bags["bag-0001"][0].astype(np.float16))
+    first.close()
 
 
 def test_not_a_store(tmp_path):

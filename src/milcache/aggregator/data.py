@@ -1,20 +1,28 @@
 """Bags resident in memory as one flat tensor plus offsets (CSR), and padded, masked batches of many
 bags built from it on the device: no Python loop over bags or instances while training.
 
-Regimes: the cohort lives on the GPU when it fits (float16), otherwise in pinned host memory, from
-which each batch's instances are gathered and sent to the GPU.
+Regimes, chosen by size: the cohort lives on the GPU when it fits (float16); otherwise in pinned host
+memory, from which each batch's instances are gathered and sent to the GPU; and when it does not fit
+in host memory either, each batch's bags are read from the store's memory map (one pread per bag)
+by a prefetching thread while the previous batch trains.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from milcache.errors import MilcacheError
 from milcache.store import FeatureStore
 
 _GPU_FRACTION = 0.6  # of free GPU memory the resident cohort may take (the rest is for the heads)
+_HOST_FRACTION = 0.5  # of available host memory a resident cohort may take
+REGIMES = ("auto", "gpu", "host", "stream")
 
 
 @dataclass
@@ -33,22 +41,57 @@ class BagTensor:
         return len(self.bag_ids)
 
 
-def load_bags(store: FeatureStore, bag_ids: list[str], device: torch.device, progress: bool = False) -> BagTensor:
-    """Read the given bags once into one flat tensor (on the GPU when it fits)."""
+@dataclass
+class StreamedBags:
+    """Bags left in the store and read batch by batch (cohorts larger than host memory)."""
+
+    store: FeatureStore
+    lengths: np.ndarray
+    bag_ids: list[str]
+    device: torch.device
+    dim: int
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+    def embeddings(self, index: int) -> np.ndarray:
+        return self.store.get(self.bag_ids[index], copy=True).embeddings
+
+
+Bags = BagTensor | StreamedBags
+
+
+def _available_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not Linux: assume it fits
+        return 1 << 62
+
+
+def load_bags(
+    store: FeatureStore, bag_ids: list[str], device: torch.device, progress: bool = False, regime: str = "auto"
+) -> Bags:
+    """The given bags, resident in one flat tensor (on the GPU when it fits, else in host memory), or
+    streamed from the store when they do not fit in host memory (``regime`` forces one)."""
     from tqdm import tqdm
 
+    if regime not in REGIMES:
+        raise MilcacheError(f"unknown memory regime {regime!r}; choose one of {', '.join(REGIMES)}")
     sizes = store.sizes()
     lengths = np.array([sizes[b] for b in bag_ids], dtype=np.int64)
     offsets = np.zeros(len(bag_ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dtype = torch.float16 if store.metadata.dtype == "float16" else torch.float32
+    nbytes = int(offsets[-1]) * store.metadata.dim * dtype.itemsize
+    if regime == "stream" or (regime == "auto" and nbytes > _HOST_FRACTION * _available_host_bytes()):
+        return StreamedBags(FeatureStore(store.path), lengths, list(bag_ids), device, store.metadata.dim)
     flat = torch.empty((int(offsets[-1]), store.metadata.dim), dtype=dtype, pin_memory=device.type == "cuda")
     target = flat.numpy()
     for i, bag_id in enumerate(tqdm(bag_ids, desc="load", unit="bag", disable=not progress)):
         target[offsets[i] : offsets[i + 1]] = store.get(bag_id).embeddings
-    if device.type == "cuda":
+    if device.type == "cuda" and regime != "host":
         free, _ = torch.cuda.mem_get_info(device)
-        if flat.numel() * flat.element_size() < _GPU_FRACTION * free:
+        if regime == "gpu" or nbytes < _GPU_FRACTION * free:
             flat = flat.to(device, non_blocking=True)
     return BagTensor(flat, torch.from_numpy(offsets).to(device), lengths, list(bag_ids), device)
 
@@ -84,12 +127,14 @@ def plan_batches(
 
 
 def gather_batch(
-    data: BagTensor, batch: np.ndarray, cap: int | None = None, generator: torch.Generator | None = None
+    data: Bags, batch: np.ndarray, cap: int | None = None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded embeddings (B × N × D) and mask (B × N) of the given bags, on the compute device.
 
     With ``cap``, bags longer than ``cap`` contribute ``cap`` random instances (in stored order).
     """
+    if isinstance(data, StreamedBags):
+        return _gather_streamed(data, batch, cap, generator)
     device = data.device
     bags = torch.from_numpy(batch).to(device)
     n = torch.from_numpy(data.lengths[batch]).to(device)
@@ -110,6 +155,45 @@ def gather_batch(
     return x, mask
 
 
+def _gather_streamed(
+    data: StreamedBags, batch: np.ndarray, cap: int | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The streamed regime's batch: each bag read once from the store (a per-bag loop is inherent
+    to reading from disk), subsampled, and packed into one pinned tensor sent in one copy."""
+    n = data.lengths[batch]
+    width = int(n.max()) if cap is None else int(min(n.max(), cap))
+    seed = (
+        int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+        if generator is not None
+        else 0
+    )
+    rng = np.random.default_rng(seed)
+    x = torch.zeros((len(batch), width, data.dim), dtype=torch.float16, pin_memory=data.device.type == "cuda")
+    for row, bag in enumerate(batch):
+        embeddings = data.embeddings(int(bag))
+        if len(embeddings) > width:
+            embeddings = embeddings[np.sort(rng.choice(len(embeddings), width, replace=False))]
+        x[row, : len(embeddings)] = torch.from_numpy(embeddings.astype(np.float16, copy=False))
+    mask = torch.arange(width) < torch.from_numpy(np.minimum(n, width)).unsqueeze(1)
+    return x.to(data.device, non_blocking=True), mask.to(data.device)
+
+
+def prefetched(data: Bags, batches: Iterable[np.ndarray], gather) -> Iterator[tuple[np.ndarray, tuple]]:
+    """(batch, gather(batch)) pairs; for streamed bags the next batch is read while this one trains."""
+    batches = list(batches)
+    if not isinstance(data, StreamedBags) or not batches:
+        for batch in batches:
+            yield batch, gather(batch)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="milcache-prefetch") as pool:
+        pending = pool.submit(gather, batches[0])
+        for i, batch in enumerate(batches):
+            ready = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(gather, batches[i + 1])
+            yield batch, ready
+
+
 def instance_rows(data: BagTensor, bag_indices: np.ndarray) -> torch.Tensor:
     """Boolean (total instances,) marking the instances of the given bags."""
     flags = np.zeros(len(data), dtype=bool)
@@ -117,11 +201,23 @@ def instance_rows(data: BagTensor, bag_indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.repeat(flags, data.lengths)).to(data.features.device)
 
 
-def feature_statistics(data: BagTensor, bag_indices: np.ndarray, chunk: int = 1 << 16) -> tuple[torch.Tensor, ...]:
+def feature_statistics(data: Bags, bag_indices: np.ndarray, chunk: int = 1 << 16) -> tuple[torch.Tensor, ...]:
     """Per-feature mean and std over the instances of the given bags (the training split only).
 
-    Sums run in float32 over chunks of 65,536 rows and accumulate in float64 across chunks.
+    Sums run in float32 over chunks of 65,536 rows and accumulate in float64 across chunks. Streamed
+    cohorts use up to 256 of the bags, which estimates these statistics well.
     """
+    if isinstance(data, StreamedBags):
+        chosen = np.random.default_rng(0).permutation(np.unique(bag_indices))[:256]
+        stacked = np.concatenate([data.embeddings(int(i)) for i in chosen]).astype(np.float32)
+        data = BagTensor(
+            torch.from_numpy(stacked),
+            torch.tensor([0, len(stacked)]),
+            np.array([len(stacked)]),
+            ["sample"],
+            data.device,
+        )
+        bag_indices = np.array([0])
     every_bag = len(np.unique(bag_indices)) == len(data)
     rows = None if every_bag else instance_rows(data, bag_indices)
     total = torch.zeros(data.dim, dtype=torch.float64, device=data.features.device)

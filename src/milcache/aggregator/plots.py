@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def plot_roc(y: np.ndarray, outputs: np.ndarray, classes: list, path: Path, titl
     """One-vs-rest ROC curves (the positive class only, for binary tasks) with their AUCs."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     shown = [1] if len(classes) == 2 else range(len(classes))
     for c in shown:
@@ -38,7 +39,7 @@ def plot_roc(y: np.ndarray, outputs: np.ndarray, classes: list, path: Path, titl
 
 
 def plot_regression(y: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     ax.scatter(y, pred, s=8, alpha=0.6)
     low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))

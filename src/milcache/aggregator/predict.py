@@ -10,6 +10,7 @@ import polars as pl
 
 from milcache.aggregator.data import load_bags
 from milcache.aggregator.model import load_model
+from milcache.aggregator.plots import pyplot
 from milcache.aggregator.trainer import TrainConfig, infer
 from milcache.devices import resolve_device
 from milcache.errors import MilcacheError, StoreMismatchError
@@ -138,15 +139,12 @@ def _tile_extent(bag: Bag, source: dict) -> float:
 def draw_heatmap(bag: Bag, scores: np.ndarray, source: dict, path: Path) -> None:
     """Per-instance scores as squares at the instance coordinates, over the bag's thumbnail if the
     store kept one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     if bag.coords.shape[1] < 2:
         return
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     side = _tile_extent(bag, source)
     xy = bag.coords[:, :2].astype(np.float64)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from milcache import __version__
-from milcache.aggregator.data import BagTensor, load_bags
+from milcache.aggregator.data import Bags, load_bags
 from milcache.aggregator.model import build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
@@ -26,7 +27,7 @@ from milcache.store import FeatureStore, read_labels
 class Cohort:
     """The labelled bags of a store, resident in memory, with encoded targets."""
 
-    data: BagTensor
+    data: Bags
     task: Task
     y: np.ndarray
     groups: np.ndarray
@@ -43,6 +44,7 @@ def load_cohort(
     device: str = "auto",
     label_column: str = "label",
     progress: bool = False,
+    regime: str = "auto",
 ) -> Cohort:
     """Match labels to store bags (refusing labels of unknown bags) and load those bags once."""
     labels = read_labels(labels_path, label_column)
@@ -54,7 +56,7 @@ def load_cohort(
             raise LabelError(f"{len(missing)} labelled bag(s) are not in the store {store_dir}: {shown}")
         task = Task.infer(labels["label"].to_list(), task_kind)
         ids = labels["bag_id"].to_list()
-        data = load_bags(store, ids, resolve_device(device), progress)
+        data = load_bags(store, ids, resolve_device(device), progress, regime)
         store_meta = {
             "backbone": store.metadata.backbone,
             "dim": store.metadata.dim,
@@ -65,6 +67,12 @@ def load_cohort(
     split = np.asarray(labels["split"].to_list(), dtype=object) if "split" in labels.columns else None
     raw = labels["label"].to_list()
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta)
+
+
+def _initial_model(config: TrainConfig, cohort: Cohort):
+    """A freshly initialised model; seeded, so a run with the same --seed gives the same results."""
+    torch.manual_seed(config.seed)
+    return build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
 
 
 def _fixed_split(cohort: Cohort) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -112,7 +120,7 @@ def cross_validate(
     for k, (train, test, val) in enumerate(plans):
         if val is None:
             train, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
-        model = build_model(config.head, config.head_options, cohort.data.dim, task)
+        model = _initial_model(config, cohort)
         result = fit(
             model,
             cohort.data,
@@ -152,7 +160,7 @@ def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) 
 def refit(cohort: Cohort, config: TrainConfig, epochs: int):
     """The final model: trained on every labelled bag for ``epochs`` (the folds' median best epoch)."""
     final = TrainConfig(**{**config.to_dict(), "epochs": max(1, epochs)})
-    model = build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
+    model = _initial_model(config, cohort)
     fit(model, cohort.data, cohort.task, cohort.y, np.arange(len(cohort.y)), None, final)
     return model
 
@@ -169,15 +177,16 @@ def train_head(
     label_column: str = "label",
     cohort: Cohort | None = None,
     progress: bool = False,
+    regime: str = "auto",
 ) -> dict:
     """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
     config = config or TrainConfig()
     start = time.perf_counter()
-    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress)
+    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime)
     metrics, oof, best_epochs = cross_validate(cohort, config, folds, repeats)
     if cohort.split is not None:  # keep the test bags out of the final model too
         train, _, val = _fixed_split(cohort)
-        model = build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
+        model = _initial_model(config, cohort)
         if val is None:
             train, val = validation_split(
                 cohort.y, cohort.groups, train, config.val_fraction, cohort.task.kind != "regression", config.seed

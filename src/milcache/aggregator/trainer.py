@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from milcache.aggregator.data import BagTensor, feature_statistics, gather_batch, plan_batches
+from milcache.aggregator.data import Bags, feature_statistics, gather_batch, plan_batches, prefetched
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
 
@@ -73,7 +73,7 @@ def _balanced(y: np.ndarray, indices: np.ndarray, rng: np.random.Generator) -> n
 
 @torch.no_grad()
 def infer(
-    model: MILModel, data: BagTensor, indices: np.ndarray, config: TrainConfig, scores: bool = False
+    model: MILModel, data: Bags, indices: np.ndarray, config: TrainConfig, scores: bool = False
 ) -> tuple[torch.Tensor, list[np.ndarray] | None]:
     """Logits of the given bags (in the order given) using all their instances, and optionally each
     bag's per-instance scores."""
@@ -83,8 +83,8 @@ def infer(
     position[indices] = np.arange(len(indices))
     logits = None
     per_bag: list[np.ndarray | None] = [None] * len(indices)
-    for batch in plan_batches(data.lengths, indices, 4 * config.batch_size, config.max_tokens):
-        x, mask = gather_batch(data, batch)
+    batches = plan_batches(data.lengths, indices, 4 * config.batch_size, config.max_tokens)
+    for batch, (x, mask) in prefetched(data, batches, lambda b: gather_batch(data, b)):
         with _autocast(data.device, config.precision):
             out = model(x, mask)
         if logits is None:
@@ -99,7 +99,7 @@ def infer(
 
 def fit(
     model: MILModel,
-    data: BagTensor,
+    data: Bags,
     task: Task,
     y: np.ndarray,
     train: np.ndarray,
@@ -137,10 +137,8 @@ def fit(
         model.train()
         epoch_bags = _balanced(y, train, rng) if config.balanced_sampling and task.kind != "regression" else train
         total, count = 0.0, 0
-        for batch in plan_batches(
-            data.lengths, epoch_bags, config.batch_size, config.max_tokens, config.instances, rng
-        ):
-            x, mask = gather_batch(data, batch, config.instances, generator)
+        batches = plan_batches(data.lengths, epoch_bags, config.batch_size, config.max_tokens, config.instances, rng)
+        for batch, (x, mask) in prefetched(data, batches, lambda b: gather_batch(data, b, config.instances, generator)):
             batch_t = torch.from_numpy(batch).to(device)
             with _autocast(device, config.precision):
                 out = model(x, mask)

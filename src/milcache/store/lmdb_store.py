@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,6 +23,7 @@ _FAILURES_DB = b"failures"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.mdb$")
 _INITIAL_MAP_SIZE = 1 << 30  # sparse on Linux/macOS: costs no disk until used
 _MAX_GROWTHS = 40
+_READER_MAP_SIZE = 1 << 40  # address space only (1 TiB of 128 TiB); nothing is read until used
 
 
 def shard_path(store_dir: Path, shard: int) -> Path:
@@ -198,8 +201,11 @@ def _map_base(path: Path) -> int | None:
     return None
 
 
-class _Shard:
-    """A read-only LMDB environment with one long-lived read transaction (a consistent snapshot)."""
+class _Env:
+    """One read-only LMDB environment per shard file and process (LMDB allows no second one); shared
+    by every open FeatureStore of that file and kept alive by their snapshots."""
+
+    _open: weakref.WeakValueDictionary[str, _Env] = weakref.WeakValueDictionary()
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -212,36 +218,60 @@ class _Shard:
                 lock=True,
                 max_dbs=2,
                 readahead=True,
+                # Map far more than the file: a writer growing the file then never forces a remap
+                # (which LMDB allows only with no snapshot open, and which would move the map).
+                map_size=_READER_MAP_SIZE,
             )
             self.bags = self.env.open_db(_BAGS_DB, create=False)
             self.failures = self.env.open_db(_FAILURES_DB, create=False)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open shard {path}: {exc}") from None
-        self.txn = self._begin()
-        self._fd = os.open(path, os.O_RDONLY)
-        self._base = _map_base(path.resolve())
+        self.fd = os.open(path, os.O_RDONLY)
+        self.base = _map_base(path.resolve())
+
+    @classmethod
+    def of(cls, path: Path) -> _Env:
+        key = str(path.resolve())
+        env = cls._open.get(key)
+        if env is None:
+            env = cls._open[key] = cls(path)
+        return env
+
+    def begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:  # a writer grew the map past even _READER_MAP_SIZE: adopt it
+            self.env.set_mapsize(0)
+            self.base = _map_base(self.path.resolve())
+            return self.env.begin(buffers=True)
+
+    def __del__(self) -> None:
+        try:
+            self.env.close()
+            os.close(self.fd)
+        except (AttributeError, OSError, lmdb.Error):
+            pass
+
+
+class _Shard:
+    """One consistent snapshot (a long-lived read transaction) of one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._env = _Env.of(path)
+        self.bags, self.failures = self._env.bags, self._env.failures
+        self.txn = self._env.begin()
 
     def read_copy(self, view: memoryview) -> bytearray:
         """A copy of a record. Read with one pread where the map's address is known: a cold record
         then streams at disk speed instead of faulting in one page at a time."""
         out = bytearray(len(view))
-        if self._base is not None:
-            offset = np.frombuffer(view, np.uint8).ctypes.data - self._base if len(view) else 0
-            if offset >= 0 and os.preadv(self._fd, [out], offset) == len(view):
+        if self._env.base is not None:
+            offset = np.frombuffer(view, np.uint8).ctypes.data - self._env.base if len(view) else 0
+            if offset >= 0 and os.preadv(self._env.fd, [out], offset) == len(view):
                 return out
         out[:] = view
         return out
-
-    def _begin(self) -> lmdb.Transaction:
-        try:
-            return self.env.begin(buffers=True)
-        except lmdb.MapResizedError:  # a writer grew the map: adopt the new size
-            self.env.set_mapsize(0)
-            return self.env.begin(buffers=True)
-
-    def renew(self) -> None:
-        self.txn.abort()
-        self.txn = self._begin()
 
     def keys(self, db) -> list[str]:
         with self.txn.cursor(db=db) as cursor:
@@ -251,13 +281,10 @@ class _Shard:
         return self.txn.get(bag_id.encode("utf-8"), db=db)
 
     def __del__(self) -> None:
-        # Runs once neither the store nor any array viewing this shard's map is left (see _pinned).
-        try:
+        # Runs once neither the store nor any array viewing this snapshot is left (see _pinned), so
+        # the pages those arrays view are never reused by a writer while they live.
+        with contextlib.suppress(AttributeError, lmdb.Error):
             self.txn.abort()
-            self.env.close()
-            os.close(self._fd)
-        except (AttributeError, OSError, lmdb.Error):
-            pass
 
 
 class _Pin:
@@ -311,10 +338,7 @@ class FeatureStore:
 
     def refresh(self) -> None:
         """Take a new snapshot, so that bags written since opening become visible."""
-        known = {s.path for s in self._shards}
-        for shard in self._shards:
-            shard.renew()
-        self._shards += [_Shard(p) for p in shard_paths(self.path) if p not in known]
+        self._shards = [_Shard(p) for p in shard_paths(self.path)]  # old snapshots live on in their arrays
         self._index()
 
     def __enter__(self) -> FeatureStore:

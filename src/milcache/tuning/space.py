@@ -13,6 +13,7 @@ from pathlib import Path
 from milcache.aggregator.heads import head_class, list_heads
 from milcache.aggregator.trainer import TrainConfig
 from milcache.errors import MilcacheError
+from milcache.settings_files import read_settings
 
 _TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"head", "head_options"}
 
@@ -38,20 +39,7 @@ def load_space(path: str | Path | None, fixed: dict | None = None) -> dict:
     """The default space, updated by a TOML/YAML file and by fixed values (which win)."""
     space = default_space()
     if path is not None:
-        path = Path(path)
-        text = path.read_text()
-        try:
-            if path.suffix.lower() == ".toml":
-                import tomllib
-
-                update = tomllib.loads(text)
-            else:
-                import yaml
-
-                update = yaml.safe_load(text) or {}
-        except Exception as exc:  # both parsers raise their own error types
-            raise MilcacheError(f"{path}: cannot parse the search space ({exc})") from None
-        space.update({k.replace("-", "_"): v for k, v in update.items()})
+        space.update(read_settings(path))
     space.update(fixed or {})
     for name, spec in space.items():
         _check(name, spec)

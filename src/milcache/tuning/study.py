@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, train_head
 from milcache.aggregator.trainer import TrainConfig
 from milcache.errors import MilcacheError
@@ -239,17 +240,8 @@ def trials_table(study) -> pl.DataFrame:
     )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(table: pl.DataFrame, metric: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     done = table.filter(pl.col("state") == "COMPLETE").sort("number")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     values = done["value"].to_numpy()
@@ -266,7 +258,7 @@ def plot_history(table: pl.DataFrame, metric: str, path: Path) -> None:
 def plot_importances(study, path: Path) -> None:
     import optuna
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     try:
         with warnings.catch_warnings():  # optuna warns about sparse regimes; the plot says enough
