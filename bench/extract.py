@@ -42,7 +42,7 @@ def make_cohort(root: Path, slides: int, size: int) -> Path:
 
 
 def bare_throughput(name: str, device: torch.device, batch: int, precision: str, batches: int) -> float:
-    embedder = Embedder(create_backbone(name), device, precision, compile=False)
+    embedder = Embedder(create_backbone(name), create_source("tiles"), device, precision, compile=False)
     pixels = torch.randint(0, 256, (batch, *embedder.backbone.input_size, 3), dtype=torch.uint8)
     if device.type == "cuda":
         pixels = pixels.pin_memory()

@@ -61,7 +61,7 @@ def _head_names() -> list[str]:
 
 
 def _source_names() -> list[str]:
-    from milcache.extractor import tiles  # noqa: F401  (registers the built-in sources)
+    from milcache.extractor import cam, tiles, volume  # noqa: F401  (registers the built-in sources)
     from milcache.extractor.sources import list_sources
 
     return list_sources()
@@ -403,6 +403,29 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, *
     click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
 
 
+_SOURCE_OPTIONS = (
+    "tile_size",
+    "stride",
+    "mpp",
+    "level",
+    "scale",
+    "tissue_threshold",
+    "offset_grid",
+    "max_tiles",
+    "global_size",
+    "region_size",
+    "regions",
+    "cam_model",
+    "cam_weights",
+    "cam_class",
+    "patch_size",
+    "patch_stride",
+    "min_foreground",
+    "spacing",
+    "slices",
+)
+
+
 @cli.command("extract")
 @click.argument("manifest", type=existing_path)
 @click.option(
@@ -413,21 +436,42 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, *
     expose_value=False,
     help="TOML/YAML file of option values (the command line wins), to repeat a run exactly.",
 )
-@click.option("--source", "source_kind", default="tiles", show_default=True, type=_RegistryChoice(_source_names))
+@click.option(
+    "--source",
+    "source_kind",
+    default="tiles",
+    show_default=True,
+    type=_RegistryChoice(_source_names),
+    help="tiles: slides and large images; cam: CAM-selected regions + global view; volume: 3D patches.",
+)
 @click.option("--out", required=True, type=output_path, help="Store to create or resume.")
-@click.option("--backbone", required=True, help="A timm model name (e.g. resnet50, vit_base_patch16_224).")
+@click.option(
+    "--backbone",
+    required=True,
+    help="A timm model name (resnet50, vit_base_patch16_224 …) or tv:r3d_18, "
+    "tv:mc3_18, tv:r2plus1d_18 (3D, for volumes).",
+)
 @click.option("--weights", type=existing_path, help="Local weights: .safetensors, .pth or a timm-style folder.")
 @click.option("--pretrained", is_flag=True, help="timm's pretrained weights, from the local cache only.")
-@click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in output pixels.")
-@click.option("--stride", type=int, help="Step between tiles in output pixels [tile size: no overlap].")
-@click.option("--mpp", type=float, help="Target microns per pixel (read from the slide's metadata).")
-@click.option("--level", type=int, help="Pyramid level to tile at.")
-@click.option("--scale", type=float, help="Level-0 pixels per output pixel (for images without mpp).")
-@click.option(
-    "--tissue-threshold", type=float, default=0.25, show_default=True, help="Least tissue fraction of a kept tile."
-)
-@click.option("--offset-grid", is_flag=True, help="Add a second grid shifted by half a tile.")
-@click.option("--max-tiles", type=int, help="Keep the K tiles with the most tissue.")
+@click.option("--tile-size", type=int, help="tiles: tile side in output pixels [224].")
+@click.option("--stride", type=int, help="tiles: step between tiles in output pixels [tile size: no overlap].")
+@click.option("--mpp", type=float, help="tiles: target microns per pixel (read from the slide's metadata).")
+@click.option("--level", type=int, help="tiles: pyramid level to tile at.")
+@click.option("--scale", type=float, help="tiles: level-0 pixels per output pixel (for images without mpp).")
+@click.option("--tissue-threshold", type=float, help="tiles: least tissue fraction of a kept tile [0.25].")
+@click.option("--offset-grid", is_flag=True, default=None, help="tiles: add a grid shifted by half a tile.")
+@click.option("--max-tiles", type=int, help="tiles: keep the K tiles with the most tissue.")
+@click.option("--global-size", type=int, help="cam: side of the global view in pixels [512].")
+@click.option("--region-size", type=int, help="cam: side of a region square in full-resolution pixels [512].")
+@click.option("--regions", type=int, help="cam: regions kept per image, by CAM score [8].")
+@click.option("--cam-model", help="cam: timm CNN classifier whose last feature map gives the CAM.")
+@click.option("--cam-weights", type=existing_path, help="cam: its weights (with the classifier).")
+@click.option("--cam-class", type=int, help="cam: the class whose activation map is used [1].")
+@click.option("--patch-size", type=int, nargs=3, default=None, help="volume: patch depth, height, width [32 64 64].")
+@click.option("--patch-stride", type=int, nargs=3, default=None, help="volume: step between patches [patch size].")
+@click.option("--min-foreground", type=float, help="volume: least foreground fraction of a kept patch [0.1].")
+@click.option("--spacing", type=float, nargs=3, default=None, help="volume: resample to this voxel size (z y x).")
+@click.option("--slices", type=int, help="volume, 2D backbone: slices per patch, evenly spaced [all].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True, help="Reading/decoding processes.")
 @click.option(
@@ -459,14 +503,6 @@ def extract_command(
     backbone,
     weights,
     pretrained,
-    tile_size,
-    stride,
-    mpp,
-    level,
-    scale,
-    tissue_threshold,
-    offset_grid,
-    max_tiles,
     batch_size,
     workers,
     precision,
@@ -479,8 +515,9 @@ def extract_command(
     shard,
     overwrite,
     device,
+    **source_options,
 ) -> None:
-    """Embed every instance of every bag of MANIFEST with a timm backbone into an LMDB store.
+    """Embed every instance of every bag of MANIFEST with a backbone into an LMDB store.
 
     Resumable: a rerun skips finished bags and retries failed ones. Exits 1 when bags failed."""
     from milcache.extractor.loop import ExtractConfig, extract
@@ -493,17 +530,17 @@ def extract_command(
         except ValueError:
             raise click.BadParameter(f"expected i/n, got {shard!r}", param_hint="--shard") from None
         shard_pair = (index, count)
-    source = create_source(
-        source_kind,
-        tile_size=tile_size,
-        stride=stride,
-        mpp=mpp,
-        level=level,
-        scale=scale,
-        tissue_threshold=tissue_threshold,
-        offset_grid=offset_grid,
-        max_tiles=max_tiles,
-    )
+    if source_kind == "cam":
+        source_options["backbone"] = backbone  # the saliency fallback uses the embedding backbone
+    if source_options.get("cam_weights") is not None:
+        source_options["cam_weights"] = str(source_options["cam_weights"])
+    source = create_source(source_kind, **source_options)
+    preprocessing = {
+        "input_size": (input_size, input_size) if input_size else None,
+        "mean": [float(m) for m in mean] if mean else None,
+        "std": [float(s) for s in std] if std else None,
+        "interpolation": interpolation,
+    }
     config = ExtractConfig(
         backbone=backbone,
         weights=str(weights) if weights else None,
@@ -516,16 +553,7 @@ def extract_command(
         dtype=dtype,
         shard=shard_pair,
         overwrite=overwrite,
-        preprocessing={
-            k: v
-            for k, v in (
-                ("input_size", (input_size, input_size) if input_size else None),
-                ("mean", [float(m) for m in mean] if mean else None),
-                ("std", [float(s) for s in std] if std else None),
-                ("interpolation", interpolation),
-            )
-            if v is not None
-        },
+        preprocessing={k: v for k, v in preprocessing.items() if v is not None},
     )
     summary = extract(manifest, out, source, config, progress=sys.stderr.isatty())
     click.echo(

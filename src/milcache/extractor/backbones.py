@@ -145,3 +145,42 @@ def timm_backbone(name: str, weights=None, pretrained=False, in_chans: int = 3, 
         interpolation=overrides.get("interpolation") or config.get("interpolation", "bicubic"),
         weights_digest=digest,
     )
+
+
+_VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18")
+
+
+@register_family("tv")
+def torchvision_video_backbone(name: str, weights=None, pretrained=False, in_chans: int = 3, **overrides) -> Backbone:
+    """torchvision's video ResNets as 3D patch encoders, the first convolution adapted to the number
+    of modalities (pretrained RGB kernels averaged over their input channels and repeated)."""
+    from torchvision.models import video
+
+    if name not in _VIDEO_MODELS:
+        raise ExtractionError(f"unknown torchvision 3D model {name!r}; choose one of {', '.join(_VIDEO_MODELS)}")
+    if pretrained:
+        raise ExtractionError("tv: backbones take local weights only: pass the checkpoint with --weights")
+    torch.manual_seed(0)
+    model = getattr(video, name)(weights=None)
+    digest = "random-init"
+    if weights is not None:
+        _apply_weights(model, Path(weights))
+        digest = file_digest(Path(weights))
+    stem = model.stem[0]
+    if in_chans != stem.in_channels:
+        adapted = nn.Conv3d(in_chans, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+        with torch.no_grad():
+            adapted.weight.copy_(stem.weight.mean(1, keepdim=True).repeat(1, in_chans, 1, 1, 1) * 3 / in_chans)
+        model.stem[0] = adapted
+    model.fc = nn.Identity()
+    size = overrides.get("input_size") or (112, 112)
+    return Backbone(
+        model=model.eval(),
+        name=f"tv:{name}",
+        dim=512,
+        input_size=(int(size[0]), int(size[1])),
+        mean=(0.0,) * in_chans,
+        std=(1.0,) * in_chans,
+        weights_digest=digest,
+        extra={"kind": "video"},
+    )

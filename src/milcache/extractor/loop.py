@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from milcache.devices import resolve_device
@@ -66,10 +65,12 @@ def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 
 
 class Embedder:
-    """uint8 pixels (B × H × W × C, pinned) → embeddings (B × dim) on the device."""
+    """A batch from a source (pinned, on the host) → embeddings (B × dim) on the device. The source
+    says how its batch becomes model input (``Source.embed``); this class owns the model, its
+    precision and memory format."""
 
-    def __init__(self, backbone: Backbone, device: torch.device, precision: str, compile: bool) -> None:
-        self.backbone, self.device = backbone, device
+    def __init__(self, backbone: Backbone, source: Source, device: torch.device, precision: str, compile: bool):
+        self.backbone, self.source, self.device = backbone, source, device
         self.model = backbone.model.to(device).eval()
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -80,25 +81,19 @@ class Embedder:
         if precision == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else None
         self.autocast_dtype = dtype
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(backbone.mean, device=device).view(shape)
-        self.std = torch.tensor(backbone.std, device=device).view(shape)
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        if tuple(x.shape[-2:]) != tuple(self.backbone.input_size):
-            mode = "bicubic" if self.backbone.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=self.backbone.input_size, mode=mode, antialias=True, align_corners=False)
-        x = x.sub_(self.mean).div_(self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-
-    @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.normalise(pixels)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone on model-ready input (float, normalised), in the configured precision."""
+        if self.device.type == "cuda" and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
         ):
             return self.model(x).float()
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.source.embed(batch.to(self.device, non_blocking=True), self.forward, self.backbone)
 
 
 class _BagStream(IterableDataset):
@@ -183,7 +178,9 @@ def extract(
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
-    backbone = create_backbone(config.backbone, config.weights, config.pretrained, **config.preprocessing)
+    backbone = create_backbone(
+        config.backbone, config.weights, config.pretrained, **config.preprocessing, **source.backbone_options(bags)
+    )
     metadata = StoreMetadata(
         backbone=config.backbone,
         dim=backbone.dim,
@@ -206,7 +203,7 @@ def extract(
     mine = [(i, b) for i, b in enumerate(bags) if i % shards == shard]
     todo = [(i, b) for i, b in mine if b.bag_id not in done]
     summary.skipped = len(mine) - len(todo)
-    embedder = Embedder(backbone, device, config.precision, config.compile)
+    embedder = Embedder(backbone, source, device, config.precision, config.compile)
     writer = _Writer(StoreWriter(out, metadata, shard=shard))
     writer.start()
     loader = DataLoader(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from milcache.errors import ExtractionError
 from milcache.store.tables import BagSpec
@@ -53,6 +54,28 @@ class Source:
     def close(self) -> None:
         """Release file handles (end of a worker)."""
 
+    def backbone_options(self, bags: list[BagSpec]) -> dict:
+        """Options the backbone needs for this source's input (e.g. ``in_chans`` for volumes)."""
+        return {}
+
+    def embed(self, batch: torch.Tensor, forward: Callable, backbone) -> torch.Tensor:
+        """Turn a batch from ``read`` (already on the device) into embeddings with ``forward``.
+        Images: uint8 B × H × W × C → resized to the backbone's input, normalised."""
+        return forward(normalise_images(batch, backbone))
+
+
+def normalise_images(pixels: torch.Tensor, backbone) -> torch.Tensor:
+    """uint8 B × H × W × C on the device → float B × C × H × W at the backbone's input size and norm."""
+    import torch.nn.functional as F
+
+    x = pixels.permute(0, 3, 1, 2).float().div_(255)
+    if tuple(x.shape[-2:]) != tuple(backbone.input_size):
+        mode = "bicubic" if backbone.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=backbone.input_size, mode=mode, antialias=True, align_corners=False)
+    mean = torch.tensor(backbone.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(backbone.std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
 
 def register_source(kind: str) -> Callable:
     def add(cls):
@@ -69,8 +92,17 @@ def list_sources() -> list[str]:
 
 def create_source(kind: str, **settings) -> Source:
     """Build a source; settings left as None keep the source's defaults."""
-    from milcache.extractor import tiles  # noqa: F401  (registers the built-in sources)
+    import inspect
+
+    from milcache.extractor import cam, tiles, volume  # noqa: F401  (registers the built-in sources)
 
     if kind not in _SOURCES:
         raise ExtractionError(f"unknown source {kind!r}; choose one of: {', '.join(list_sources())}")
-    return _SOURCES[kind](**{k: v for k, v in settings.items() if v is not None})
+    cls = _SOURCES[kind]
+    given = {k: v for k, v in settings.items() if v is not None}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    foreign = sorted(set(given) - accepted)
+    if foreign:
+        names = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ExtractionError(f"{names} do(es) not apply to --source {kind}")
+    return cls(**given)

@@ -1,0 +1,222 @@
+"""CAM-selected regions of 2D images, with the global view (the RSNA mammography recipe).
+
+Each image is embedded whole at ``global_size`` (a global instance). A class activation map of the
+global view — from a timm CNN classifier (``cam_model`` + ``cam_weights``, the classifier's weights
+for ``cam_class`` applied to its last feature map), or without one the channel-mean activation of the
+embedding backbone's last feature map — scores a grid of ``region_size`` squares of the
+full-resolution image; the top ``regions`` squares with foreground become region instances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from milcache.errors import ExtractionError
+from milcache.extractor.sources import BagPlan, Source, register_source
+from milcache.store.tables import BagSpec
+
+_CAM_SIDE = 64  # side of the CAM kept in the store (for drawing)
+_FOREGROUND_LEVEL = 0.1  # of the image's range: darker is background (air around the breast)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Any-depth grey or RGB pixels scaled to 0-255 over their own range (16-bit is scaled, not clipped)."""
+    array = np.asarray(array, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    return ((array - low) * (255.0 / max(high - low, 1e-12))).round().astype(np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as RGB uint8: DICOM with its VOI LUT / window and MONOCHROME1 inverted, PNG, JPEG, TIFF."""
+    if not path.exists():
+        raise ExtractionError(f"{path}: file missing")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".dcm", ".dicom") or (suffix == "" and _is_dicom(path)):
+            import pydicom
+            from pydicom.pixels import apply_voi_lut
+
+            ds = pydicom.dcmread(path)
+            pixels = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+            if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":  # low values are bright
+                pixels = pixels.max() - pixels
+            image = _to_uint8(pixels)
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            image = tifffile.imread(path)
+            image = image if image.dtype == np.uint8 else _to_uint8(image)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as handle:
+                raw = np.asarray(handle)
+            image = raw if raw.dtype == np.uint8 else _to_uint8(raw)
+    except ExtractionError:
+        raise
+    except Exception as exc:  # decoders raise many kinds for a broken file
+        raise ExtractionError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+class _CamNet:
+    """The network whose last feature map gives the CAM (in each worker process, on the CPU)."""
+
+    def __init__(self, backbone: str, cam_model: str | None, cam_weights: str | None, cam_class: int) -> None:
+        import timm
+
+        from milcache.extractor.backbones import create_backbone, load_state_dict
+
+        torch.set_grad_enabled(False)
+        if cam_model is None:  # training-free saliency from the embedding backbone
+            made = create_backbone(backbone)
+            self.model, self.weights = made.model, None
+            self.mean, self.std = made.mean, made.std
+            return
+        state = load_state_dict(Path(cam_weights)) if cam_weights else None
+        probe = timm.create_model(cam_model, pretrained=False)
+        head = probe.default_cfg.get("classifier", "fc")
+        classes = state[f"{head}.weight"].shape[0] if state and f"{head}.weight" in state else probe.num_classes
+        self.model = timm.create_model(cam_model, pretrained=False, num_classes=classes).eval()
+        if state is not None:
+            self.model.load_state_dict(state, strict=False)
+        if not 0 <= cam_class < classes:
+            raise ExtractionError(f"--cam-class {cam_class} does not exist: {cam_model} has {classes} classes")
+        self.weights = self.model.get_classifier().weight[cam_class].detach()
+        config = timm.data.resolve_data_config({}, model=self.model)
+        self.mean, self.std = config["mean"], config["std"]
+
+    def __call__(self, view: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.array(view)).permute(2, 0, 1)[None].float() / 255
+        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        features = self.model.forward_features(x)
+        if features.ndim != 4:
+            raise ExtractionError("a CAM needs a convolutional model (a B × C × H × W feature map)")
+        features = features[0].float()
+        cam = features.mean(0) if self.weights is None else torch.einsum("c,chw->hw", self.weights, features)
+        return torch.relu(cam).numpy()
+
+
+@register_source("cam")
+class CamSource(Source):
+    coord_names = ["x0", "y0", "x1", "y1"]
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        global_size: int = 512,
+        region_size: int = 512,
+        regions: int = 8,
+        cam_model: str | None = None,
+        cam_weights: str | None = None,
+        cam_class: int = 1,
+    ) -> None:
+        if cam_model is None and cam_weights is not None:
+            raise ExtractionError("--cam-weights needs --cam-model (the architecture they belong to)")
+        self.backbone, self.global_size, self.region_size, self.regions = backbone, global_size, region_size, regions
+        self.cam_model, self.cam_weights, self.cam_class = cam_model, cam_weights, cam_class
+        self._net: _CamNet | None = None
+        self._images: dict[str, np.ndarray] = {}
+
+    def settings(self) -> dict:
+        return {
+            "kind": self.kind,
+            "global_size": self.global_size,
+            "region_size": self.region_size,
+            "regions": self.regions,
+            "cam_model": self.cam_model,
+            "cam_class": self.cam_class,
+            "cam": "classifier" if self.cam_model else "saliency: channel-mean activation of the backbone",
+        }
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_net": None, "_images": {}}
+
+    def image(self, path) -> np.ndarray:
+        key = str(path)
+        if key not in self._images:
+            self._images = {key: read_image(Path(path))}  # one bag's images at a time
+        return self._images[key]
+
+    def plan(self, bag: BagSpec) -> BagPlan:
+        if self._net is None:
+            self._net = _CamNet(self.backbone, self.cam_model, self.cam_weights, self.cam_class)
+        coords, kinds, images, scores, extras = [], [], [], [], {}
+        for index, path in enumerate(bag.paths):
+            image = self.image(path)
+            height, width = image.shape[:2]
+            cam = self._net(_resize(image, self.global_size, self.global_size))
+            extras[f"cam_{index}"] = _resize_map(cam, _CAM_SIDE).astype(np.float16)
+            boxes, box_scores = self._regions(image, cam)
+            coords += [(0, 0, width, height), *boxes]
+            kinds += [0] + [1] * len(boxes)
+            images += [index] * (len(boxes) + 1)
+            scores += [float(cam.sum()), *box_scores]
+        attrs = {
+            "kind": np.array(kinds, np.uint8),
+            "image": np.array(images, np.uint8),
+            "cam_score": np.array(scores, np.float32),
+        }
+        meta = {"images": [str(p) for p in bag.paths], "kinds": {"0": "global", "1": "region"}}
+        return BagPlan(np.array(coords, np.int32), attrs, extras, meta)
+
+    def _regions(self, image: np.ndarray, cam: np.ndarray) -> tuple[list, list]:
+        """The top squares of the grid by CAM mass, among those holding foreground."""
+        height, width = image.shape[:2]
+        side = self.region_size
+        scale = max(1, side // 16)  # score on a grid 16 cells per square side: exact enough, small
+        h, w = -(-height // scale), -(-width // scale)
+        cam_map = _resize_map(cam, (w, h))
+        grey = _resize(image, w, h).mean(2)
+        foreground = grey > grey.min() + _FOREGROUND_LEVEL * (grey.max() - grey.min())
+        boxes, scores = [], []
+        cells = side // scale
+        for y in range(0, height, side):
+            for x in range(0, width, side):
+                ys, xs = slice(y // scale, y // scale + cells), slice(x // scale, x // scale + cells)
+                if foreground[ys, xs].any():
+                    boxes.append((x, y, x + side, y + side))
+                    scores.append(float(cam_map[ys, xs].sum()))
+        order = np.argsort(-np.asarray(scores), kind="stable")[: self.regions]
+        return [boxes[i] for i in order], [scores[i] for i in order]
+
+    def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
+        side = self.region_size
+        out = np.empty((len(indices), side, side, 3), np.uint8)
+        for row, i in enumerate(indices):
+            image = self.image(bag.paths[int(plan.attrs["image"][i])])
+            if plan.attrs["kind"][i] == 0:
+                out[row] = _resize(_resize(image, self.global_size, self.global_size), side, side)
+                continue
+            x0, y0, x1, y1 = (int(v) for v in plan.coords[i])
+            crop = np.zeros((side, side, 3), np.uint8)  # beyond the image: black, as mammogram background
+            part = image[y0:y1, x0:x1]
+            crop[: part.shape[0], : part.shape[1]] = part
+            out[row] = crop
+        return out
+
+
+def _resize_map(cam: np.ndarray, size) -> np.ndarray:
+    import torch.nn.functional as F
+
+    width, height = (size, size) if isinstance(size, int) else size
+    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -1,0 +1,167 @@
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from milcache.errors import ExtractionError
+from milcache.extractor.backbones import create_backbone
+from milcache.extractor.cam import CamSource, read_image
+from milcache.extractor.loop import ExtractConfig, extract
+from milcache.extractor.sources import create_source
+from milcache.extractor.volume import VolumeSource
+from milcache.store import FeatureStore
+from milcache.store.tables import BagSpec
+
+
+def _nifti(path: Path, volume_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
+    import nibabel as nib
+
+    affine = np.diag([*spacing[::-1], 1.0])  # nibabel's axes are x, y, z
+    nib.save(nib.Nifti1Image(np.transpose(volume_zyx, (2, 1, 0)).astype(np.float32), affine), str(path))
+    return path
+
+
+def _cube(shape=(40, 64, 64), box=((8, 24), (0, 32), (0, 32)), value=100.0) -> np.ndarray:
+    volume = np.zeros(shape, np.float32)
+    (z0, z1), (y0, y1), (x0, x1) = box
+    volume[z0:z1, y0:y1, x0:x1] = value + np.random.default_rng(0).random((z1 - z0, y1 - y0, x1 - x0))
+    return volume
+
+
+def test_volume_patch_grid_and_foreground_filter(tmp_path):
+    path = _nifti(tmp_path / "v.nii.gz", _cube())
+    source = VolumeSource(patch_size=(16, 32, 32), min_foreground=0.0)
+    plan = source.plan(BagSpec("v", [path]))
+    assert len(plan) == 2 * 1 * 1  # only the patches touching the cube (z 0-15 and 16-31, y 0, x 0)
+    assert plan.coords.tolist() == [[0, 0, 0], [16, 0, 0]]
+    assert plan.attrs["foreground"].tolist() == pytest.approx([0.5, 0.5])
+    everything = VolumeSource(patch_size=(16, 32, 32), min_foreground=0.6).plan
+    with pytest.raises(ExtractionError, match="no patch reaches 60% foreground"):
+        everything(BagSpec("v", [path]))
+    pixels = source.read(BagSpec("v", [path]), plan, np.arange(2))
+    assert pixels.shape == (2, 1, 16, 32, 32)
+    patch = pixels[0, 0].astype(np.float32)
+    assert (patch[:8] == 0).all() and patch[8:].std() > 0  # background 0, foreground z-scored
+
+
+def test_real_brain_volume_from_nilearn(tmp_path):
+    from nilearn import datasets
+
+    image = datasets.load_mni152_template(resolution=2)  # bundled with nilearn: a real T1 brain
+    image.to_filename(str(tmp_path / "mni.nii.gz"))
+    plan = VolumeSource(patch_size=(16, 32, 32), min_foreground=0.3).plan(BagSpec("mni", [tmp_path / "mni.nii.gz"]))
+    assert 5 < len(plan) < 60 and plan.attrs["foreground"].min() >= 0.3
+    assert set(plan.coords[:, 0] % 16) == {0} and set(plan.coords[:, 1] % 32) == {0}
+    resampled = VolumeSource(patch_size=(16, 32, 32), min_foreground=0.3, spacing=(4.0, 4.0, 4.0))
+    coarse = resampled.plan(BagSpec("mni", [tmp_path / "mni.nii.gz"]))
+    assert len(coarse) < len(plan) and set(coarse.coords[:, 0] % 32) == {0}  # coords in original voxels
+
+
+def test_modalities_stack_as_channels_and_shapes_must_agree(tmp_path):
+    for name in ("t1", "flair"):
+        _nifti(tmp_path / f"{name}.nii.gz", _cube())
+    _nifti(tmp_path / "small.nii.gz", _cube(shape=(40, 64, 60)))
+    bag = BagSpec(
+        "case", [tmp_path / "t1.nii.gz", tmp_path / "flair.nii.gz"], rows=[{"channel": "t1"}, {"channel": "flair"}]
+    )
+    source = VolumeSource(patch_size=(16, 32, 32))
+    plan = source.plan(bag)
+    assert plan.meta["channels"] == ["t1", "flair"]
+    assert source.read(bag, plan, np.arange(1)).shape == (1, 2, 16, 32, 32)
+    assert source.backbone_options([bag]) == {"in_chans": 2}
+    with pytest.raises(
+        ExtractionError, match=r"differ in shape: t1.nii.gz \(40, 64, 64\), small.nii.gz \(40, 64, 60\)"
+    ):
+        source.plan(BagSpec("bad", [tmp_path / "t1.nii.gz", tmp_path / "small.nii.gz"]))
+
+
+def test_patch_embedding_is_the_slicewise_backbone_average(tmp_path):
+    for name in ("t1", "t2"):
+        _nifti(tmp_path / f"{name}.nii.gz", _cube())
+    pl.DataFrame({"bag_id": ["case", "case"], "path": ["t1.nii.gz", "t2.nii.gz"], "channel": ["t1", "t2"]}).write_csv(
+        tmp_path / "m.csv"
+    )
+    source = create_source("volume", patch_size=(4, 32, 32), min_foreground=0.2)
+    config = ExtractConfig("test_resnet", workers=0, dtype="float32", preprocessing={"input_size": (32, 32)})
+    extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
+    backbone = create_backbone("test_resnet", in_chans=2)
+    bag = BagSpec("case", [tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], rows=[{"channel": "t1"}, {"channel": "t2"}])
+    plan = source.plan(bag)
+    patch = torch.from_numpy(source.read(bag, plan, np.arange(1))[0].astype(np.float32))  # C × D × H × W
+    with torch.no_grad():
+        direct = backbone.model(patch.permute(1, 0, 2, 3)).mean(0).numpy()  # every slice, then the mean
+    with FeatureStore(tmp_path / "store") as store:
+        np.testing.assert_allclose(store["case"].embeddings[0], direct, rtol=1e-3, atol=1e-4)
+        assert store.metadata.coords == ["z", "y", "x"]
+
+
+def test_native_3d_backbone(tmp_path):
+    _nifti(tmp_path / "v.nii.gz", _cube())
+    pl.DataFrame({"bag_id": ["v"], "path": ["v.nii.gz"]}).write_csv(tmp_path / "m.csv")
+    source = create_source("volume", patch_size=(8, 32, 32), min_foreground=0.2)
+    extract(tmp_path / "m.csv", tmp_path / "store", source, ExtractConfig("tv:r3d_18", workers=0), progress=False)
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.metadata.dim == 512 and store["v"].coords.tolist() == [[8, 0, 0], [16, 0, 0]]
+
+
+def test_cam_regions_cover_the_bright_object():
+    image = np.zeros((512, 384, 3), np.uint8)
+    image[40:500, 20:360] = 60  # the "breast"
+    image[270:330, 140:200] = 250  # the bright object, inside the grid square x 128-256, y 256-384
+    cam = np.zeros((64, 64), np.float32)  # the CAM of the (square) global view
+    cam[34:42, 23:34] = 1.0  # where a classifier looks: the object (y × 64/512, x × 64/384)
+    source = CamSource(region_size=128, regions=3)
+    boxes, scores = source._regions(image, cam)
+    assert boxes[0] == (128, 256, 256, 384)  # the top square holds the object
+    assert scores[0] >= scores[1] >= scores[2] and len(set(boxes)) == 3
+    empty = np.zeros_like(image)
+    assert source._regions(empty, cam) == ([], [])  # squares without foreground are skipped
+
+
+def test_two_view_bag_keeps_global_and_regions_of_both(tmp_path):
+    from PIL import Image
+
+    for view in ("cc", "mlo"):
+        image = np.zeros((256, 192), np.uint16)
+        image[20:230, 10:150] = 20_000 + np.random.default_rng(0).integers(0, 5000, (210, 140))  # 16-bit
+        Image.fromarray(image).save(tmp_path / f"{view}.png")
+    pl.DataFrame({"bag_id": ["breast-1", "breast-1"], "path": ["cc.png", "mlo.png"]}).write_csv(tmp_path / "m.csv")
+    source = create_source("cam", backbone="test_resnet", global_size=64, region_size=64, regions=3)
+    config = ExtractConfig("test_resnet", workers=0, preprocessing={"input_size": (64, 64)})
+    summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
+    assert summary.failures == {}
+    with FeatureStore(tmp_path / "store") as store:
+        bag = store["breast-1"]
+        assert bag.attrs["kind"].tolist() == [0, 1, 1, 1, 0, 1, 1, 1]
+        assert bag.attrs["image"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+        assert bag.coords[0].tolist() == [0, 0, 192, 256] and set(bag.extras) == {"cam_0", "cam_1"}
+        assert store.metadata.source["cam"].startswith("saliency")
+        assert store.metadata.coords == ["x0", "y0", "x1", "y1"]
+
+
+def test_dicom_monochrome1_is_inverted_and_16_bit_scaled(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    pixels = np.array([[0, 1000, 2000, 3000]] * 4, np.uint16)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "m1.dcm", enforce_file_format=True)
+    image = read_image(tmp_path / "m1.dcm")
+    assert image.shape == (4, 4, 3) and image.dtype == np.uint8
+    assert image[0, :, 0].tolist() == [255, 170, 85, 0]  # low values are bright in MONOCHROME1
+
+
+def test_options_of_another_source_are_refused():
+    with pytest.raises(ExtractionError, match="--patch-size do\\(es\\) not apply to --source tiles"):
+        create_source("tiles", patch_size=(1, 2, 3))
