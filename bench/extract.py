@@ -1,12 +1,14 @@
-"""End-to-end tile extraction throughput against the bare backbone, measured in the same run.
+"""End-to-end extraction throughput against the bare backbone, measured in the same run, per source.
 
-A cohort of JPEG-compressed pyramidal TIFFs is generated, then for each backbone:
-  * bare: the backbone alone on random input tensors (same batch size, precision, device);
-  * end-to-end: `milcache extract` on the cohort (reading, decoding, tissue detection, transfer,
-    model, store writes), with where the main thread's time went.
+For each source a cohort is generated (JPEG-compressed pyramidal TIFF slides; 16-bit mammogram-like
+PNGs with two views per breast; multi-modal NIfTI volumes), then for each backbone:
+  * bare: the embedding step alone (device transfer, normalisation, the backbone) on a random batch
+    shaped like the source's batches, same batch size and precision;
+  * end-to-end: `milcache extract` on the cohort (reading, decoding, tissue / CAM / foreground,
+    transfer, model, store writes), with where the main thread's time went.
 
-    python bench/extract.py --slides 8 --size 4096 --backbones resnet50,vit_base_patch16_224  # a GPU
-    python bench/extract.py --slides 2 --size 1024 --backbones resnet18 --device cpu           # a CPU
+    python bench/extract.py --sources tiles --slides 8 --size 4096 --backbones resnet50,vit_base_patch16_224  # GPU
+    python bench/extract.py --sources tiles,cam,volume --backbones resnet18 --device cpu                     # CPU
 """
 
 from __future__ import annotations
@@ -29,78 +31,141 @@ from milcache.devices import resolve_device  # noqa: E402
 from milcache.extractor.backbones import create_backbone  # noqa: E402
 from milcache.extractor.loop import Embedder, ExtractConfig, extract  # noqa: E402
 from milcache.extractor.sources import create_source  # noqa: E402
+from milcache.store.tables import read_manifest  # noqa: E402
 
 
-def make_cohort(root: Path, slides: int, size: int) -> Path:
-    for i in range(slides):
+def tiles_cohort(root: Path, bags: int, size: int) -> tuple[Path, dict]:
+    rows = []
+    for i in range(bags):
         write_pyramid_tiff(root / f"slide{i}.tif", tissue_image(size, size, seed=i), compression="jpeg", tile=256)
-    table = pl.DataFrame(
-        {"bag_id": [f"slide{i}" for i in range(slides)], "path": [f"slide{i}.tif" for i in range(slides)]}
-    )
-    table.write_csv(root / "manifest.csv")
+        rows.append((f"slide{i}", f"slide{i}.tif"))
+    return _manifest(root, rows), {"tile_size": 224}
+
+
+def cam_cohort(root: Path, bags: int, size: int) -> tuple[Path, dict]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(bags):
+        for view in ("cc", "mlo"):
+            image = np.zeros((size, size * 3 // 4), np.uint16)
+            margin = size // 10
+            image[margin : size - margin, : size // 2] = rng.integers(15_000, 30_000, (size - 2 * margin, size // 2))
+            Image.fromarray(image).save(root / f"b{i}-{view}.png")
+            rows.append((f"breast{i}", f"b{i}-{view}.png"))
+    return _manifest(root, rows), {"global_size": 224, "region_size": 224, "regions": 8}
+
+
+def volume_cohort(root: Path, bags: int, size: int) -> tuple[Path, dict]:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    rows = []
+    z, y, x = np.ogrid[:64, :size, :size]
+    brain = ((z - 32) / 30) ** 2 + ((y - size / 2) / (size / 2.3)) ** 2 + ((x - size / 2) / (size / 2.6)) ** 2 < 1
+    for i in range(bags):
+        for channel in ("t1", "flair"):
+            volume = (brain * (100 + 20 * rng.standard_normal(brain.shape))).astype(np.float32)
+            nib.save(nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), np.eye(4)), str(root / f"c{i}-{channel}.nii.gz"))
+            rows.append((f"case{i}", f"c{i}-{channel}.nii.gz", channel))
+    return _manifest(root, rows, ("bag_id", "path", "channel")), {"patch_size": (16, 64, 64), "min_foreground": 0.3}
+
+
+def _manifest(root: Path, rows: list, columns=("bag_id", "path")) -> Path:
+    pl.DataFrame(rows, schema=list(columns), orient="row").write_csv(root / "manifest.csv")
     return root / "manifest.csv"
 
 
-def bare_throughput(name: str, device: torch.device, batch: int, precision: str, batches: int) -> float:
-    embedder = Embedder(create_backbone(name), create_source("tiles"), device, precision, compile=False)
-    pixels = torch.randint(0, 256, (batch, *embedder.backbone.input_size, 3), dtype=torch.uint8)
+COHORTS = {"tiles": tiles_cohort, "cam": cam_cohort, "volume": volume_cohort}
+
+
+def bare_throughput(
+    backbone_name: str, source, manifest: Path, device, batch: int, precision: str, repeats: int, input_size
+) -> float:
+    """Instances per second of the embedding step alone, on a random batch shaped like the source's."""
+    bags = read_manifest(manifest).bags()
+    overrides = {"input_size": input_size} if input_size else {}
+    backbone = create_backbone(backbone_name, **overrides, **source.backbone_options(bags))
+    embedder = Embedder(backbone, source, device, precision, compile=False)
+    plan = source.plan(bags[0])
+    sample = source.read(bags[0], plan, np.arange(min(len(plan), batch)))
+    shape = (batch, *sample.shape[1:])
+    random = (
+        torch.randint(0, 255, shape, dtype=torch.uint8)
+        if sample.dtype == np.uint8
+        else torch.randn(shape).to(torch.from_numpy(sample).dtype)
+    )
     if device.type == "cuda":
-        pixels = pixels.pin_memory()
-    embedder(pixels)  # warm-up
+        random = random.pin_memory()
+    embedder(random)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(batches):
-        embedder(pixels)
+    for _ in range(repeats):
+        embedder(random)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batches * batch / (time.perf_counter() - start)
+    return repeats * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=2)
-    parser.add_argument("--size", type=int, default=1024, help="Slide side in pixels")
+    parser.add_argument("--sources", default="tiles")
+    parser.add_argument("--slides", type=int, default=2, help="Bags per cohort")
+    parser.add_argument("--size", type=int, default=1024, help="Slide side / mammogram height / volume side")
     parser.add_argument("--backbones", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    root = Path(tempfile.mkdtemp())
-    try:
-        manifest = make_cohort(root, args.slides, args.size)
-        print(f"cohort: {args.slides} JPEG pyramidal TIFFs of {args.size}² px; device: {name}")
-        for backbone in args.backbones.split(","):
-            config = ExtractConfig(
-                backbone,
-                device=args.device,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                precision=args.precision,
-                overwrite=True,
-            )
-            summary = extract(manifest, root / "store", create_source("tiles", tile_size=224), config, progress=False)
-            e2e = summary.instances_per_second
-            bare = bare_throughput(
-                backbone, device, args.batch_size, args.precision, max(3, summary.instances // args.batch_size)
-            )
-            t = summary.timings
-            print(
-                f"{backbone}: {summary.instances} tiles  end-to-end {e2e:8.1f} tiles/s  bare {bare:8.1f} tiles/s  "
-                f"ratio {e2e / bare:.2f}"
-            )
-            print(
-                f"  main thread: waiting for pixels {t['waiting_for_pixels']:.1f}s, model+transfer "
-                f"{t['model_and_transfer']:.1f}s; writer thread busy {t['store_writes']:.1f}s; "
-                f"total {summary.seconds:.1f}s"
-            )
-    finally:
-        shutil.rmtree(root)
+    print(f"device: {name}")
+    for kind in args.sources.split(","):
+        root = Path(tempfile.mkdtemp())
+        try:
+            manifest, settings = COHORTS[kind](root, args.slides, args.size)
+            for backbone in args.backbones.split(","):
+                if kind == "cam":
+                    settings["backbone"] = backbone
+                input_size = (64, 64) if kind == "volume" else None
+                source = create_source(kind, **settings)
+                config = ExtractConfig(
+                    backbone,
+                    device=args.device,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    precision=args.precision,
+                    overwrite=True,
+                    preprocessing={"input_size": input_size} if input_size else {},
+                )
+                summary = extract(manifest, root / "store", source, config, progress=False)
+                bare = bare_throughput(
+                    backbone,
+                    source,
+                    manifest,
+                    device,
+                    args.batch_size,
+                    args.precision,
+                    max(3, summary.instances // args.batch_size),
+                    input_size,
+                )
+                e2e = summary.instances_per_second
+                t = summary.timings
+                print(
+                    f"{kind:>6} {backbone}: {args.slides} bags, {summary.instances} instances  end-to-end "
+                    f"{e2e:8.1f}/s  bare {bare:8.1f}/s  ratio {e2e / bare:.2f}"
+                )
+                print(
+                    f"         main thread: waiting for pixels {t['waiting_for_pixels']:.1f}s, model+transfer "
+                    f"{t['model_and_transfer']:.1f}s; writer busy {t['store_writes']:.1f}s; "
+                    f"total {summary.seconds:.1f}s"
+                )
+        finally:
+            shutil.rmtree(root)
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

@@ -132,6 +132,7 @@ def test_two_view_bag_keeps_global_and_regions_of_both(tmp_path):
     config = ExtractConfig("test_resnet", workers=0, preprocessing={"input_size": (64, 64)})
     summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
     assert summary.failures == {}
+    assert torch.is_grad_enabled()  # extraction in this process leaves autograd as it found it
     with FeatureStore(tmp_path / "store") as store:
         bag = store["breast-1"]
         assert bag.attrs["kind"].tolist() == [0, 1, 1, 1, 0, 1, 1, 1]

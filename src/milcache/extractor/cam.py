@@ -85,7 +85,6 @@ class _CamNet:
 
         from milcache.extractor.backbones import create_backbone, load_state_dict
 
-        torch.set_grad_enabled(False)
         if cam_model is None:  # training-free saliency from the embedding backbone
             made = create_backbone(backbone)
             self.model, self.weights = made.model, None
@@ -100,10 +99,11 @@ class _CamNet:
             self.model.load_state_dict(state, strict=False)
         if not 0 <= cam_class < classes:
             raise ExtractionError(f"--cam-class {cam_class} does not exist: {cam_model} has {classes} classes")
-        self.weights = self.model.get_classifier().weight[cam_class].detach()
+        self.weights = self.model.get_classifier().weight[cam_class].detach().clone()
         config = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = config["mean"], config["std"]
 
+    @torch.inference_mode()
     def __call__(self, view: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.array(view)).permute(2, 0, 1)[None].float() / 255
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
