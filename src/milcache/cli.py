@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from milcache import __version__
+from milcache.aggregator.config import TASK_KINDS, TrainConfig
 from milcache.errors import MilcacheError
 
 
@@ -99,6 +100,7 @@ def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
     return out
 
 
+_DEFAULTS = TrainConfig()
 existing_path = click.Path(exists=True, path_type=Path)
 output_path = click.Path(path_type=Path)
 
@@ -224,34 +226,44 @@ device_option = click.option(
 )
 
 
-@cli.command("train-head")
-@click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store.")
-@click.option(
+store_option = click.option(
+    "--store", "store_dir", required=True, type=existing_path, help="Feature store (made by extract or store import)."
+)
+labels_option = click.option(
     "--labels",
     required=True,
     type=existing_path,
     help="CSV/parquet with bag_id, label [, group, split], or the manifest.",
 )
-@click.option("--head", default="gated-attention", show_default=True, type=_RegistryChoice(_head_names))
+task_option = click.option(
+    "--task", "task_kind", type=click.Choice(TASK_KINDS), help="Default: inferred from the labels."
+)
+
+
+@cli.command("train-head")
+@store_option
+@labels_option
+@click.option("--head", default=_DEFAULTS.head, show_default=True, type=_RegistryChoice(_head_names))
 @click.option("--out", required=True, type=output_path, help="Run directory to write.")
 @click.option("--folds", default=5, show_default=True, help="Cross-validation folds (grouped by `group`).")
 @click.option("--repeats", default=1, show_default=True, help="Repeated cross-validation.")
-@click.option(
-    "--task",
-    "task_kind",
-    type=click.Choice(["binary", "multiclass", "ordinal", "regression"]),
-    help="Default: inferred from the labels.",
-)
+@task_option
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--epochs", type=int, help="Most epochs per fold [40].")
-@click.option("--lr", type=float, help="AdamW learning rate [2e-3].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-2].")
-@click.option("--batch-size", type=int, help="Bags per step [16].")
-@click.option("--instances", type=int, help="Random instances per bag per training step, 0 = all [1024].")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), help="Learning-rate schedule [cosine].")
-@click.option("--patience", type=int, help="Early-stopping patience in epochs [10].")
-@click.option("--elastic-net", type=float, help="Strength of the L1/L2 penalty on weights [0].")
-@click.option("--l1-ratio", type=float, help="L1 share of the elastic-net penalty [0.5].")
+@click.option("--epochs", type=int, help=f"Most epochs per fold [{_DEFAULTS.epochs}].")
+@click.option("--lr", type=float, help=f"AdamW learning rate [{_DEFAULTS.lr:g}].")
+@click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_DEFAULTS.weight_decay:g}].")
+@click.option("--batch-size", type=int, help=f"Bags per step [{_DEFAULTS.batch_size}].")
+@click.option(
+    "--instances", type=int, help=f"Random instances per bag per training step, 0 = all [{_DEFAULTS.instances}]."
+)
+@click.option(
+    "--schedule", type=click.Choice(["cosine", "constant"]), help=f"Learning-rate schedule [{_DEFAULTS.schedule}]."
+)
+@click.option("--patience", type=int, help=f"Early-stopping patience in epochs [{_DEFAULTS.patience}].")
+@click.option(
+    "--elastic-net", type=float, help=f"Strength of the L1/L2 penalty on weights [{_DEFAULTS.elastic_net:g}]."
+)
+@click.option("--l1-ratio", type=float, help=f"L1 share of the elastic-net penalty [{_DEFAULTS.l1_ratio:g}].")
 @click.option("--class-weights/--no-class-weights", default=None, help="Weight the loss by inverse class frequency.")
 @click.option("--balanced-sampling/--no-balanced-sampling", default=None, help="Draw class-balanced bags.")
 @click.option("--hidden", type=int, help="Instance embedding size of the head [128].")
@@ -293,7 +305,6 @@ def train_head_command(
     """Cross-validate an aggregator head on cached embeddings, refit it on all labelled bags, and
     write RUN: model, metrics.json, out-of-fold predictions, ROC curve."""
     from milcache.aggregator.run import train_head
-    from milcache.aggregator.trainer import TrainConfig
 
     options = {k: v for k, v in train_options.items() if v is not None}
     if options.get("instances") == 0:
@@ -350,8 +361,8 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
 
 
 @cli.command("tune")
-@click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store.")
-@click.option("--labels", required=True, type=existing_path, help="Labels table or manifest.")
+@store_option
+@labels_option
 @click.option("--out", required=True, type=output_path, help="Run directory (study, best.json, plots, best/).")
 @click.option("--n-trials", default=50, show_default=True, help="Finished trials (complete or pruned) wanted.")
 @click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
@@ -381,7 +392,7 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
     metavar="KEY=VALUE",
     help="Fix a parameter instead of searching it (repeatable), e.g. --set head=gated-attention.",
 )
-@click.option("--task", "task_kind", type=click.Choice(["binary", "multiclass", "ordinal", "regression"]))
+@task_option
 @click.option("--seed", default=0, show_default=True)
 @device_option
 def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, **settings) -> None:

@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.predict import predict
 from milcache.aggregator.run import load_cohort, train_head
 from milcache.aggregator.splits import cv_splits
-from milcache.aggregator.trainer import TrainConfig
 from milcache.cli import cli
 from milcache.errors import LabelError, StoreMismatchError
 from milcache.store.synthetic import make_synthetic_store

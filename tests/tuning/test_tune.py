@@ -9,9 +9,9 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.model import load_model
 from milcache.aggregator.run import train_head
-from milcache.aggregator.trainer import TrainConfig
 from milcache.cli import cli
 from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store

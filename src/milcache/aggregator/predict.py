@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import load_bags
 from milcache.aggregator.model import load_model
 from milcache.aggregator.plots import pyplot
-from milcache.aggregator.trainer import TrainConfig, infer
+from milcache.aggregator.trainer import infer
 from milcache.devices import resolve_device
 from milcache.errors import MilcacheError, StoreMismatchError
 from milcache.store import FeatureStore

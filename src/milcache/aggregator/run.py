@@ -12,12 +12,13 @@ import polars as pl
 import torch
 
 from milcache import __version__
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
 from milcache.aggregator.model import build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
 from milcache.aggregator.tasks import Task
-from milcache.aggregator.trainer import Report, TrainConfig, fit, infer
+from milcache.aggregator.trainer import Report, fit, infer
 from milcache.devices import resolve_device
 from milcache.errors import LabelError
 from milcache.store import FeatureStore, read_labels

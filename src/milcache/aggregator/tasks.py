@@ -8,9 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from milcache.aggregator.config import TASK_KINDS
 from milcache.errors import LabelError
-
-TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
 
 
 @dataclass

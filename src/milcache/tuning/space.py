@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.heads import head_class, list_heads
-from milcache.aggregator.trainer import TrainConfig
 from milcache.errors import MilcacheError
 from milcache.settings_files import read_settings
 

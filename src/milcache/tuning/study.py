@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, train_head
-from milcache.aggregator.trainer import TrainConfig
 from milcache.errors import MilcacheError
 from milcache.tuning.space import load_space, max_epochs, sample_config
 
