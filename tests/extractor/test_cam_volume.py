@@ -166,3 +166,23 @@ def test_dicom_monochrome1_is_inverted_and_16_bit_scaled(tmp_path):
 def test_options_of_another_source_are_refused():
     with pytest.raises(ExtractionError, match="--patch-size do\\(es\\) not apply to --source tiles"):
         create_source("tiles", patch_size=(1, 2, 3))
+
+
+def test_cam_is_the_class_weighted_feature_map(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from milcache.extractor.cam import _CamNet
+
+    torch.manual_seed(1)
+    classifier = timm.create_model("test_resnet", num_classes=3).eval()
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp_path / "cls.safetensors")
+    net = _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=2)
+    view = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    x = (torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        features = classifier.forward_features(x)[0]
+        expected = torch.relu(torch.einsum("c,chw->hw", classifier.get_classifier().weight[2], features))
+    np.testing.assert_allclose(net(view), expected.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ExtractionError, match="--cam-class 5 does not exist: test_resnet has 3 classes"):
+        _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=5)
