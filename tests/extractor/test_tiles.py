@@ -239,3 +239,42 @@ def test_sharded_processes_write_one_store(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store").glob("shard-*.mdb")) == ["shard-00000.mdb", "shard-00001.mdb"]
     with FeatureStore(tmp_path / "store") as store:
         assert store.bag_ids() == ["s0", "s1", "s2", "s3"]
+
+
+def _aperio_svs(path: Path, image: np.ndarray, mpp: float = 0.499) -> Path:
+    """A small Aperio-style SVS (levels as successive pages, Aperio descriptions) that OpenSlide reads."""
+    import tifffile
+
+    h, w = image.shape[:2]
+    with tifffile.TiffWriter(path) as tif:
+        for level, step in enumerate((1, 4)):
+            note = (
+                f"{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90"
+                if level == 0
+                else f"{w}x{h} -> {w // step}x{h // step}"
+            )
+            tif.write(
+                np.ascontiguousarray(image[::step, ::step]),
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                metadata=None,
+                description=f"Aperio Image Library v10.0.50\n{note}|AppMag = 20|MPP = {mpp}",
+            )
+    return path
+
+
+def test_vendor_slide_through_openslide(tmp_path):
+    from milcache.extractor.slides import OpenSlideReader
+
+    image = tissue_image(512, 768, box=(0, 0, 256, 384))
+    path = _aperio_svs(tmp_path / "slide.svs", image)
+    reader = open_slide(path)
+    assert isinstance(reader, OpenSlideReader)
+    assert reader.mpp == pytest.approx(0.499) and reader.downsamples == [1.0, 4.0]
+    region = reader.read_region(700, 0, 0, 100, 64)
+    assert region.shape == (64, 100, 3) and (region[:, 68:] == 255).all()  # white beyond the scan, not black
+    source, plan = _plan(path, tile_size=64, mpp=2.0)  # 4× level 0: level 1 read directly
+    assert set(plan.coords[:, 2]) == {1} and plan.coords[:, :2].max() < 384
+    tiles = source.read(BagSpec("b", [path]), plan, np.arange(len(plan)))
+    assert tiles.shape == (len(plan), 64, 64, 3) and tiles.mean() < 200  # stained tissue, not white

@@ -6,6 +6,7 @@ import sys
 import time
 
 import optuna
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
@@ -188,3 +189,25 @@ def test_safe_url_hides_passwords():
         "postgresql+psycopg://bob:***@db.example:5432/studies"
     )
     assert "s3cret" not in safe_url("postgresql://bob:s3cret@host/db")
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(cohort, tmp_path, monkeypatch):
+    import milcache.tuning.study as study_module
+
+    real = study_module.cross_validate
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "cross_validate", flaky)
+    settings = TuneSettings(n_trials=3, folds=2, pruner="none")
+    best = tune(
+        cohort / "store", cohort / "labels.csv", tmp_path / "s", settings, fixed={**SMALL, "epochs": 3}, device="cpu"
+    )
+    assert best["trials"] == {"COMPLETE": 3, "PRUNED": 0, "FAIL": 1}
+    trials = pl.read_parquet(tmp_path / "s" / "trials.parquet")
+    assert "out of memory (simulated)" in trials.filter(pl.col("state") == "FAIL")["error"][0]

@@ -95,9 +95,25 @@ def _fail_interrupted(study) -> int:
     return len(running)
 
 
+_MAX_FAILURES_IN_A_ROW = 5
+
+
+def _stop_after_failures(limit: int):
+    """A callback that stops the study after ``limit`` failed trials in a row (a systematic error)."""
+    import optuna
+
+    streak = [0]
+
+    def callback(study, trial) -> None:
+        streak[0] = streak[0] + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+        if streak[0] >= limit:
+            study.stop()
+
+    return callback
+
+
 def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
     import optuna
-    import torch
 
     stride = max_epochs(space)
 
@@ -113,8 +129,9 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
 
         try:
             metrics, _, _ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric, stride)
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"out of memory: {exc}") from None  # recorded as a failed trial
+        except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
+            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            raise
         value = metrics.get(settings.metric)
         if value is None:
             raise MilcacheError(
@@ -167,11 +184,12 @@ def tune(
         _fail_interrupted(study)
     start = time.perf_counter()
     cohort = load_cohort(store_dir, labels, task_kind, device, progress=progress)
-    remaining = settings.n_trials - _finished(study)
-    if remaining > 0:
+    if settings.n_trials - _finished(study) > 0:
+        # No trial count here: the callbacks stop once n_trials are finished, so a failed trial is
+        # replaced by another, and a run of failures stops the study instead of looping.
         study.optimize(
             make_objective(cohort, space, settings),
-            n_trials=remaining,
+            n_trials=None,
             timeout=settings.timeout,
             n_jobs=settings.jobs,
             catch=(RuntimeError,),
@@ -179,7 +197,8 @@ def tune(
             callbacks=[
                 optuna.study.MaxTrialsCallback(
                     settings.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                )
+                ),
+                _stop_after_failures(_MAX_FAILURES_IN_A_ROW),
             ],
         )
     return _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
@@ -225,6 +244,7 @@ def trials_table(study) -> pl.DataFrame:
                 "seconds": seconds,
                 "params": json.dumps(t.params),
                 "head": t.params.get("head"),
+                "error": t.user_attrs.get("error"),  # why a trial failed (out of memory …)
             }
         )
     return pl.DataFrame(
@@ -236,6 +256,7 @@ def trials_table(study) -> pl.DataFrame:
             "seconds": pl.Float64,
             "params": pl.Utf8,
             "head": pl.Utf8,
+            "error": pl.Utf8,
         },
     )
 
