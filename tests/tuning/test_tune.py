@@ -211,3 +211,17 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cohort, tmp_path, monk
     assert best["trials"] == {"COMPLETE": 3, "PRUNED": 0, "FAIL": 1}
     trials = pl.read_parquet(tmp_path / "s" / "trials.parquet")
     assert "out of memory (simulated)" in trials.filter(pl.col("state") == "FAIL")["error"][0]
+
+
+@pytest.mark.skipif(_postgres_reachable() is not None, reason=str(_postgres_reachable()))
+def test_workers_started_together_on_an_empty_database_all_open_it():
+    import sqlalchemy
+
+    code = f"from milcache.tuning.study import open_storage; open_storage({POSTGRES_URL!r})"
+    for _ in range(3):  # the table-creation race shows up in some rounds only
+        with sqlalchemy.create_engine(POSTGRES_URL).begin() as conn:
+            conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ def safe_url(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
+_STORAGE_ATTEMPTS = 5
+
+
 def open_storage(url: str):
     """A SQLAlchemy URL (sqlite:///…, postgresql://…) or ``journal:PATH`` (a journal file, which
     several processes on one machine or a shared file system can append to safely)."""
@@ -56,14 +60,26 @@ def open_storage(url: str):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, and what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
-    except Exception as exc:  # driver missing, server down, bad credentials …
-        raise MilcacheError(
-            f"cannot open the study storage {safe_url(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from None
+    import sqlalchemy.exc
+
+    for attempt in range(_STORAGE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, and what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Workers started together race to create optuna's tables and types in an empty
+            # database ("already exists"); the loser finds them made on its next try.
+            if attempt + 1 == _STORAGE_ATTEMPTS:
+                raise MilcacheError(
+                    f"cannot create the study tables in {safe_url(url)}: {str(exc).splitlines()[0]}"
+                ) from None
+            time.sleep(0.5 + random.random())
+        except Exception as exc:  # driver missing, server down, bad credentials …
+            raise MilcacheError(
+                f"cannot open the study storage {safe_url(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _pruner(name: str):
