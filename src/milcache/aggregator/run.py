@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from milcache import __version__
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
-from milcache.aggregator.model import build_model, save_model
+from milcache.aggregator.model import MILModel, build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
 from milcache.aggregator.tasks import Task
@@ -105,8 +106,9 @@ def cross_validate(
     report: Report | None = None,
     monitor: str = "auc",
     report_stride: int | None = None,
-) -> tuple[dict, pl.DataFrame, list[int]]:
-    """Metrics per fold and their mean ± std, out-of-fold predictions, and each fold's best epoch.
+) -> tuple[dict, pl.DataFrame, list[int], list[MILModel]]:
+    """Metrics per fold and their mean ± std, out-of-fold predictions, each fold's best epoch and
+    each fold's trained model.
 
     ``report(step, value)`` gets the ``monitor`` metric of each epoch; fold k reports from step
     ``k * report_stride`` (default: the epoch count) so steps are comparable between runs."""
@@ -117,7 +119,7 @@ def cross_validate(
         plans = [(train, test, val)]
     else:
         plans = [(tr, te, None) for tr, te in cv_splits(y, groups, stratified, folds, repeats, config.seed)]
-    fold_metrics, oof, best_epochs = [], [], []
+    fold_metrics, oof, best_epochs, models = [], [], [], []
     for k, (train, test, val) in enumerate(plans):
         if val is None:
             train, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
@@ -135,6 +137,7 @@ def cross_validate(
             step_offset=k * (report_stride or config.epochs),
         )
         best_epochs.append(result["best_epoch"])
+        models.append(model)
         logits, _ = infer(model, cohort.data, test, config)
         outputs = task.outputs(logits).cpu().numpy()
         fold_metrics.append({"fold": k, "best_epoch": result["best_epoch"], **task.metrics(y[test], outputs)})
@@ -144,7 +147,7 @@ def cross_validate(
             )
         )
     summary = _summarise([{k: v for k, v in m.items() if k not in ("fold", "best_epoch")} for m in fold_metrics])
-    return {**summary, "folds": fold_metrics}, pl.concat(oof), best_epochs
+    return {**summary, "folds": fold_metrics}, pl.concat(oof), best_epochs, models
 
 
 def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) -> pl.DataFrame:
@@ -160,7 +163,7 @@ def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) 
 
 def refit(cohort: Cohort, config: TrainConfig, epochs: int):
     """The final model: trained on every labelled bag for ``epochs`` (the folds' median best epoch)."""
-    final = TrainConfig(**{**config.to_dict(), "epochs": max(1, epochs)})
+    final = dataclasses.replace(config, epochs=max(1, epochs))
     model = _initial_model(config, cohort)
     fit(model, cohort.data, cohort.task, cohort.y, np.arange(len(cohort.y)), None, final)
     return model
@@ -184,15 +187,9 @@ def train_head(
     config = config or TrainConfig()
     start = time.perf_counter()
     cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime)
-    metrics, oof, best_epochs = cross_validate(cohort, config, folds, repeats)
-    if cohort.split is not None:  # keep the test bags out of the final model too
-        train, _, val = _fixed_split(cohort)
-        model = _initial_model(config, cohort)
-        if val is None:
-            train, val = validation_split(
-                cohort.y, cohort.groups, train, config.val_fraction, cohort.task.kind != "regression", config.seed
-            )
-        fit(model, cohort.data, cohort.task, cohort.y, train, val if len(val) else None, config)
+    metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats)
+    if cohort.split is not None:  # the split's one model: trained on the train bags, test bags kept out
+        model = fold_models[0]
         final = "model trained on the split's train bags (test bags kept out)"
     else:
         model = refit(cohort, config, int(np.median(best_epochs)))

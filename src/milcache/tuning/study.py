@@ -144,7 +144,7 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
                 raise optuna.TrialPruned()
 
         try:
-            metrics, _, _ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric, stride)
+            metrics, *_ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric, stride)
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
