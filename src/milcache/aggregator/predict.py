@@ -56,18 +56,18 @@ def predict(
         train = TrainConfig(**{k: v for k, v in config["train"].items() if k in TrainConfig.__dataclass_fields__})
         logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)
         outputs = task.outputs(logits).cpu().numpy()
-        table = _table(ids, outputs, task, scores, store, top_k)
+        bags = [store[bag_id] for bag_id in ids]  # views: coordinates, thumbnails, no copies
+        names = store.metadata.coords
+        table = _table(ids, outputs, task, scores, bags, names, top_k)
         if scores_file is not None:
-            _instance_scores(ids, scores, store).write_parquet(scores_file)
-        if heatmaps or geojson:
-            for i, bag_id in enumerate(ids):
-                if scores[i] is None:
-                    continue
-                bag = store[bag_id]
-                if heatmaps:
-                    draw_heatmap(bag, scores[i], store.metadata.source, Path(heatmaps) / f"{bag_id}.png")
-                if geojson:
-                    write_geojson(bag, scores[i], store.metadata.source, Path(geojson) / f"{bag_id}.geojson")
+            _instance_scores(scores, bags, names).write_parquet(scores_file)
+        for bag, bag_scores in zip(bags, scores, strict=True):
+            if bag_scores is None:
+                continue
+            if heatmaps:
+                draw_heatmap(bag, bag_scores, store.metadata.source, Path(heatmaps) / f"{bag.bag_id}.png")
+            if geojson:
+                write_geojson(bag, bag_scores, store.metadata.source, Path(geojson) / f"{bag.bag_id}.geojson")
     if out_file is not None:
         out_file = Path(out_file)
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def predict(
     return table
 
 
-def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.DataFrame:
+def _table(ids, outputs, task, scores, bags: list[Bag], names: list[str], top_k: int) -> pl.DataFrame:
     columns: dict = {"bag_id": ids}
     if task.kind == "regression":
         columns["prediction"] = outputs[:, 0]
@@ -89,13 +89,12 @@ def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.Da
             columns[f"prob_{name}"] = outputs[:, c]
         columns["predicted"] = [task.classes[c] for c in outputs.argmax(1)]
     tops = []
-    for bag_id, s in zip(ids, scores, strict=True):
+    for bag, s in zip(bags, scores, strict=True):
         if s is None:
             tops.append("[]")
             continue
         order = np.argsort(-s)[:top_k]
-        coords = store[bag_id].coords
-        names = store.metadata.coords
+        coords = bag.coords
         tops.append(
             json.dumps(
                 [
@@ -112,14 +111,13 @@ def _table(ids, outputs, task, scores, store: FeatureStore, top_k: int) -> pl.Da
     return pl.DataFrame(columns)
 
 
-def _instance_scores(ids: list[str], scores: list, store: FeatureStore) -> pl.DataFrame:
+def _instance_scores(scores: list, bags: list[Bag], names: list[str]) -> pl.DataFrame:
     parts = []
-    for bag_id, s in zip(ids, scores, strict=True):
+    for bag, s in zip(bags, scores, strict=True):
         if s is None:
             continue
-        coords = store[bag_id].coords
-        columns = {"bag_id": [bag_id] * len(s), "index": np.arange(len(s)), "score": s}
-        columns.update({name: coords[:, k] for k, name in enumerate(store.metadata.coords)})
+        columns = {"bag_id": [bag.bag_id] * len(s), "index": np.arange(len(s)), "score": s}
+        columns.update({name: bag.coords[:, k] for k, name in enumerate(names)})
         parts.append(pl.DataFrame(columns))
     if not parts:
         raise MilcacheError("this head gives no per-instance scores (choose an attention-type head for them)")
