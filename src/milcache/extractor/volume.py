@@ -83,8 +83,12 @@ class VolumeSource(Source):
         return {**self.__dict__, "_cache": None}
 
     def backbone_options(self, bags: list[BagSpec]) -> dict:
-        counts = {len(b.paths) if len(b.paths) > 1 else _read_channel(b.paths[0])[0].shape[0] for b in bags[:1]}
-        return {"in_chans": counts.pop()} if counts else {}
+        """The backbone's input channels: the first bag's modalities (rows, or a multi-channel file)."""
+        if not bags:
+            return {}
+        first = bags[0]
+        channels = len(first.paths) if len(first.paths) > 1 else _read_channel(Path(first.paths[0]))[0].shape[0]
+        return {"in_chans": channels}
 
     def load(self, bag: BagSpec) -> tuple[np.ndarray, np.ndarray, dict]:
         """The bag's normalised volume (C × Z × Y × X), its foreground mask, and its description."""

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from milcache.store.lmdb_store import FeatureStore
+from milcache.store.lmdb_store import FeatureStore, shard_paths
 from milcache.store.record import CorruptRecord, decode, read_header
 
 
@@ -28,7 +28,7 @@ def summarize(store: FeatureStore) -> dict:
             "max": int(counts.max()) if counts.size else 0,
         },
         "coords": meta.coords,
-        "shards": len(list(store.path.glob("shard-*.mdb"))),
+        "shards": len(shard_paths(store.path)),
         "disk_bytes": store.disk_bytes(),
         "failures": store.failures(),
         "metadata": {
