@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milcache.aggregator.heads import HeadOutput, create_head, head_class, list_heads, noisy_and
+from milcache.aggregator.heads import create_head, head_class, list_heads, noisy_and
 from milcache.errors import MilcacheError
 
 DIM = 12
@@ -80,13 +80,22 @@ def test_batched_bags_equal_one_at_a_time(name):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_matches_hand_computation():
-    head = _head("attention", n_outputs=1)
+@pytest.mark.parametrize("name", ["attention", "gated-attention"])
+def test_attention_matches_ilse_written_out(name):
+    """Ilse et al. 2018, eq. 8 and 9, written out per bag."""
+    head = _head(name, n_outputs=1)
     x = torch.randn(1, 5, DIM)
     with torch.no_grad():
         out = head(x, torch.ones(1, 5, dtype=torch.bool))
-        h = head.embed(x)[0]
-        a = head.attention.w(torch.tanh(head.attention.V[0](h))).squeeze(-1)
+        h = torch.relu(x[0] @ head.instance_layer.weight.T + head.instance_layer.bias)
+        d = head.attention.attention_dim
+        W, b = head.attention.VU.weight, head.attention.VU.bias
+        V, U = W[:d], W[d:]
+        if name == "gated-attention":
+            inner = torch.tanh(h @ V.T + b[:d]) * torch.sigmoid(h @ U.T + b[d:])
+        else:
+            inner = torch.tanh(h @ W.T + b)
+        a = inner @ head.attention.w.weight[0] + head.attention.w.bias
         weights = torch.softmax(a, 0)
         expected = head.classifier(weights @ h)
     torch.testing.assert_close(out.scores[0], weights)
@@ -112,10 +121,87 @@ def test_noisy_and_matches_formula():
     torch.testing.assert_close(out.scores[0], inst)
 
 
-def test_clam_instance_loss_is_finite_and_trains():
-    head = create_head("clam-sb", DIM, 1, hidden=16, k_sample=2)
-    out = head(torch.randn(2, 6, DIM), torch.ones(2, 6, dtype=torch.bool))
-    loss = head.extra_loss(out, torch.tensor([0.0, 1.0]))
-    assert isinstance(out, HeadOutput) and torch.isfinite(loss) and loss > 0
-    loss.backward()
-    assert head.instance_classifiers.weight.grad.abs().sum() > 0
+def _clam_instance_loss_one_bag(head, h, attention, label):
+    """CLAM-SB's instance loss for one bag, as its reference code computes it bag by bag."""
+    n = len(attention)
+    k = min(head.k_sample, n // 2)
+    if k < 1:
+        return None
+    top = torch.topk(attention, k).indices
+    bottom = torch.topk(-attention, k).indices
+    logits = head.instance_classifiers(h).view(n, head.n_classes, 2)
+    ce = torch.nn.functional.cross_entropy
+    own = ce(logits[torch.cat([top, bottom]), label], torch.cat([torch.ones(k), torch.zeros(k)]).long())
+    if head.n_classes <= 2:
+        return own
+    total = own
+    for c in range(head.n_classes):
+        if c != label:
+            total = total + ce(logits[top, c], torch.zeros(k, dtype=torch.long))
+    return total / head.n_classes
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_clam_instance_loss_equals_the_per_bag_reference(n_classes):
+    torch.manual_seed(0)
+    n_outputs = 1 if n_classes == 2 else n_classes
+    head = create_head("clam-sb", DIM, n_outputs, n_classes=n_classes, hidden=16, k_sample=3, dropout=0.0).eval()
+    lengths = [9, 5, 1, 4]  # 5 < 2k: k = 2; one instance: no instance loss; 4 instances: k = 2
+    x = torch.randn(len(lengths), max(lengths), DIM)
+    mask = torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(1)
+    labels = torch.tensor([1, 0, 1, n_classes - 1])
+    targets = labels.float() if n_classes == 2 else labels
+    out = head(x, mask)
+    batched = head.instance_loss(out.extra["h"], out.scores, targets, torch.ones(len(lengths)))
+    per_bag = []
+    for b, n in enumerate(lengths):
+        h = head.embed(x[b : b + 1, :n])[0]
+        attention = out.scores[b, :n]
+        loss = _clam_instance_loss_one_bag(head, h, attention, int(labels[b]))
+        if loss is not None:
+            per_bag.append(loss)
+    torch.testing.assert_close(batched, torch.stack(per_bag).mean(), rtol=1e-5, atol=1e-6)
+    # A padded bag slot (weight 0) changes nothing.
+    weighted = head.instance_loss(out.extra["h"], out.scores, targets, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    torch.testing.assert_close(weighted, torch.stack(per_bag[:2]).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_clam_loss_weights_bag_and_instance_losses_as_the_paper():
+    from milcache.aggregator.model import build_model
+    from milcache.aggregator.tasks import Task
+
+    torch.manual_seed(0)
+    model = build_model(
+        "clam-sb", {"hidden": 16, "k_sample": 2, "instance_loss_weight": 0.3}, DIM, Task("binary", [0, 1])
+    )
+    x, mask, y = torch.randn(2, 6, DIM), torch.ones(2, 6, dtype=torch.bool), torch.tensor([0.0, 1.0])
+    model.eval()
+    out = model(x, mask)
+    bag = model.task.loss(out.logits, y)
+    instance = model.head.instance_loss(out.extra["h"], out.scores, y, torch.ones(2))
+    torch.testing.assert_close(model.loss(out, y), 0.7 * bag + 0.3 * instance)
+    model.loss(out, y).backward()
+    assert model.head.instance_classifiers.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_dsmil_averages_stream_losses_and_probabilities(kind):
+    """Li et al. 2021's code: loss = ½ (loss of the max-instance stream + loss of the bag stream),
+    prediction = ½ (probability of one + probability of the other)."""
+    from milcache.aggregator.model import build_model
+    from milcache.aggregator.tasks import Task
+
+    torch.manual_seed(0)
+    task = Task(kind, [0, 1] if kind == "binary" else [0, 1, 2])
+    model = build_model("dsmil", {"hidden": 16, "dropout": 0.0}, DIM, task).eval()
+    x, mask = torch.randn(3, 5, DIM), torch.ones(3, 5, dtype=torch.bool)
+    y = torch.tensor([0.0, 1.0, 1.0]) if kind == "binary" else torch.tensor([0, 2, 1])
+    out = model(x, mask)
+    critical, bag = out.streams
+    if kind == "binary":
+        expected = 0.5 * (torch.sigmoid(critical) + torch.sigmoid(bag))
+        torch.testing.assert_close(task.outputs(out.logits)[:, 1:], expected, rtol=1e-5, atol=1e-6)
+    else:
+        expected = 0.5 * (torch.softmax(critical, 1) + torch.softmax(bag, 1))
+        torch.testing.assert_close(task.outputs(out.logits), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.loss(out, y), 0.5 * (task.loss(critical, y) + task.loss(bag, y)))

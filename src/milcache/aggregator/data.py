@@ -235,3 +235,33 @@ def feature_statistics(data: Bags, bag_indices: np.ndarray, chunk: int = 1 << 16
     mean = total / max(count, 1)
     std = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
     return mean.float().to(data.device), std.float().to(data.device)
+
+
+def fold_statistics(data: Bags, folds: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-feature mean and std of each fold's bags, from one pass over the cohort: per-bag sums
+    and sums of squares are computed once, and each fold adds up its bags' rows of them."""
+    if isinstance(data, StreamedBags) or len(folds) == 1:
+        return [feature_statistics(data, np.asarray(f)) for f in folds]
+    sums, squares = _bag_moments(data)
+    counts = torch.from_numpy(data.lengths.astype(np.float64)).to(sums.device)
+    member = torch.zeros((len(folds), len(data)), dtype=torch.float64, device=sums.device)
+    for k, fold in enumerate(folds):
+        member[k, torch.from_numpy(np.unique(fold)).to(sums.device)] = 1.0
+    n = (member @ counts).clamp_min(1).unsqueeze(1)
+    mean = (member @ sums) / n
+    std = ((member @ squares) / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return [(mean[k].float().to(data.device), std[k].float().to(data.device)) for k in range(len(folds))]
+
+
+def _bag_moments(data: BagTensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bag's column sums and sums of squares (bags × D, float64)."""
+    device = data.features.device
+    owner = torch.from_numpy(np.repeat(np.arange(len(data)), data.lengths)).to(device)
+    sums = torch.zeros((len(data), data.dim), dtype=torch.float64, device=device)
+    squares = torch.zeros_like(sums)
+    for start in range(0, data.features.shape[0], chunk):
+        x = data.features[start : start + chunk].double()
+        rows = owner[start : start + chunk]
+        sums.index_add_(0, rows, x)
+        squares.index_add_(0, rows, x.mul_(x))
+    return sums, squares

@@ -43,13 +43,18 @@ def head_class(name: str) -> type[Head]:
     return _HEADS[name]
 
 
-def create_head(name: str, in_dim: int, n_outputs: int, **kwargs) -> Head:
-    """Build a registered head. Options left as None fall back to the head's own defaults."""
+def create_head(name: str, in_dim: int, n_outputs: int, n_classes: int | None = None, **kwargs) -> Head:
+    """Build a registered head. Options left as None fall back to the head's own defaults;
+    ``n_classes`` (the task's class count) reaches the heads that need it."""
+    import inspect
+
     cls = head_class(name)
     options = {k: v for k, v in kwargs.items() if v is not None}
     unknown = set(options) - set(cls.options())
     if unknown:
         raise MilcacheError(f"head {name!r} has no option(s) {', '.join(sorted(unknown))}; it takes {cls.options()}")
+    if n_classes is not None and "n_classes" in inspect.signature(cls.__init__).parameters:
+        options["n_classes"] = n_classes  # heads with one instance classifier per class (CLAM)
     return cls(in_dim=in_dim, n_outputs=n_outputs, **options)
 
 
@@ -58,13 +63,22 @@ class HeadOutput:
     logits: torch.Tensor  # (B, C)
     scores: torch.Tensor | None  # (B, N) per-instance scores (attention or instance probability)
     extra: dict = field(default_factory=dict)
+    # Heads with several classifier streams (DSMIL) give each stream's logits; the model averages
+    # their probabilities for ``logits`` and the trainer averages their losses, as their papers do.
+    streams: list[torch.Tensor] | None = None
 
 
 def _mlp(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Module:
-    """Logistic regression (hidden = 0) or a one-hidden-layer MLP with LeakyReLU and dropout."""
+    """Dropout then logistic regression (hidden = 0), or a one-hidden-layer MLP with LeakyReLU."""
     if hidden <= 0:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.01), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden),
+        nn.LeakyReLU(0.01),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,16 +93,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Head(nn.Module):
-    """Base of every head: an optional instance embedding layer (Linear → ReLU → Dropout to
-    ``hidden``), then the head's own pooling and classifier."""
+    """Base of every head: an instance layer (Linear → ReLU, then ``instance_dropout``) shared by
+    all heads, then the head's own ``aggregate``. ``dropout`` acts on bag-level vectors (before the
+    classifier), where it is cheap: instance-level dropout costs a random draw per instance feature.
+    """
 
     name = "?"
     order_invariant = True  # False for heads that read instances in their stored order (concat)
 
-    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 128, dropout: float = 0.25) -> None:
+    def __init__(
+        self, in_dim: int, n_outputs: int, hidden: int = 128, dropout: float = 0.25, instance_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_dim, self.n_outputs, self.hidden, self.dropout = in_dim, n_outputs, hidden, dropout
-        self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.instance_layer = nn.Linear(in_dim, hidden)
+        self.instance_dropout = nn.Dropout(instance_dropout)
 
     @classmethod
     def options(cls) -> list[str]:
@@ -100,29 +119,60 @@ class Head(nn.Module):
             if klass in (nn.Module, object):
                 continue
             params = inspect.signature(klass.__init__).parameters
-            names += [p for p in params if p not in ("self", "in_dim", "n_outputs") and p not in names]
+            names += [p for p in params if p not in ("self", "in_dim", "n_outputs", "n_classes") and p not in names]
         return names
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:  # pragma: no cover
+    def embed(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+        """Instance embeddings h = ReLU(W z + b) of z = (x − mean) / std (B × N × hidden).
+
+        Features constant in training (std ≈ 0) are ignored. On the CPU the standardisation is
+        folded into W and b (three passes over the largest tensor of a step saved); on a GPU it
+        runs in float32 before the reduced-precision matmul, whose rounding of raw values would
+        otherwise be amplified by 1/std."""
+        weight, bias = self.instance_layer.weight, self.instance_layer.bias
+        if mean is not None and std is not None:
+            inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+            if x.device.type == "cuda":
+                x = torch.addcmul(-mean * inv, x, inv)
+            else:
+                weight = weight * inv
+                bias = bias - weight @ mean
+        if x.dtype != weight.dtype and x.device.type != "cuda":
+            x = x.to(weight.dtype)
+        return self.instance_dropout(F.relu(F.linear(x, weight, bias)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
+        return self.aggregate(self.embed(x), mask)
+
+    def aggregate(self, h: torch.Tensor, mask: torch.Tensor) -> HeadOutput:  # pragma: no cover
+        """Bag logits (and instance scores) from instance embeddings ``h`` (B × N × hidden)."""
         raise NotImplementedError
 
-    def extra_loss(self, output: HeadOutput, targets: torch.Tensor) -> torch.Tensor | None:
-        """A head's own additional loss (CLAM's instance clustering); None for most heads."""
-        return None
+    def combine_loss(
+        self, bag_loss: torch.Tensor, output: HeadOutput, targets: torch.Tensor, bag_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """The training loss from the task's bag loss; heads with an instance loss (CLAM) add it here."""
+        return bag_loss
 
 
 class _PoolingHead(Head):
     def __init__(
-        self, in_dim: int, n_outputs: int, hidden: int = 128, dropout: float = 0.25, classifier_hidden: int = 0
+        self,
+        in_dim: int,
+        n_outputs: int,
+        hidden: int = 128,
+        dropout: float = 0.25,
+        instance_dropout: float = 0.0,
+        classifier_hidden: int = 0,
     ):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
         self.classifier = _mlp(hidden, n_outputs, classifier_hidden, dropout)
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
-        return HeadOutput(self.classifier(self.pool(self.embed(x), mask)), None)
+    def aggregate(self, h: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.classifier(self.pool(h, mask)), None)
 
 
 @register_head("mean")
@@ -145,8 +195,17 @@ class MaxPooling(_PoolingHead):
 class LogSumExpPooling(_PoolingHead):
     """Log-mean-exp pooling: a smooth max whose temperature r moves it from mean (r→0) to max."""
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, classifier_hidden=0, temperature: float = 5.0):
-        super().__init__(in_dim, n_outputs, hidden, dropout, classifier_hidden)
+    def __init__(
+        self,
+        in_dim,
+        n_outputs,
+        hidden=128,
+        dropout=0.25,
+        instance_dropout=0.0,
+        classifier_hidden=0,
+        temperature: float = 5.0,
+    ):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout, classifier_hidden)
         self.temperature = temperature
 
     def pool(self, h, mask):
@@ -163,14 +222,23 @@ class ConcatPooling(Head):
 
     order_invariant = False
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, classifier_hidden=128, n_instances: int = 16):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
+    def __init__(
+        self,
+        in_dim,
+        n_outputs,
+        hidden=128,
+        dropout=0.25,
+        instance_dropout=0.0,
+        classifier_hidden=128,
+        n_instances: int = 16,
+    ):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
         self.n_instances = n_instances
         self.classifier = _mlp(hidden * n_instances, n_outputs, classifier_hidden, dropout)
 
-    def forward(self, x, mask):
+    def aggregate(self, h, mask):
         k = self.n_instances
-        h = self.embed(x) * mask.unsqueeze(-1)
+        h = h * mask.unsqueeze(-1)
         # Valid instances first, in their order (padding is always at the end of a row, but be safe).
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
         h = torch.gather(h, 1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
@@ -180,18 +248,22 @@ class ConcatPooling(Head):
 
 
 class _AttentionScorer(nn.Module):
-    """Ilse et al. 2018: a_i = wᵀ tanh(V h_i), optionally gated: wᵀ (tanh(V h_i) ⊙ σ(U h_i))."""
+    """Ilse et al. 2018: a_i = wᵀ tanh(V h_i), optionally gated: wᵀ (tanh(V h_i) ⊙ σ(U h_i)).
+    V and U are one matmul (their weights stacked), which halves the kernel launches."""
 
-    def __init__(self, dim: int, attention_dim: int, gated: bool, dropout: float) -> None:
+    def __init__(self, dim: int, attention_dim: int, gated: bool) -> None:
         super().__init__()
-        self.V = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.U = nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+        self.gated, self.attention_dim = gated, attention_dim
+        self.VU = nn.Linear(dim, attention_dim * (2 if gated else 1))
         self.w = nn.Linear(attention_dim, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.V(h)
-        if self.U is not None:
-            a = a * self.U(h)
+        a = self.VU(h)
+        if self.gated:
+            v, u = a.split(self.attention_dim, dim=-1)
+            a = torch.tanh(v) * torch.sigmoid(u)
+        else:
+            a = torch.tanh(a)
         return self.w(a).squeeze(-1)
 
 
@@ -201,13 +273,21 @@ class AttentionMIL(Head):
 
     gated = False
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, classifier_hidden=0, attention_dim: int = 64):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
-        self.attention = _AttentionScorer(hidden, attention_dim, self.gated, dropout)
+    def __init__(
+        self,
+        in_dim,
+        n_outputs,
+        hidden=128,
+        dropout=0.25,
+        instance_dropout=0.0,
+        classifier_hidden=0,
+        attention_dim: int = 64,
+    ):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
+        self.attention = _AttentionScorer(hidden, attention_dim, self.gated)
         self.classifier = _mlp(hidden, n_outputs, classifier_hidden, dropout)
 
-    def forward(self, x, mask):
-        h = self.embed(x)
+    def aggregate(self, h, mask):
         weights = masked_softmax(self.attention(h), mask)
         pooled = torch.einsum("bn,bnd->bd", weights.to(h.dtype), h)
         return HeadOutput(self.classifier(pooled), weights, {"h": h})
@@ -226,14 +306,14 @@ class NoisyAnd(Head):
     P = (σ(a(p̄ − b)) − σ(−ab)) / (σ(a(1 − b)) − σ(−ab)), with p̄ the mean instance probability and a
     learnable threshold b ∈ (0, 1)."""
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, slope: float = 10.0):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
+    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, instance_dropout=0.0, slope: float = 10.0):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
         self.instance_classifier = nn.Linear(hidden, n_outputs)
         self.slope = slope
         self.threshold_logit = nn.Parameter(torch.full((n_outputs,), -1.0))  # b = σ(-1) ≈ 0.27
 
-    def forward(self, x, mask):
-        p = torch.sigmoid(self.instance_classifier(self.embed(x)).float())  # (B, N, C)
+    def aggregate(self, h, mask):
+        p = torch.sigmoid(self.instance_classifier(h).float())  # (B, N, C)
         mean_p = masked_mean(p, mask)
         bag_p = noisy_and(mean_p, self.slope, torch.sigmoid(self.threshold_logit))
         logits = torch.logit(bag_p.clamp(1e-6, 1 - 1e-6))
@@ -251,16 +331,18 @@ class TransformerMIL(Head):
     """A small transformer encoder over the instances (instance interactions), then attention
     pooling with a learned query."""
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, layers: int = 1, heads: int = 4):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
+    def __init__(
+        self, in_dim, n_outputs, hidden=128, dropout=0.25, instance_dropout=0.0, layers: int = 1, heads: int = 4
+    ):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
         layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.query = nn.Parameter(torch.randn(1, 1, hidden) / math.sqrt(hidden))
         self.key = nn.Linear(hidden, hidden)
         self.classifier = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, n_outputs))
 
-    def forward(self, x, mask):
-        h = self.encoder(self.embed(x), src_key_padding_mask=~mask)
+    def aggregate(self, h, mask):
+        h = self.encoder(h, src_key_padding_mask=~mask)
         h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
         logits = (self.key(h) * self.query).sum(-1) / math.sqrt(h.shape[-1])
         weights = masked_softmax(logits, mask)
@@ -270,9 +352,13 @@ class TransformerMIL(Head):
 
 @register_head("clam-sb")
 class ClamSB(GatedAttentionMIL):
-    """CLAM single-branch (Lu et al. 2021): gated attention, plus an instance-level clustering loss:
-    the ``k_sample`` most attended instances of a bag are pseudo-positives of its class and the
-    ``k_sample`` least attended pseudo-negatives, for a per-class instance classifier."""
+    """CLAM single-branch (Lu et al. 2021): gated attention, plus an instance-level clustering loss.
+
+    Each class has its own binary instance classifier. For a bag of class c, its k most attended
+    instances are pseudo-positives and its k least attended pseudo-negatives of classifier c, with
+    k = min(k_sample, n // 2) for a bag of n instances (so no instance is both); with more than two
+    classes (CLAM's subtyping mode) the k most attended are also negatives of every other class's
+    classifier, averaged over classes. The loss is (1 − w) · bag loss + w · instance loss."""
 
     def __init__(
         self,
@@ -280,51 +366,75 @@ class ClamSB(GatedAttentionMIL):
         n_outputs,
         hidden=128,
         dropout=0.25,
+        instance_dropout=0.0,
         classifier_hidden=0,
         attention_dim=64,
         k_sample: int = 8,
         instance_loss_weight: float = 0.3,
+        n_classes: int | None = None,
     ):
-        super().__init__(in_dim, n_outputs, hidden, dropout, classifier_hidden, attention_dim)
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout, classifier_hidden, attention_dim)
         self.k_sample, self.instance_loss_weight = k_sample, instance_loss_weight
-        self.instance_classifiers = nn.Linear(hidden, 2 * max(n_outputs, 2))
+        self.n_classes = n_classes or (2 if n_outputs == 1 else n_outputs)
+        self.instance_classifiers = nn.Linear(hidden, 2 * self.n_classes)
 
-    def extra_loss(self, output: HeadOutput, targets: torch.Tensor) -> torch.Tensor | None:
-        if targets.dtype.is_floating_point and targets.ndim == 1 and self.n_outputs == 1:
-            targets = targets.round().long()  # binary targets arrive as 0./1.
-        if targets.dtype.is_floating_point:
-            return None  # regression: no class to cluster
-        h, weights = output.extra["h"], output.scores
-        mask = weights > 0
-        k = int(min(self.k_sample, mask.sum(1).min().item()))
-        if k < 1:
-            return None
-        top = weights.masked_fill(~mask, -1.0).topk(k, dim=1).indices
-        bottom = (-weights).masked_fill(~mask, -2.0).topk(k, dim=1).indices
+    def combine_loss(self, bag_loss, output, targets, bag_weight):
+        if targets.dtype.is_floating_point and self.n_outputs > 1:
+            return bag_loss  # regression with several outputs: no class to cluster
+        w = self.instance_loss_weight
+        return (1 - w) * bag_loss + w * self.instance_loss(output.extra["h"], output.scores, targets, bag_weight)
+
+    def instance_loss(self, h, attention, targets, bag_weight):
+        n_bags, width = attention.shape
+        valid = attention > 0  # masked_softmax gives padding exactly 0 and real instances > 0
+        n = valid.sum(1)
+        k = torch.minimum(torch.full_like(n, self.k_sample), n // 2)  # per bag
+        depth = min(self.k_sample, width)
+        rank = torch.arange(depth, device=h.device)
+        order = attention.masked_fill(~valid, -1.0).argsort(dim=1, descending=True)  # real instances first
+        top = order[:, :depth]
+        bottom = torch.gather(order, 1, (n.unsqueeze(1) - 1 - rank).clamp_min(0))  # least attended first
+        used = rank < k.unsqueeze(1)  # (B, depth)
         chosen = torch.cat([top, bottom], 1)
         feats = torch.gather(h, 1, chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        logits = self.instance_classifiers(feats).view(*chosen.shape, -1, 2)  # (B, 2k, classes, 2)
-        cls = targets.long().clamp_max(logits.shape[2] - 1)
-        logits = logits[torch.arange(len(cls), device=cls.device), :, cls]  # (B, 2k, 2)
+        logits = self.instance_classifiers(feats).float().view(n_bags, 2 * depth, self.n_classes, 2)
+        cls = targets.round().long() if targets.dtype.is_floating_point else targets.long()
         pseudo = torch.cat([torch.ones_like(top), torch.zeros_like(bottom)], 1)
-        return self.instance_loss_weight * F.cross_entropy(logits.reshape(-1, 2).float(), pseudo.reshape(-1))
+        # In-class: classifier c of the bag's class, top → 1 and bottom → 0.
+        own = logits[torch.arange(n_bags, device=h.device), :, cls]  # (B, 2·depth, 2)
+        ce = F.cross_entropy(own.reshape(-1, 2), pseudo.reshape(-1), reduction="none").view(n_bags, -1)
+        both = torch.cat([used, used], 1).float()
+        per_bag = (ce * both).sum(1) / both.sum(1).clamp_min(1)
+        if self.n_classes > 2:  # subtyping: the top instances are negatives for every other class
+            top_logits = logits[:, :depth]  # (B, depth, classes, 2)
+            ce_out = F.cross_entropy(
+                top_logits.reshape(-1, 2),
+                torch.zeros(top_logits.shape[:-1].numel(), dtype=torch.long, device=h.device),
+                reduction="none",
+            ).view(n_bags, depth, self.n_classes)
+            other = torch.ones(n_bags, self.n_classes, device=h.device).scatter(1, cls.unsqueeze(1), 0.0)
+            out_per_bag = (ce_out * used.unsqueeze(-1).float() * other.unsqueeze(1)).sum((1, 2))
+            out_per_bag = out_per_bag / (used.sum(1).clamp_min(1).float())
+            per_bag = (per_bag + out_per_bag) / self.n_classes
+        weight = bag_weight * (k > 0).float()
+        return (per_bag * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
 @register_head("dsmil")
 class DSMIL(Head):
     """DSMIL (Li et al. 2021), dual stream: an instance classifier finds the critical (max-scoring)
-    instance; every instance is attended by its similarity to it; the bag logit averages the
-    critical instance's score and the classifier of the attention-pooled embedding."""
+    instance; every instance is attended by its similarity to it; the bag classifier reads the
+    attention-pooled embedding. As in the paper's code, training averages the two streams' losses and
+    prediction averages their probabilities."""
 
-    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, query_dim: int = 64):
-        super().__init__(in_dim, n_outputs, hidden, dropout)
+    def __init__(self, in_dim, n_outputs, hidden=128, dropout=0.25, instance_dropout=0.0, query_dim: int = 64):
+        super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
         self.instance_classifier = nn.Linear(hidden, n_outputs)
         self.query = nn.Sequential(nn.Linear(hidden, query_dim), nn.Tanh())
         self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
         self.bag_classifier = nn.Conv1d(n_outputs, n_outputs, kernel_size=hidden)
 
-    def forward(self, x, mask):
-        h = self.embed(x)
+    def aggregate(self, h, mask):
         inst = self.instance_classifier(h).float().masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, N, C)
         critical_score, critical = inst.max(1)  # (B, C)
         q = self.query(h)  # (B, N, Q)
@@ -332,6 +442,8 @@ class DSMIL(Head):
         sim = torch.einsum("bnq,bcq->bnc", q.float(), q_crit.float()) / math.sqrt(q.shape[-1])
         weights = masked_softmax(sim, mask.unsqueeze(-1).expand_as(sim))  # (B, N, C)
         pooled = torch.einsum("bnc,bnd->bcd", weights.to(h.dtype), self.value(h))  # (B, C, D)
-        bag = self.bag_classifier(pooled).squeeze(-1)  # (B, C)
-        logits = 0.5 * (critical_score.clamp_min(-1e4) + bag.float())
-        return HeadOutput(logits, weights[..., -1])
+        bag = self.bag_classifier(pooled).squeeze(-1).float()  # (B, C)
+        critical_score = critical_score.clamp_min(-1e4)
+        # ``logits`` averages the streams for use without a task; MILModel replaces it by the
+        # task's average of the streams' probabilities.
+        return HeadOutput(0.5 * (critical_score + bag), weights[..., -1], streams=[critical_score, bag])

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from milcache.aggregator.heads import HeadOutput, create_head
+from milcache.aggregator.heads import Head, HeadOutput, create_head
 from milcache.aggregator.tasks import Task
 from milcache.errors import MilcacheError
 
@@ -18,23 +18,42 @@ CONFIG_FILE = "config.json"
 
 
 class MILModel(nn.Module):
-    """Standardises embeddings with statistics of the training split, then applies the head."""
+    """Standardises embeddings with statistics of the training split, then applies the head; a
+    head's several streams (DSMIL) become one prediction by the task's average of probabilities."""
 
-    def __init__(self, head: nn.Module, dim: int) -> None:
+    def __init__(self, head: Head, dim: int, task: Task) -> None:
         super().__init__()
         self.head = head
+        self.task = task
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
-        # In place after the one unavoidable copy: this tensor is the largest of a step. Padded slots
-        # hold real (finite) instances of the batch, and every head masks them out.
-        x = x.float() if x.dtype != torch.float32 else x.clone()
-        return self.head(x.sub_(self.mean).div_(self.std), mask)
+        out = self.head.aggregate(self.head.embed(x, self.mean, self.std), mask)
+        if out.streams:
+            out.logits = self.task.combine_streams(out.streams)
+        return out
+
+    def loss(
+        self,
+        out: HeadOutput,
+        targets: torch.Tensor,
+        class_weights: torch.Tensor | None = None,
+        bag_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training loss of a batch: the task's loss (averaged over a head's streams), then the
+        head's own additions (CLAM's instance loss)."""
+        if bag_weight is None:
+            bag_weight = torch.ones(len(targets), device=targets.device)
+        streams = out.streams or [out.logits]
+        bag_loss = sum(self.task.loss(s, targets, class_weights, bag_weight) for s in streams) / len(streams)
+        return self.head.combine_loss(bag_loss, out, targets, bag_weight)
 
 
 def build_model(head: str, head_options: dict, dim: int, task: Task) -> MILModel:
-    return MILModel(create_head(head, dim, task.n_outputs, **head_options), dim)
+    return MILModel(
+        create_head(head, dim, task.n_outputs, n_classes=len(task.classes) or None, **head_options), dim, task
+    )
 
 
 def save_model(model: MILModel, run_dir: Path, config: dict) -> None:

@@ -19,7 +19,7 @@ from milcache.aggregator.model import MILModel, build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
 from milcache.aggregator.tasks import Task
-from milcache.aggregator.trainer import Report, fit, infer
+from milcache.aggregator.trainer import Report, fit, fit_stacked, infer
 from milcache.devices import resolve_device
 from milcache.errors import LabelError
 from milcache.store import FeatureStore, read_labels
@@ -71,9 +71,9 @@ def load_cohort(
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta)
 
 
-def _initial_model(config: TrainConfig, cohort: Cohort):
+def _initial_model(config: TrainConfig, cohort: Cohort, seed: int | None = None) -> MILModel:
     """A freshly initialised model; seeded, so a run with the same --seed gives the same results."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if seed is None else seed)
     return build_model(config.head, config.head_options, cohort.data.dim, cohort.task)
 
 
@@ -98,6 +98,14 @@ def _summarise(fold_metrics: list[dict]) -> dict:
     return out
 
 
+def _models_per_stack(config: TrainConfig, data: Bags) -> int:
+    """How many fold models train side by side: as many as keep a stacked step within 8 ×
+    ``max_tokens`` padded instances (each model's batch is at most ``max_tokens``)."""
+    longest = int(data.lengths.max()) if len(data.lengths) else 1
+    per_model = min(config.max_tokens, config.batch_size * min(longest, config.instances or longest))
+    return max(1, (8 * config.max_tokens) // max(per_model, 1))
+
+
 def cross_validate(
     cohort: Cohort,
     config: TrainConfig,
@@ -105,39 +113,49 @@ def cross_validate(
     repeats: int = 1,
     report: Report | None = None,
     monitor: str = "auc",
-    report_stride: int | None = None,
+    progress: bool = False,
 ) -> tuple[dict, pl.DataFrame, list[int], list[MILModel]]:
     """Metrics per fold and their mean ± std, out-of-fold predictions, each fold's best epoch and
-    each fold's trained model.
+    each fold's trained model. The folds train together as stacked models.
 
-    ``report(step, value)`` gets the ``monitor`` metric of each epoch; fold k reports from step
-    ``k * report_stride`` (default: the epoch count) so steps are comparable between runs."""
+    ``report(epoch, value)`` gets the ``monitor`` metric of each epoch, averaged over the folds
+    (on their validation splits, or on their test folds when they have none)."""
+    from tqdm import tqdm
+
     task, y, groups = cohort.task, cohort.y, cohort.groups
     stratified = task.kind != "regression"
     if cohort.split is not None:
         train, test, val = _fixed_split(cohort)
         plans = [(train, test, val)]
     else:
-        plans = [(tr, te, None) for tr, te in cv_splits(y, groups, stratified, folds, repeats, config.seed)]
-    fold_metrics, oof, best_epochs, models = [], [], [], []
-    for k, (train, test, val) in enumerate(plans):
-        if val is None:
-            train, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
-        model = _initial_model(config, cohort)
-        result = fit(
-            model,
-            cohort.data,
-            task,
-            y,
-            train,
-            val if len(val) else None,
-            config,
-            report,
-            monitor,
-            step_offset=k * (report_stride or config.epochs),
-        )
+        plans = []
+        for k, (train, test) in enumerate(cv_splits(y, groups, stratified, folds, repeats, config.seed)):
+            fit_on, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
+            plans.append((fit_on, test, val))
+    models = [_initial_model(config, cohort, config.seed + k) for k in range(len(plans))]
+    results = []
+    per_stack = _models_per_stack(config, cohort.data)
+    with tqdm(total=len(plans) * config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
+        for start in range(0, len(plans), per_stack):
+            chunk = range(start, min(start + per_stack, len(plans)))
+            watch = [plans[k][1] for k in chunk] if report is not None else None
+            results += fit_stacked(
+                [models[k] for k in chunk],
+                cohort.data,
+                task,
+                y,
+                [plans[k][0] for k in chunk],
+                [plans[k][2] if plans[k][2] is not None and len(plans[k][2]) else None for k in chunk],
+                config,
+                seeds=[config.seed + k for k in chunk],
+                report=report,
+                monitor=monitor,
+                watch=watch,
+                on_epoch=bar.update,
+            )
+    fold_metrics, oof, best_epochs = [], [], []
+    for k, ((_, test, _), model, result) in enumerate(zip(plans, models, results, strict=True)):
         best_epochs.append(result["best_epoch"])
-        models.append(model)
         logits, _ = infer(model, cohort.data, test, config)
         outputs = task.outputs(logits).cpu().numpy()
         fold_metrics.append({"fold": k, "best_epoch": result["best_epoch"], **task.metrics(y[test], outputs)})

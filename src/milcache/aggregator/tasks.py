@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,19 +55,49 @@ class Task:
             raise LabelError(f"labels not seen in training: {', '.join(unknown[:10])}")
         return np.asarray([index[v] for v in labels], dtype=np.int64)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        logits = logits.float()
+    def loss(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        class_weights: torch.Tensor | None = None,
+        bag_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean loss of a batch; ``bag_weight`` (0/1 per bag) leaves padded bag slots out."""
+        per_bag, norm = self._per_bag_loss(logits.float(), y, class_weights)
+        if bag_weight is not None:
+            per_bag, norm = per_bag * bag_weight, norm * bag_weight
+        return per_bag.sum() / norm.sum().clamp_min(1e-12)
+
+    def _per_bag_loss(
+        self, logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each bag's loss and its share of the normaliser (torch's reductions, made per bag)."""
+        ones = torch.ones(len(y), device=logits.device)
         if self.kind == "regression":
-            return F.mse_loss(logits[:, 0], y.float())
+            return F.mse_loss(logits[:, 0], y.float(), reduction="none"), ones
         if self.kind == "binary":
             pos_weight = None if class_weights is None else class_weights[1] / class_weights[0]
-            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pos_weight)
+            loss = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pos_weight, reduction="none")
+            return loss, ones
         if self.kind == "ordinal":
             thresholds = torch.arange(logits.shape[1], device=y.device)
             above = (y.unsqueeze(1) > thresholds).float()
-            weight = None if class_weights is None else class_weights[y].unsqueeze(1)
-            return F.binary_cross_entropy_with_logits(logits, above, weight=weight)
-        return F.cross_entropy(logits, y, weight=class_weights)
+            loss = F.binary_cross_entropy_with_logits(logits, above, reduction="none").mean(1)
+            return (loss if class_weights is None else loss * class_weights[y]), ones
+        loss = F.cross_entropy(logits, y, reduction="none")
+        if class_weights is None:
+            return loss, ones
+        return loss * class_weights[y], class_weights[y]
+
+    def combine_streams(self, streams: list[torch.Tensor]) -> torch.Tensor:
+        """Logits whose outputs are the mean of the streams' outputs (probabilities, or values)."""
+        stacked = torch.stack([s.float() for s in streams])
+        if self.kind == "regression":
+            return stacked.mean(0)
+        if self.kind == "multiclass":
+            return torch.logsumexp(torch.log_softmax(stacked, -1), 0) - math.log(len(streams))
+        p = torch.sigmoid(stacked).mean(0).clamp(1e-7, 1 - 1e-7)
+        return torch.logit(p)
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B × classes), or the predicted value (B × 1) for regression."""

@@ -90,11 +90,3 @@ def sample_config(trial, space: dict, seed: int = 0) -> TrainConfig:
     if train.get("instances") == 0:
         train["instances"] = None  # 0 stands for "all instances"
     return TrainConfig(head=head, head_options=options, **train)
-
-
-def max_epochs(space: dict) -> int:
-    """The largest epoch count a trial may draw: the stride between folds in reported steps."""
-    spec = space.get("epochs", TrainConfig.epochs)
-    if isinstance(spec, dict):
-        return int(spec.get("high") or max(spec.get("choices", [TrainConfig.epochs])))
-    return int(max(spec) if isinstance(spec, list) else spec)

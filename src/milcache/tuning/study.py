@@ -16,7 +16,7 @@ from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, train_head
 from milcache.errors import MilcacheError
-from milcache.tuning.space import load_space, max_epochs, sample_config
+from milcache.tuning.space import load_space, sample_config
 
 MINIMISED = {"log_loss", "mse"}
 PRUNERS = ("median", "hyperband", "none")
@@ -131,8 +131,6 @@ def _stop_after_failures(limit: int):
 def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
     import optuna
 
-    stride = max_epochs(space)
-
     def objective(trial: optuna.Trial) -> float:
         config = sample_config(trial, space, settings.seed)
         trial.set_user_attr("config", {**config.to_dict()})
@@ -144,7 +142,7 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
                 raise optuna.TrialPruned()
 
         try:
-            metrics, *_ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric, stride)
+            metrics, *_ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric)
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
