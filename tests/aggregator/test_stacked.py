@@ -76,6 +76,6 @@ def test_stacked_adamw_matches_torch_adamw():
         reference.step()
         b.grad = grad.unsqueeze(0).repeat(2, 1, 1)
         b.grad[1] = 7.0  # model 1 sits every step out: its parameters must not move
-        ours.step(torch.tensor([1e-2, 1e-2]), torch.tensor([1.0, 0.0]))
+        ours.step(torch.tensor([1e-2, 1e-2]), np.array([True, False]))
     torch.testing.assert_close(b[0].detach(), a.detach())
     assert torch.equal(b[1].detach(), initial)

@@ -125,14 +125,15 @@ class Head(nn.Module):
     def embed(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
         """Instance embeddings h = ReLU(W z + b) of z = (x − mean) / std (B × N × hidden).
 
-        Features constant in training (std ≈ 0) are ignored. On the CPU the standardisation is
-        folded into W and b (three passes over the largest tensor of a step saved); on a GPU it
-        runs in float32 before the reduced-precision matmul, whose rounding of raw values would
-        otherwise be amplified by 1/std."""
+        Features constant in training (std ≈ 0) are ignored. On the CPU, when the batch holds
+        more instances than W has rows, the standardisation is folded into W and b (passes over
+        the batch, the largest tensor of a step, saved); otherwise, and on a GPU, it runs on x in
+        float32 (there before the reduced-precision matmul, whose rounding of raw values would
+        otherwise be amplified by 1/std)."""
         weight, bias = self.instance_layer.weight, self.instance_layer.bias
         if mean is not None and std is not None:
             inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
-            if x.device.type == "cuda":
+            if x.device.type == "cuda" or x.numel() <= weight.numel():
                 x = torch.addcmul(-mean * inv, x, inv)
             else:
                 weight = weight * inv

@@ -51,7 +51,9 @@ def validation_split(
     y: np.ndarray, groups: np.ndarray, train: np.ndarray, fraction: float, stratified: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold ``fraction`` of a training fold out for early stopping (grouped and stratified when it can)."""
-    n_splits = max(2, round(1 / fraction)) if fraction > 0 else 0
+    if fraction <= 0:
+        return train, np.array([], dtype=np.int64)  # no early stopping: fixed epochs
+    n_splits = max(2, round(1 / fraction))
     sub_y, sub_groups = y[train], groups[train]
     try:
         _check_enough(sub_y, sub_groups, n_splits, stratified, "the validation split")

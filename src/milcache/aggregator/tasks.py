@@ -114,29 +114,38 @@ class Task:
             return cumulative[:, :-1] - cumulative[:, 1:]
         return torch.softmax(logits, 1)
 
-    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        """Metrics of one evaluation; y are encoded targets, outputs as from ``outputs``."""
+    def metrics(self, y: np.ndarray, outputs: np.ndarray, only: str | None = None) -> dict[str, float]:
+        """Metrics of one evaluation; y are encoded targets, outputs as from ``outputs``. With
+        ``only`` (a metric this task has), just that one: what a pruner needs every epoch."""
+        functions = self._metric_functions(y, outputs)
+        names = [only] if only in functions else list(functions)
+        return {name: float(functions[name]()) for name in names}
+
+    def _metric_functions(self, y: np.ndarray, outputs: np.ndarray) -> dict:
         from scipy.stats import pearsonr
         from sklearn import metrics as m
 
         if self.kind == "regression":
             pred = outputs[:, 0]
-            r = float(pearsonr(y, pred)[0]) if len(y) > 1 and np.std(pred) > 0 else float("nan")
-            return {"mse": float(m.mean_squared_error(y, pred)), "r2": float(m.r2_score(y, pred)), "pearson_r": r}
+            return {
+                "mse": lambda: m.mean_squared_error(y, pred),
+                "r2": lambda: m.r2_score(y, pred),
+                "pearson_r": lambda: pearsonr(y, pred)[0] if len(y) > 1 and np.std(pred) > 0 else float("nan"),
+            }
         pred = outputs.argmax(1)
         labels = list(range(len(self.classes)))
         probs = np.clip(outputs, 1e-7, 1)
         probs = probs / probs.sum(1, keepdims=True)
-        out = {
-            "auc": _auc(y, outputs, labels),
-            "accuracy": float(m.accuracy_score(y, pred)),
-            "balanced_accuracy": float(m.balanced_accuracy_score(y, pred)),
-            "f1": float(m.f1_score(y, pred, average="binary" if self.kind == "binary" else "macro", zero_division=0)),
-            "log_loss": float(m.log_loss(y, probs, labels=labels)),
+        functions = {
+            "auc": lambda: _auc(y, outputs, labels),
+            "accuracy": lambda: m.accuracy_score(y, pred),
+            "balanced_accuracy": lambda: m.balanced_accuracy_score(y, pred),
+            "f1": lambda: m.f1_score(y, pred, average="binary" if self.kind == "binary" else "macro", zero_division=0),
+            "log_loss": lambda: m.log_loss(y, probs, labels=labels),
         }
         if self.kind == "ordinal":
-            out["kappa"] = float(m.cohen_kappa_score(y, pred, weights="quadratic"))
-        return out
+            functions["kappa"] = lambda: m.cohen_kappa_score(y, pred, weights="quadratic")
+        return functions
 
 
 def _auc(y: np.ndarray, outputs: np.ndarray, labels: list[int]) -> float:

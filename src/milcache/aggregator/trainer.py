@@ -62,24 +62,32 @@ class StackedAdamW:
         self.steps = torch.zeros(n_models, device=params[0].device)
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
-        """``lr`` and ``active`` (float 0/1) hold one value per model."""
+    def step(self, lr: torch.Tensor, active: np.ndarray) -> None:
+        """``lr`` holds one value per model; ``active`` (bool per model, on the host) says which
+        models take this step. Each line below is one in-place pass over the parameters."""
         beta1, beta2 = self.betas
-        self.steps += active
+        everyone = bool(active.all())
+        a = torch.from_numpy(active.astype(np.float32)).to(self.steps.device)
+        self.steps += a
         t = self.steps.clamp_min(1)
-        step_size = lr * active / (1 - beta1**t)
+        step_size = lr * a / (1 - beta1**t)
         root_correction = torch.sqrt(1 - beta2**t)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.ndim - 1)
-            a = active.view(shape)
             g = p.grad
-            p.mul_(1 - (lr * active * self.weight_decay).view(shape))
-            m.add_((g - m) * ((1 - beta1) * a))
-            v.add_((g * g - v) * ((1 - beta2) * a))
-            denom = (v.sqrt() / root_correction.view(shape)).add_(self.eps)
-            p.addcdiv_(m * step_size.view(shape), denom, value=-1.0)
+            p.mul_((1 - lr * a * self.weight_decay).view(shape))
+            if everyone:
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            else:  # models sitting this step out keep their moments
+                keep = a.view(shape)
+                m.lerp_(g, (1 - beta1) * keep)
+                v.add_((g * g - v).mul_((1 - beta2) * keep))
+            update = v.sqrt().div_(root_correction.view(shape)).add_(self.eps)
+            torch.div(m, update, out=update)
+            p.addcmul_(update, step_size.view(shape), value=-1.0)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -202,7 +210,6 @@ def fit_stacked(
             mask = mask.view(n_models, width, -1)
             bags = torch.from_numpy(flat).to(device).view(n_models, width)
             bag_weight = torch.from_numpy(weight).to(device)
-            active_t = torch.from_numpy(active).to(device)
             with _autocast(device, config.precision):
                 losses = stacked_loss(params, buffers, x, mask, targets[bags], class_weights, bag_weight)
             total = losses.sum()
@@ -211,11 +218,25 @@ def fit_stacked(
             optimizer.zero_grad()
             total.backward()
             lr = config.lr * _lr_factor(config.schedule, optimizer.steps, total_steps)
-            optimizer.step(lr, active_t)
+            optimizer.step(lr, active > 0)
             epoch_loss += losses.detach().float() * bag_weight.sum(1)  # stays on the device: no sync
             epoch_bags += bag_weight.sum(1)
         train_loss = (epoch_loss / epoch_bags.clamp_min(1)).tolist()
-        _end_epoch(epoch, states, active_models, models, params, buffers, data, task, y, config, train_loss, histories)
+        _end_epoch(
+            epoch,
+            states,
+            active_models,
+            models,
+            params,
+            buffers,
+            data,
+            task,
+            y,
+            config,
+            train_loss,
+            histories,
+            monitor if report is not None else None,
+        )
         if report is not None:
             values = [histories[m][-1].get(f"val_{monitor}", math.nan) for m in active_models]
             finite = [v for v in values if np.isfinite(v)]
@@ -282,7 +303,9 @@ def _model_state(params: dict, buffers: dict, m: int) -> dict:
     return {k.removeprefix("model."): v[m].detach().clone() for k, v in {**params, **buffers}.items()}
 
 
-def _end_epoch(epoch, states, active_models, models, params, buffers, data, task, y, config, train_loss, histories):
+def _end_epoch(
+    epoch, states, active_models, models, params, buffers, data, task, y, config, train_loss, histories, monitor
+):
     """Each active model's validation (and early stopping) at the end of an epoch."""
     for m in active_models:
         state = states[m]
@@ -293,8 +316,9 @@ def _end_epoch(epoch, states, active_models, models, params, buffers, data, task
             models[m].load_state_dict(_model_state(params, buffers, m))
             logits, _ = infer(models[m], data, evaluated, config)
             record["val_loss"] = float(task.loss(logits, torch.from_numpy(y[evaluated]).to(logits.device)))
-            metrics = task.metrics(y[evaluated], task.outputs(logits).cpu().numpy())
-            record.update({f"val_{k}": v for k, v in metrics.items()})
+            if monitor is not None:  # only what a pruner reads: metrics cost more than a small epoch
+                metrics = task.metrics(y[evaluated], task.outputs(logits).cpu().numpy(), only=monitor)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
         if state.val is not None:
             if record["val_loss"] < state.best_loss - 1e-4:
                 state.best_loss, state.best_epoch = record["val_loss"], epoch

