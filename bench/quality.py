@@ -37,6 +37,7 @@ from milcache.aggregator.data import BagTensor
 from milcache.aggregator.run import Cohort, cross_validate
 from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.tasks import Task
+from reference import GatedAttention, reference_optimizer
 
 MIL_SETS = ("birds_brown_creeper", "corel_dogs", "protein", "ucsb_breast_cancer", "web_recommendation_1")
 DATASETS = (*MIL_SETS, "mnist_bags")
@@ -107,24 +108,6 @@ def cohort_of(bags: list[np.ndarray], y: np.ndarray) -> Cohort:
 # ---------------------------------------------------------------- the reference recipe
 
 
-class GatedAttention(nn.Module):
-    """Ilse et al. 2018's gated attention for MIL benchmark features, as the reference scripts
-    write it: instance layer, tanh × sigmoid attention, weighted sum, linear classifier."""
-
-    def __init__(self, dim: int, hidden: int = 256, attention: int = 128) -> None:
-        super().__init__()
-        self.feature = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
-        self.V = nn.Sequential(nn.Linear(hidden, attention), nn.Tanh())
-        self.U = nn.Sequential(nn.Linear(hidden, attention), nn.Sigmoid())
-        self.w = nn.Linear(attention, 1)
-        self.classifier = nn.Linear(hidden, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.feature(x)
-        a = torch.softmax(self.w(self.V(h) * self.U(h)).squeeze(-1), 0)
-        return self.classifier(a @ h).squeeze(-1)
-
-
 def reference_fold(bags, y, train, test, seed: int, epochs: int = 40) -> np.ndarray:
     """One bag per step, Adam(5e-4, weight decay 5e-4), fixed epochs; features standardised with
     the training fold's statistics. Returns the test bags' probabilities."""
@@ -135,7 +118,7 @@ def reference_fold(bags, y, train, test, seed: int, epochs: int = 40) -> np.ndar
     std[std < 1e-6] = 1.0
     tensors = [torch.from_numpy((b - mean) / std) for b in bags]
     model = GatedAttention(bags[0].shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+    optimizer = reference_optimizer(model)
     loss_fn = nn.BCEWithLogitsLoss()
     targets = torch.from_numpy(y).float()
     for _ in range(epochs):

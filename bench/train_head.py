@@ -1,8 +1,14 @@
-"""One training epoch of gated attention over random embeddings, all instances used: milcache's
-batched trainer against the one-bag-per-step loop of common MIL reference code, same data, same run.
+"""Stage 2 speed at identical architecture (gated attention, 256-d instance layer, 128-d attention):
+milcache's trainer against the one-bag-per-step loop of MIL reference code and torchmil's ABMIL
+with its padded collate (4 bags per step; imported when installed, else said so), same data, same run.
 
-    python bench/train_head.py --bags 1000 --instances 8000 --dim 1024 --device cuda   # the issue's size
-    python bench/train_head.py --bags 200 --instances 2000 --dim 1024 --device cpu     # a CPU-sized run
+    (a) 200 bags × 1,000–2,000 instances × 512-d: seconds per training epoch
+    (b) 92 bags × 2–40 × 166-d (MUSK size): wall time of a whole 10-fold × 5 CV, 40 epochs
+    (c) 1,000 bags × 8,000 × 1,024-d on a GPU: seconds per epoch
+
+    python bench/train_head.py --case a
+    python bench/train_head.py --case b --repeats 5
+    python bench/train_head.py --case c --device cuda
 """
 
 from __future__ import annotations
@@ -12,20 +18,31 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
+from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import BagTensor
 from milcache.aggregator.model import build_model
+from milcache.aggregator.run import Cohort, cross_validate
+from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.tasks import Task
-from milcache.aggregator.trainer import TrainConfig, fit
+from milcache.aggregator.trainer import fit
 from milcache.devices import resolve_device
+from reference import GatedAttention, reference_optimizer
+
+HIDDEN, ATTENTION = 256, 128
+ARCHITECTURE = {"hidden": HIDDEN, "attention_dim": ATTENTION}
 
 
-def synthetic(bags: int, instances: int, dim: int, device: torch.device) -> tuple[BagTensor, np.ndarray]:
-    lengths = np.full(bags, instances, dtype=np.int64)
+def synthetic(bags: int, low: int, high: int, dim: int, device: torch.device, dtype=torch.float16):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(low, high + 1, bags).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    features = torch.randn(int(offsets[-1]), dim, dtype=torch.float16, device=device)
-    y = np.random.default_rng(0).integers(0, 2, bags)
-    return BagTensor(features, torch.from_numpy(offsets).to(device), lengths, [f"b{i}" for i in range(bags)], device), y
+    features = torch.randn(int(offsets[-1]), dim, dtype=dtype, device=device)
+    y = (np.arange(bags) % 2).astype(np.int64)
+    rng.shuffle(y)
+    ids = [f"b{i}" for i in range(bags)]
+    return BagTensor(features, torch.from_numpy(offsets).to(device), lengths, ids, device), y
 
 
 def sync(device: torch.device) -> None:
@@ -33,56 +50,146 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reference_loop(data: BagTensor, y: np.ndarray, task: Task, config: TrainConfig) -> float:
-    """One bag per step, as CLAM-style reference code trains (batch size 1)."""
-    model = build_model(config.head, config.head_options, data.dim, task).to(data.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    targets = torch.from_numpy(y).to(data.device)
-    use_bf16 = data.device.type == "cuda"
-    sync(data.device)
+def loop_epochs(data: BagTensor, y: np.ndarray, bags: np.ndarray, epochs: int, seed: int = 0) -> float:
+    """One bag per step (batch size 1), Adam 5e-4: the reference loop. Returns seconds."""
+    torch.manual_seed(seed)
+    device = data.device
+    model = GatedAttention(data.dim, HIDDEN, ATTENTION).to(device)
+    optimizer = reference_optimizer(model)
+    targets = torch.from_numpy(y).float().to(device)
+    loss_fn = nn.BCEWithLogitsLoss()
+    use_bf16 = device.type == "cuda"
+    rng = np.random.default_rng(seed)
+    sync(device)
     start = time.perf_counter()
-    for i in np.random.default_rng(0).permutation(len(data)):
-        x = data.features[data.offsets[i] : data.offsets[i + 1]].unsqueeze(0)
-        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=data.device)
-        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = task.loss(model(x, mask).logits, targets[i : i + 1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    sync(data.device)
+    for _ in range(epochs):
+        for i in rng.permutation(bags):
+            x = data.features[data.offsets[i] : data.offsets[i + 1]]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = loss_fn(model(x.float() if not use_bf16 else x).float(), targets[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    sync(device)
     return time.perf_counter() - start
 
 
-def batched_epoch(data: BagTensor, y: np.ndarray, task: Task, config: TrainConfig) -> float:
+def torchmil_epochs(data: BagTensor, y: np.ndarray, bags: np.ndarray, epochs: int, batch: int = 4) -> float | None:
+    """torchmil's ABMIL (gated) with its padded collate, ``batch`` bags per step; None without torchmil."""
+    try:
+        from torchmil.data import pad_tensors
+        from torchmil.models import ABMIL
+    except ImportError:
+        return None
+    device = data.device
+    torch.manual_seed(0)
+    feat_ext = nn.Sequential(nn.Linear(data.dim, HIDDEN), nn.ReLU())
+    model = ABMIL(in_shape=(data.dim,), att_dim=ATTENTION, gated=True, feat_ext=feat_ext).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=5e-4)
+    targets = torch.from_numpy(y).float().to(device)
+    rng = np.random.default_rng(0)
+    use_bf16 = device.type == "cuda"
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = rng.permutation(bags)
+        for s in range(0, len(order), batch):
+            chosen = order[s : s + batch]
+            x, mask = pad_tensors([data.features[data.offsets[i] : data.offsets[i + 1]].float() for i in chosen])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, losses = model.compute_loss(targets[chosen], x, mask)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def milcache_epochs(data: BagTensor, y: np.ndarray, epochs: int, config: TrainConfig) -> float:
+    task = Task("binary", [0, 1])
     model = build_model(config.head, config.head_options, data.dim, task)
     sync(data.device)
     start = time.perf_counter()
-    fit(model, data, task, y, np.arange(len(data)), None, config)
+    fit(model, data, task, y, np.arange(len(y)), None, config)
     sync(data.device)
     return time.perf_counter() - start
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def case_epoch(bags: int, low: int, high: int, dim: int, device: torch.device, epochs: int = 2) -> None:
+    """Seconds per epoch, each side timed over ``epochs`` epochs (one-off costs included)."""
+    data, y = synthetic(bags, low, high, dim, device)
+    print(f"{bags} bags × {low}–{high} instances × {dim}-d float16 on {_device_name(device)}; {epochs} epochs each")
+    every = np.arange(bags)
+    defaults = TrainConfig(head_options=ARCHITECTURE, epochs=epochs)
+    all_instances = TrainConfig(head_options=ARCHITECTURE, epochs=epochs, instances=None)
+    milcache_epochs(data, y, 1, TrainConfig(head_options=ARCHITECTURE, epochs=1))  # warm-up (allocator, kernels)
+    rows = {
+        "milcache, defaults (≤ 1,024 instances a bag a step)": milcache_epochs(data, y, epochs, defaults),
+        "milcache, every instance": milcache_epochs(data, y, epochs, all_instances),
+        "one-bag-per-step loop": loop_epochs(data, y, every, epochs),
+        "torchmil ABMIL, 4 bags a step": torchmil_epochs(data, y, every, epochs),
+    }
+    _print_rows({k: (v / epochs if v is not None else None) for k, v in rows.items()}, "s/epoch")
+
+
+def case_cv(folds: int, repeats: int, device: torch.device, epochs: int = 40) -> None:
+    """Wall time of a whole folds × repeats CV, 40 epochs a fold, MUSK-sized bags."""
+    data, y = synthetic(92, 2, 40, 166, device, dtype=torch.float32)
+    print(f"92 bags × 2–40 instances × 166-d on {_device_name(device)}: {folds}-fold × {repeats} CV, {epochs} epochs")
+    ids = np.array(data.bag_ids, dtype=object)
+    cohort = Cohort(data, Task("binary", [0, 1]), y, ids, None, y.tolist(), 0, {})
+    config = TrainConfig(head_options=ARCHITECTURE, epochs=epochs)
+    cross_validate(cohort, TrainConfig(head_options=ARCHITECTURE, epochs=1), folds, 1)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    cross_validate(cohort, config, folds, repeats)
+    sync(device)
+    ours = time.perf_counter() - start
+    splits = cv_splits(y, ids, True, folds, repeats, 0)
+    loop = sum(loop_epochs(data, y, train, epochs, seed=k) for k, (train, _) in enumerate(splits))
+    tm = [torchmil_epochs(data, y, train, epochs) for train, _ in splits]
+    rows = {
+        "milcache cross_validate, defaults": ours,
+        "one-bag-per-step loop, fold after fold": loop,
+        "torchmil ABMIL, 4 bags a step, fold after fold": None if tm[0] is None else sum(tm),
+    }
+    _print_rows(rows, "s for the CV")
+
+
+def _print_rows(rows: dict, unit: str) -> None:
+    ours = next(iter(rows.values()))
+    peers = [v for k, v in rows.items() if not k.startswith("milcache") and v is not None]
+    for name, value in rows.items():
+        if value is None:
+            print(f"  {name:52s}  not installed (pip install torchmil to compare)")
+        else:
+            print(f"  {name:52s} {value:9.3f} {unit}   milcache defaults are {value / ours:6.2f}x faster")
+    if peers:
+        print(f"  ratio to the fastest peer: {min(peers) / ours:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bags", type=int, default=200)
-    parser.add_argument("--instances", type=int, default=2000)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=65536)
+    parser.add_argument("--case", choices=["a", "b", "c"], default="a")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    data, y = synthetic(args.bags, args.instances, args.dim, device)
-    task = Task("binary", [0, 1])
-    config = TrainConfig(epochs=1, instances=None, batch_size=args.batch_size, max_tokens=args.max_tokens)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.bags} bags × {args.instances} instances × {args.dim}-d float16 on {name}")
-    batched_epoch(data, y, task, TrainConfig(**{**config.to_dict()}))  # warm-up (allocator, kernels)
-    ours = min(batched_epoch(data, y, task, config) for _ in range(2))
-    ref = reference_loop(data, y, task, config)
-    print(f"one-bag-per-step loop: {ref:8.3f} s/epoch")
-    print(f"milcache batched     : {ours:8.3f} s/epoch")
-    print(f"ratio: {ref / ours:.2f}x faster")
+    if args.case == "a":
+        case_epoch(200, 1000, 2000, 512, device)
+    elif args.case == "b":
+        case_cv(args.folds, args.repeats, device)
+    else:
+        if device.type != "cuda":
+            print("case (c) is sized for a GPU (1,000 bags × 8,000 × 1,024-d, 16 GB): GPU figures pending")
+            return
+        case_epoch(1000, 8000, 8000, 1024, device)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,23 @@ task_option = click.option(
 )
 
 
+def _class_list(ctx, param, value):
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if len(names) < 2:
+        raise click.BadParameter(f"give two classes at least, comma-separated (e.g. low,medium,high), not {value!r}")
+    return names
+
+
+classes_option = click.option(
+    "--classes",
+    callback=_class_list,
+    metavar="A,B,C",
+    help="Class order, low to high (ordinal labels that are text need it, e.g. low,medium,high).",
+)
+
+
 @cli.command("train-head")
 @store_option
 @labels_option
@@ -248,6 +265,7 @@ task_option = click.option(
 @click.option("--folds", default=5, show_default=True, help="Cross-validation folds (grouped by `group`).")
 @click.option("--repeats", default=1, show_default=True, help="Repeated cross-validation.")
 @task_option
+@classes_option
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--epochs", type=int, help=f"Most epochs per fold [{_DEFAULTS.epochs}].")
 @click.option("--lr", type=float, help=f"AdamW learning rate [{_DEFAULTS.lr:g}].")
@@ -294,6 +312,7 @@ def train_head_command(
     folds,
     repeats,
     task_kind,
+    classes,
     label_column,
     device,
     hidden,
@@ -323,6 +342,7 @@ def train_head_command(
         label_column,
         progress=sys.stderr.isatty(),
         regime=regime,
+        classes=classes,
     )
     shown = [
         k
@@ -334,6 +354,8 @@ def train_head_command(
         click.echo(f"  {key:<18} {metrics[key]:.4f} ± {metrics[key + '_std']:.4f}")
     if metrics["unlabelled_bags"]:
         click.echo(f"  ({metrics['unlabelled_bags']} bags of the store have no label and were not used)")
+    for note in metrics["notes"]:
+        click.echo(f"note: {note}")
     click.echo(f"final model: {metrics['final_model']}; written to {out}")
 
 
@@ -392,10 +414,19 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
     metavar="KEY=VALUE",
     help="Fix a parameter instead of searching it (repeatable), e.g. --set head=gated-attention.",
 )
+@click.option(
+    "--holdout",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.0, 0.5),
+    help="Share of the bags (grouped, stratified) kept out of the study and used to score its best "
+    "configuration: an unbiased estimate beside the optimistic best CV score; 0 turns it off.",
+)
 @task_option
+@classes_option
 @click.option("--seed", default=0, show_default=True)
 @device_option
-def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, **settings) -> None:
+def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, device, **settings) -> None:
     """Search aggregator heads and hyper-parameters with Optuna; retrain the best into RUN/best."""
     from milcache.tuning.study import TuneSettings, safe_url, tune
 
@@ -403,14 +434,34 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, device, *
     where = safe_url(tune_settings.storage) if tune_settings.storage else f"sqlite file {out / 'study.db'}"
     click.echo(f"study {tune_settings.study_name!r} in {where}")
     best = tune(
-        store_dir, labels, out, tune_settings, space_file, fixed, task_kind, device, progress=sys.stderr.isatty()
+        store_dir,
+        labels,
+        out,
+        tune_settings,
+        space_file,
+        fixed,
+        task_kind,
+        device,
+        progress=sys.stderr.isatty(),
+        classes=classes,
     )
     trials = best["trials"]
     click.echo(
         f"{trials['COMPLETE']} complete, {trials['PRUNED']} pruned, {trials['FAIL']} failed trials "
         f"in {best['seconds']:.0f}s"
     )
-    click.echo(f"best: trial {best['trial']}, {best['head']}, {best['metric']} {best['value']:.4f}")
+    click.echo(
+        f"best: trial {best['trial']}, {best['head']}, {best['metric']} {best['value']:.4f} "
+        "(cross-validated on the study's bags: the best of many trials, so optimistic)"
+    )
+    held = best["holdout"]
+    if held is None:
+        click.echo("no held-out estimate (--holdout 0, or too few bags to hold any out)")
+    elif held["value"] is not None:
+        click.echo(
+            f"held-out {best['metric']} {held['value']:.4f} on {held['bags']} bags the study never saw "
+            "(the unbiased estimate)"
+        )
     click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
 
 

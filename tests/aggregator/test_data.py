@@ -22,17 +22,39 @@ def test_statistics_use_only_the_given_bags():
     np.testing.assert_allclose(std.numpy(), rows.std(0), atol=1e-4)
 
 
-def test_gather_pads_masks_and_subsamples_in_order():
+def _padded(batch):
+    return batch.x[batch.slots] if batch.slots is not None else batch.x
+
+
+def test_gather_packs_real_instances_masks_and_subsamples_in_order():
     data = _data([5, 2, 8])
-    x, mask = gather_batch(data, np.array([0, 1, 2]))
+    batch = gather_batch(data, np.array([0, 1, 2]))
+    assert batch.x.shape == (15, 6)  # only real instances: 5 + 2 + 8, no padding
+    x, mask = _padded(batch), batch.mask
     assert x.shape == (3, 8, 6) and mask.sum(1).tolist() == [5, 2, 8]
     torch.testing.assert_close(x[1, :2], data.features[5:7])
+    torch.testing.assert_close(x[2], data.features[7:15])
     gen = torch.Generator().manual_seed(0)
-    x, mask = gather_batch(data, np.array([2, 1]), cap=4, generator=gen)
-    assert x.shape == (2, 4, 6) and mask.sum(1).tolist() == [4, 2]
+    batch = gather_batch(data, np.array([2, 1]), cap=4, generator=gen)
+    x, mask = _padded(batch), batch.mask
+    assert x.shape == (2, 4, 6) and mask.sum(1).tolist() == [4, 2] and batch.x.shape == (6, 6)
     bag = data.features[7:15]
     picked = [int((bag == row).all(1).nonzero()[0]) for row in x[0]]
     assert picked == sorted(picked) and len(set(picked)) == 4  # distinct instances, stored order
+
+
+def test_gather_in_groups_packs_each_group_apart():
+    data = _data([5, 2, 8, 1])
+    batch = gather_batch(data, np.array([0, 1, 2, 3]), groups=2).grouped(2)
+    assert batch.x.shape == (2, 9, 6)  # group sizes 7 and 9, the shorter one filled with a real row
+    for g, (first, second) in enumerate([(0, 1), (2, 3)]):
+        x = batch.x[g][batch.slots[g]]
+        n_first, n_second = int(data.lengths[first]), int(data.lengths[second])
+        torch.testing.assert_close(x[0, :n_first], data.features[data.offsets[first] : data.offsets[first] + n_first])
+        torch.testing.assert_close(
+            x[1, :n_second], data.features[data.offsets[second] : data.offsets[second] + n_second]
+        )
+        assert batch.mask[g].sum(1).tolist() == [n_first, n_second]
 
 
 def test_batches_group_similar_sizes_and_cover_every_bag():

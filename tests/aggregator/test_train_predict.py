@@ -215,7 +215,8 @@ def test_streamed_subsampling_keeps_order_and_bounds(cohort):
     root, _ = cohort
     streamed = load_cohort(root / "store", root / "train.csv", device="cpu", regime="stream").data
     batch = np.argsort(-streamed.lengths)[:3]
-    x, mask = gather_batch(streamed, batch, cap=5, generator=torch.Generator().manual_seed(0))
+    gathered = gather_batch(streamed, batch, cap=5, generator=torch.Generator().manual_seed(0))
+    x, mask = gathered.x, gathered.mask
     assert x.shape == (3, 5, 16) and mask.all()
     full = streamed.embeddings(int(batch[0]))
     rows = [int(np.flatnonzero((full == r.numpy()).all(1))[0]) for r in x[0]]

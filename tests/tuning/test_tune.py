@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import optuna
 import polars as pl
 import pytest
@@ -66,9 +67,10 @@ def test_study_beats_mean_pooling_and_best_rebuilds(cohort, tmp_path):
         folds=2,
         device="cpu",
     )
-    settings = TuneSettings(n_trials=8, folds=2, pruner="none")
+    settings = TuneSettings(n_trials=8, folds=2, pruner="none", holdout=0.0)  # the same bags as the baseline
     best = tune(cohort / "store", cohort / "labels.csv", tmp_path / "study", settings, fixed=SMALL, device="cpu")
     assert best["value"] > baseline["auc"]
+    assert best["holdout"] is None
     for name in ("best.json", "trials.parquet", "history.png", "importances.png", "study.db"):
         assert (tmp_path / "study" / name).is_file(), name
     saved = json.loads((tmp_path / "study" / "best.json").read_text())
@@ -225,3 +227,24 @@ def test_workers_started_together_on_an_empty_database_all_open_it():
         for proc in procs:
             _, stderr = proc.communicate(timeout=120)
             assert proc.returncode == 0, stderr
+
+
+def test_study_never_sees_its_held_out_bags_and_scores_the_best_on_them(cohort, tmp_path, monkeypatch):
+    import milcache.tuning.study as study_module
+
+    seen = set()
+    real = study_module.cross_validate
+
+    def watching(cohort_, config, *args, bags=None, **kwargs):
+        seen.update(np.asarray(bags).tolist())
+        return real(cohort_, config, *args, bags=bags, **kwargs)
+
+    monkeypatch.setattr(study_module, "cross_validate", watching)
+    settings = TuneSettings(n_trials=3, folds=2, pruner="none", holdout=0.25)
+    best = tune(cohort / "store", cohort / "labels.csv", tmp_path / "study", settings, fixed=SMALL, device="cpu")
+    held = best["holdout"]
+    assert held["bags"] == 25 and 0.0 <= held["value"] <= 1.0
+    loaded = study_module.load_cohort(cohort / "store", cohort / "labels.csv", device="cpu")
+    study_bags, held_out = study_module.holdout_split(loaded, 0.25, 0)
+    assert len(held_out) == 25 and not seen & set(held_out.tolist())  # the study trained on none of them
+    assert json.loads((tmp_path / "study" / "best.json").read_text())["holdout"]["bags"] == 25

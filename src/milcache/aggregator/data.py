@@ -126,15 +126,41 @@ def plan_batches(
     return batches
 
 
+@dataclass
+class Batch:
+    """The instances of a batch of bags. Resident cohorts give them packed: ``x`` holds the real
+    instances only (groups × T × D, one group per stacked model, T the most real instances of a
+    group, short groups padded with a real row), and ``slots`` (B × N, into a group's rows) lays
+    them out as padded bags after the instance layer, so the largest matmul of a step never runs
+    on padding. Streamed cohorts give padded bags (``x`` B × N × D, ``slots`` None)."""
+
+    x: torch.Tensor
+    mask: torch.Tensor  # (B, N): True for real instances
+    slots: torch.Tensor | None
+
+    def grouped(self, groups: int) -> Batch:
+        """The batch split into ``groups`` equal groups of bags (one per stacked model)."""
+        mask = self.mask.view(groups, -1, self.mask.shape[-1])
+        if self.slots is None:
+            return Batch(self.x.view(groups, -1, *self.x.shape[1:]), mask, None)
+        return Batch(self.x, mask, self.slots.view(groups, -1, self.slots.shape[-1]))  # x has its group axis
+
+
 def gather_batch(
-    data: Bags, batch: np.ndarray, cap: int | None = None, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded embeddings (B × N × D) and mask (B × N) of the given bags, on the compute device.
+    data: Bags,
+    batch: np.ndarray,
+    cap: int | None = None,
+    generator: torch.Generator | None = None,
+    groups: int | None = None,
+) -> Batch:
+    """The given bags' instances on the compute device (see ``Batch``); with ``groups``, packed
+    in that many equal consecutive groups of bags (``x`` then has a leading group axis).
 
     With ``cap``, bags longer than ``cap`` contribute ``cap`` random instances (in stored order).
     """
     if isinstance(data, StreamedBags):
-        return _gather_streamed(data, batch, cap, generator)
+        x, mask = _gather_streamed(data, batch, cap, generator)
+        return Batch(x, mask, None)
     device = data.device
     bags = torch.from_numpy(batch).to(device)
     n = torch.from_numpy(data.lengths[batch]).to(device)
@@ -147,12 +173,21 @@ def gather_batch(
     else:
         local = torch.arange(longest, device=device).expand(len(batch), -1)
         mask = local < n.unsqueeze(1)
-    rows = (data.offsets[bags].unsqueeze(1) + local).masked_fill(~mask, 0)
+    rows = data.offsets[bags].unsqueeze(1) + local  # (B, N) rows of the flat tensor
+    grouped, groups = groups is not None, groups or 1
+    # Pack each group's real instances: slot → position among its group's real instances.
+    per_group = mask.reshape(groups, -1)
+    position = per_group.cumsum(1) - 1
+    width = int(per_group.sum(1).max())
+    packed = torch.full((groups, width), int(rows[0, 0]), dtype=torch.long, device=device)  # short groups: a real row
+    target = position + torch.arange(groups, device=device).unsqueeze(1) * width
+    packed.view(-1)[target[per_group]] = rows.reshape(groups, -1)[per_group]
     if data.features.device != device:
-        x = data.features[rows.cpu()].pin_memory().to(device, non_blocking=True)
+        x = data.features[packed.cpu()].pin_memory().to(device, non_blocking=True)
     else:
-        x = data.features[rows]
-    return x, mask
+        x = data.features[packed]
+    slots = position.clamp_min(0).view(mask.shape)
+    return Batch(x if grouped else x[0], mask, slots)
 
 
 def _gather_streamed(

@@ -28,8 +28,11 @@ class MILModel(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
-        out = self.head.aggregate(self.head.embed(x, self.mean, self.std), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> HeadOutput:
+        """``x``: padded bags (B × N × D), or with ``slots`` (B × N) packed real instances (T × D)
+        laid out as padded bags only after the instance layer (see ``data.Batch``)."""
+        h = self.head.embed(x, self.mean, self.std)
+        out = self.head.aggregate(h if slots is None else h[slots], mask)
         if out.streams:
             out.logits = self.task.combine_streams(out.streams)
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Cohort:
     labels: list
     unlabelled: int  # bags in the store without a label (not used)
     store_meta: dict
+    notes: list[str] = dataclasses.field(default_factory=list)  # things the user should know
 
 
 def load_cohort(
@@ -47,8 +49,10 @@ def load_cohort(
     label_column: str = "label",
     progress: bool = False,
     regime: str = "auto",
+    classes: list | None = None,
 ) -> Cohort:
-    """Match labels to store bags (refusing labels of unknown bags) and load those bags once."""
+    """Match labels to store bags (refusing labels of unknown bags) and load those bags once.
+    ``classes`` orders the classes (ordinal labels that are text need it)."""
     labels = read_labels(labels_path, label_column)
     with FeatureStore(store_dir) as store:
         in_store = set(store.bag_ids())
@@ -56,7 +60,7 @@ def load_cohort(
         if missing:
             shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise LabelError(f"{len(missing)} labelled bag(s) are not in the store {store_dir}: {shown}")
-        task = Task.infer(labels["label"].to_list(), task_kind)
+        task = Task.infer(labels["label"].to_list(), task_kind, classes)
         ids = labels["bag_id"].to_list()
         data = load_bags(store, ids, resolve_device(device), progress, regime)
         store_meta = {
@@ -65,10 +69,32 @@ def load_cohort(
             "weights_digest": store.metadata.weights_digest,
         }
         unlabelled = len(in_store) - len(ids)
-    groups = np.asarray(labels["group"].to_list() if "group" in labels.columns else ids, dtype=object)
+    grouped = "group" in labels.columns
+    groups = np.asarray(labels["group"].to_list() if grouped else ids, dtype=object)
     split = np.asarray(labels["split"].to_list(), dtype=object) if "split" in labels.columns else None
     raw = labels["label"].to_list()
-    return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta)
+    notes = [] if grouped or split is not None else [grouping_hint(ids)]
+    return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta, notes)
+
+
+_TCGA_BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-", re.IGNORECASE)
+
+
+def grouping_hint(bag_ids: list[str]) -> str:
+    """What to do when the labels have no ``group`` column: folds are then per bag, and two slides
+    of one patient in different folds make the scores optimistic."""
+    hint = (
+        "the labels have no group column, so folds are drawn per bag; if a patient has several bags, "
+        "add a group column with the patient id so that one patient's bags stay in one fold"
+    )
+    patients = [m.group(1).upper() for b in bag_ids if (m := _TCGA_BARCODE.match(b))]
+    if patients and len(patients) == len(bag_ids):
+        example = bag_ids[0]
+        hint += (
+            f" (these bag ids are TCGA barcodes: the patient is their first 12 characters, e.g. "
+            f"{example[:12]} for {example}; {len(set(patients))} patients for {len(bag_ids)} bags)"
+        )
+    return hint
 
 
 def _initial_model(config: TrainConfig, cohort: Cohort, seed: int | None = None) -> MILModel:
@@ -114,12 +140,14 @@ def cross_validate(
     report: Report | None = None,
     monitor: str = "auc",
     progress: bool = False,
+    bags: np.ndarray | None = None,
 ) -> tuple[dict, pl.DataFrame, list[int], list[MILModel]]:
     """Metrics per fold and their mean ± std, out-of-fold predictions, each fold's best epoch and
     each fold's trained model. The folds train together as stacked models.
 
     ``report(epoch, value)`` gets the ``monitor`` metric of each epoch, averaged over the folds
-    (on their validation splits, or on their test folds when they have none)."""
+    (on their validation splits, or on their test folds when they have none). ``bags`` restricts
+    the CV to those bags (tune keeps a held-out part out of its study this way)."""
     from tqdm import tqdm
 
     task, y, groups = cohort.task, cohort.y, cohort.groups
@@ -128,8 +156,10 @@ def cross_validate(
         train, test, val = _fixed_split(cohort)
         plans = [(train, test, val)]
     else:
+        bags = np.arange(len(y)) if bags is None else np.asarray(bags)
         plans = []
-        for k, (train, test) in enumerate(cv_splits(y, groups, stratified, folds, repeats, config.seed)):
+        for k, (train, test) in enumerate(cv_splits(y[bags], groups[bags], stratified, folds, repeats, config.seed)):
+            train, test = bags[train], bags[test]
             fit_on, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
             plans.append((fit_on, test, val))
     models = [_initial_model(config, cohort, config.seed + k) for k in range(len(plans))]
@@ -179,11 +209,13 @@ def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) 
     return pl.DataFrame(table)
 
 
-def refit(cohort: Cohort, config: TrainConfig, epochs: int):
-    """The final model: trained on every labelled bag for ``epochs`` (the folds' median best epoch)."""
+def refit(cohort: Cohort, config: TrainConfig, epochs: int, bags: np.ndarray | None = None) -> MILModel:
+    """The final model: trained on every labelled bag (or ``bags``) for ``epochs`` (the folds'
+    median best epoch)."""
     final = dataclasses.replace(config, epochs=max(1, epochs))
     model = _initial_model(config, cohort)
-    fit(model, cohort.data, cohort.task, cohort.y, np.arange(len(cohort.y)), None, final)
+    bags = np.arange(len(cohort.y)) if bags is None else np.asarray(bags)
+    fit(model, cohort.data, cohort.task, cohort.y, bags, None, final)
     return model
 
 
@@ -200,12 +232,13 @@ def train_head(
     cohort: Cohort | None = None,
     progress: bool = False,
     regime: str = "auto",
+    classes: list | None = None,
 ) -> dict:
     """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
     config = config or TrainConfig()
     start = time.perf_counter()
-    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime)
-    metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats)
+    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime, classes)
+    metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats, progress=progress)
     if cohort.split is not None:  # the split's one model: trained on the train bags, test bags kept out
         model = fold_models[0]
         final = "model trained on the split's train bags (test bags kept out)"
@@ -229,6 +262,8 @@ def train_head(
             "bags": len(cohort.y),
             "unlabelled_bags": cohort.unlabelled,
             "task": cohort.task.kind,
+            "classes": cohort.task.classes,
+            "notes": cohort.notes,
             "seconds": round(time.perf_counter() - start, 2),
         }
     )
@@ -243,6 +278,7 @@ def train_head(
         "task": task_kind,
         "device": device,
         "label_column": label_column,
+        "classes": classes,
         **config.to_dict(),
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))

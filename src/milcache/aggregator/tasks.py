@@ -29,17 +29,26 @@ class Task:
         return len(self.classes)
 
     @classmethod
-    def infer(cls, labels: list, kind: str | None = None) -> Task:
-        """Choose the task from the label values (or check the one asked for)."""
+    def infer(cls, labels: list, kind: str | None = None, classes: list | None = None) -> Task:
+        """Choose the task from the label values (or check the one asked for). ``classes`` gives
+        the class order (needed for ordinal labels that are strings, e.g. low, medium, high)."""
         values = sorted(set(labels), key=lambda v: (isinstance(v, str), v))
+        numeric = all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in values)
         if kind is None:
-            numeric = all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in values)
             integral = numeric and all(float(v).is_integer() for v in values)
-            kind = "regression" if numeric and not integral else ("binary" if len(values) == 2 else "multiclass")
+            kind = "regression" if numeric and not integral and classes is None else None
+            kind = kind or ("binary" if len(classes or values) == 2 else "multiclass")
         if kind not in TASK_KINDS:
             raise LabelError(f"unknown task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
         if kind == "regression":
             return cls(kind, [])
+        if classes is not None:
+            values = _ordered_classes(values, classes)
+        elif kind == "ordinal" and not numeric:
+            raise LabelError(
+                f"ordinal labels that are text need their order: give --classes "
+                f"{','.join(map(str, values[:5]))} in the order low to high (found {len(values)} values)"
+            )
         if len(values) < 2:
             raise LabelError(f"every labelled bag has the label {values[0]!r}: a classifier needs two classes at least")
         if kind == "binary" and len(values) != 2:
@@ -146,6 +155,17 @@ class Task:
         if self.kind == "ordinal":
             functions["kappa"] = lambda: m.cohen_kappa_score(y, pred, weights="quadratic")
         return functions
+
+
+def _ordered_classes(values: list, classes: list) -> list:
+    """The user's class order, its names matched to the label values (text or numbers)."""
+    by_text = {str(v): v for v in values}
+    unknown = sorted(str(v) for v in values if str(v) not in {str(c) for c in classes})
+    if unknown:
+        raise LabelError(f"labels {', '.join(unknown[:10])} are not among --classes {','.join(map(str, classes))}")
+    if len({str(c) for c in classes}) != len(classes):
+        raise LabelError(f"--classes names a class twice: {','.join(map(str, classes))}")
+    return [by_text.get(str(c), c) for c in classes]
 
 
 def _auc(y: np.ndarray, outputs: np.ndarray, labels: list[int]) -> float:

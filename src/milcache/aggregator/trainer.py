@@ -101,8 +101,8 @@ class _Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, mask, targets, class_weights, bag_weight):
-        out = self.model(x, mask)
+    def forward(self, x, mask, slots, targets, class_weights, bag_weight):
+        out = self.model(x, mask, slots)
         return self.model.loss(out, targets, class_weights, bag_weight)
 
 
@@ -186,10 +186,11 @@ def fit_stacked(
     optimizer = StackedAdamW(list(params.values()), n_models, config.weight_decay)
     total_steps = torch.tensor([float(config.epochs * s.steps_per_epoch) for s in states], device=device)
 
-    def one_model_loss(p, b, x, mask, t, cw, bw):
-        return functional_call(base, (p, b), (x, mask, t, cw, bw))
+    def one_model_loss(p, b, x, mask, slots, t, cw, bw):
+        return functional_call(base, (p, b), (x, mask, slots, t, cw, bw))
 
     stacked_loss = vmap(one_model_loss, randomness="different")
+    streamed_loss = vmap(one_model_loss, in_dims=(0, 0, 0, 0, None, 0, 0, 0), randomness="different")
     histories: list[list[dict]] = [[] for _ in range(n_models)]
     for epoch in range(1, config.epochs + 1):
         active_models = [m for m, s in enumerate(states) if not s.stopped]
@@ -202,16 +203,16 @@ def fit_stacked(
         epoch_loss = torch.zeros(n_models, device=device)
         epoch_bags = torch.zeros(n_models, device=device)
         base.train()
-        for (flat, weight, active), (x, mask) in prefetched(
-            data, steps, lambda step: gather_batch(data, step[0], config.instances, generator)
-        ):
-            width = len(flat) // n_models
-            x = x.view(n_models, width, *x.shape[1:])
-            mask = mask.view(n_models, width, -1)
-            bags = torch.from_numpy(flat).to(device).view(n_models, width)
+        gather = lambda step: gather_batch(data, step[0], config.instances, generator, groups=n_models)  # noqa: E731
+        for (flat, weight, active), batch in prefetched(data, steps, gather):
+            batch = batch.grouped(n_models)
+            bags = torch.from_numpy(flat).to(device).view(n_models, -1)
             bag_weight = torch.from_numpy(weight).to(device)
+            loss_of = stacked_loss if batch.slots is not None else streamed_loss
             with _autocast(device, config.precision):
-                losses = stacked_loss(params, buffers, x, mask, targets[bags], class_weights, bag_weight)
+                losses = loss_of(
+                    params, buffers, batch.x, batch.mask, batch.slots, targets[bags], class_weights, bag_weight
+                )
             total = losses.sum()
             if config.elastic_net > 0:
                 total = total + _elastic_net(params, config.elastic_net, config.l1_ratio)
@@ -358,9 +359,9 @@ def infer(
     logits = None
     per_bag: list[np.ndarray | None] = [None] * len(indices)
     batches = plan_batches(data.lengths, indices, 4 * config.batch_size, config.max_tokens)
-    for batch, (x, mask) in prefetched(data, batches, lambda b: gather_batch(data, b)):
+    for batch, bags in prefetched(data, batches, lambda b: gather_batch(data, b)):
         with _autocast(data.device, config.precision):
-            out = model(x, mask)
+            out = model(bags.x, bags.mask, bags.slots)
         if logits is None:
             logits = torch.empty((len(indices), out.logits.shape[1]), device=data.device)
         logits[torch.from_numpy(position[batch]).to(data.device)] = out.logits.float()

@@ -163,6 +163,18 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+MISSING_SPELLINGS = ("", "nan", "na", "n/a", "none", "null", "?", "-")  # what label tables write for "unknown"
+
+
+def _is_missing(column: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Null, NaN, and the usual spellings of "unknown" in text columns: never a class of their own."""
+    if dtype.is_float():
+        return column.is_null() | column.is_nan()
+    if dtype == pl.Utf8:
+        return column.is_null() | column.str.strip_chars().str.to_lowercase().is_in(list(MISSING_SPELLINGS))
+    return column.is_null()
+
+
 def read_labels(path: str | Path, label_column: str = "label") -> pl.DataFrame:
     """Bag labels from a labels table or a manifest: one row per bag, columns ``bag_id``, ``label``
     and, when present, ``group`` and ``split``.
@@ -173,10 +185,12 @@ def read_labels(path: str | Path, label_column: str = "label") -> pl.DataFrame:
     table = table.rename({label_column: "label"}) if label_column != "label" else table
     table = table.with_row_index(_ROW, offset=1)
     _check_ids(table, path)
-    missing = table.filter(pl.col("label").is_null())
+    missing = table.filter(_is_missing(pl.col("label"), table.schema["label"]))
     if missing.height:
         rows = [f"row {r}: bag {b!r}" for r, b in missing.select(_ROW, "bag_id").iter_rows()]
-        raise LabelError(str(_problem_list(path, "missing labels", rows)))
+        raise LabelError(
+            str(_problem_list(path, "missing labels (empty, NaN or NA: drop these rows or give them a label)", rows))
+        )
     keep = [c for c in ("bag_id", "label", "group", "split") if c in table.columns]
     for column in keep[1:]:
         _check_consistent(table, path, column)

@@ -14,7 +14,9 @@ import polars as pl
 
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.plots import pyplot
-from milcache.aggregator.run import Cohort, cross_validate, load_cohort, train_head
+from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
+from milcache.aggregator.splits import validation_split
+from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
 from milcache.tuning.space import load_space, sample_config
 
@@ -34,6 +36,7 @@ class TuneSettings:
     resume: bool = False
     folds: int = 5
     seed: int = 0
+    holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
 
 
 def safe_url(url: str) -> str:
@@ -128,7 +131,7 @@ def _stop_after_failures(limit: int):
     return callback
 
 
-def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
+def make_objective(cohort: Cohort, space: dict, settings: TuneSettings, bags: np.ndarray | None = None):
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
@@ -142,7 +145,9 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
                 raise optuna.TrialPruned()
 
         try:
-            metrics, *_ = cross_validate(cohort, config, settings.folds, 1, report, settings.metric)
+            metrics, _, best_epochs, _ = cross_validate(
+                cohort, config, settings.folds, 1, report, settings.metric, bags=bags
+            )
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
@@ -153,6 +158,7 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings):
                 f"use one of {', '.join(k for k in metrics if not k.endswith('_std') and k != 'folds')}"
             )
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "folds"})
+        trial.set_user_attr("epochs", int(np.median(best_epochs)))  # what a refit of this trial trains for
         return float(value)
 
     return objective
@@ -168,8 +174,13 @@ def tune(
     task_kind: str | None = None,
     device: str = "auto",
     progress: bool = False,
+    classes: list | None = None,
 ) -> dict:
-    """Run (or resume) a study, then write best.json, trials.parquet, plots and RUN/best/."""
+    """Run (or resume) a study, then write best.json, trials.parquet, plots and RUN/best/.
+
+    ``settings.holdout`` of the bags (grouped by patient, stratified) never reach the study: the
+    best configuration, refit on the study's bags, is scored on them, an unbiased estimate beside
+    the study's best cross-validated score (which the choice among trials makes optimistic)."""
     import optuna
 
     out = Path(out)
@@ -197,12 +208,13 @@ def tune(
     if settings.resume and not shared:
         _fail_interrupted(study)
     start = time.perf_counter()
-    cohort = load_cohort(store_dir, labels, task_kind, device, progress=progress)
+    cohort = load_cohort(store_dir, labels, task_kind, device, progress=progress, classes=classes)
+    study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
     if settings.n_trials - _finished(study) > 0:
         # No trial count here: the callbacks stop once n_trials are finished, so a failed trial is
         # replaced by another, and a run of failures stops the study instead of looping.
         study.optimize(
-            make_objective(cohort, space, settings),
+            make_objective(cohort, space, settings, study_bags),
             n_trials=None,
             timeout=settings.timeout,
             n_jobs=settings.jobs,
@@ -215,7 +227,33 @@ def tune(
                 _stop_after_failures(_MAX_FAILURES_IN_A_ROW),
             ],
         )
-    return _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
+    summary = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
+    summary["holdout"] = _holdout_estimate(study, cohort, study_bags, held_out, settings)
+    (out / "best.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(study bags, held-out bags): grouped by patient and stratified, the same on every worker."""
+    every = np.arange(len(cohort.y))
+    if cohort.split is not None and fraction > 0:  # a fixed split column: its test bags are the held-out part
+        test = np.char.lower(cohort.split.astype(str)) == "test"
+        return every[~test], every[test]
+    stratified = cohort.task.kind != "regression"
+    study, held_out = validation_split(cohort.y, cohort.groups, every, fraction, stratified, seed + 7919)
+    return study, held_out
+
+
+def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings) -> dict | None:
+    """The best trial's configuration refit on the study's bags and scored on the held-out ones."""
+    if not len(held_out):
+        return None
+    best = study.best_trial
+    config = TrainConfig(**best.user_attrs["config"])
+    model = refit(cohort, config, int(best.user_attrs.get("epochs", config.epochs)), bags=study_bags)
+    logits, _ = infer(model, cohort.data, held_out, config)
+    metrics = cohort.task.metrics(cohort.y[held_out], cohort.task.outputs(logits).cpu().numpy())
+    return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
 
 
 def _report(study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float) -> dict:
