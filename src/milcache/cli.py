@@ -270,7 +270,7 @@ classes_option = click.option(
 @click.option("--epochs", type=int, help=f"Most epochs per fold [{_DEFAULTS.epochs}].")
 @click.option("--lr", type=float, help=f"AdamW learning rate [{_DEFAULTS.lr:g}].")
 @click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_DEFAULTS.weight_decay:g}].")
-@click.option("--batch-size", type=int, help=f"Bags per step [{_DEFAULTS.batch_size}].")
+@click.option("--batch-size", type=int, help="Bags per step [about 32 steps an epoch, 2 to 16 bags].")
 @click.option(
     "--instances", type=int, help=f"Random instances per bag per training step, 0 = all [{_DEFAULTS.instances}]."
 )
@@ -278,6 +278,12 @@ classes_option = click.option(
     "--schedule", type=click.Choice(["cosine", "constant"]), help=f"Learning-rate schedule [{_DEFAULTS.schedule}]."
 )
 @click.option("--patience", type=int, help=f"Early-stopping patience in epochs [{_DEFAULTS.patience}].")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 0.5),
+    help="Share of each training fold held out for early stopping; 0: fixed epochs "
+    "[0.2 from 500 training bags, else 0].",
+)
 @click.option(
     "--elastic-net", type=float, help=f"Strength of the L1/L2 penalty on weights [{_DEFAULTS.elastic_net:g}]."
 )

@@ -116,7 +116,8 @@ def _train_args(config: dict) -> list[str]:
     """train-head options that reproduce a configuration from best.json."""
     args = ["--head", config["head"]]
     for key in ("lr", "weight_decay", "epochs", "batch_size", "patience", "elastic_net", "seed"):
-        args += [f"--{key.replace('_', '-')}", str(config[key])]
+        if config[key] is not None:  # None: chosen from the cohort
+            args += [f"--{key.replace('_', '-')}", str(config[key])]
     args += ["--instances", str(config["instances"] or 0)]
     args += ["--class-weights" if config["class_weights"] else "--no-class-weights"]
     for key, value in config["head_options"].items():

@@ -2,33 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
 
 
+# How the defaults were chosen: bench/quality.py (README, "Choosing defaults").
+SMALL_COHORT = 500  # training bags below which a fold trains for fixed epochs (no inner early-stopping split)
+STEPS_PER_EPOCH = 32  # the automatic batch size aims at this many optimizer steps per epoch …
+BATCH_RANGE = (2, 16)  # … within these bags per step
+
+
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run. The defaults were chosen to work from 50 bags of a few
-    dozen instances to thousands of slides (see README, "Choosing defaults")."""
+    """Hyper-parameters of one training run. ``None`` means "chosen from the cohort" (see
+    ``resolve``); the defaults were calibrated on open MIL benchmarks (README, "Choosing defaults")."""
 
     head: str = "gated-attention"
     head_options: dict = field(default_factory=dict)
-    epochs: int = 40
+    epochs: int = 25
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    batch_size: int = 16  # bags per step
+    batch_size: int | None = None  # bags per step; None: about 32 steps an epoch, 2 to 16 bags
     instances: int | None = 1024  # random instances per bag per training step; None = all
     schedule: str = "cosine"  # or "constant"
     patience: int = 10  # epochs without validation-loss improvement before stopping
-    val_fraction: float = 0.2  # of each training fold, held out for early stopping
+    val_fraction: float | None = None  # of each training fold held out for early stopping; None: 0.2 from 500 bags
     elastic_net: float = 0.0  # strength of the L1/L2 penalty on weight matrices
     l1_ratio: float = 0.5  # its L1 share
     class_weights: bool = False  # weight the loss by inverse class frequency
     balanced_sampling: bool = False  # draw each epoch's bags class-balanced (with replacement)
-    max_tokens: int = 65536  # padded instances per batch (bags × longest bag)
+    max_tokens: int = 65536  # padded instances per batch (bags × longest)
     precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16" or "fp32"
     seed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolve(self, training_bags: int) -> TrainConfig:
+        """This configuration with the cohort-dependent choices made for folds of ``training_bags``:
+        small cohorts get more optimizer steps per epoch and keep every bag for training (an
+        inner split of a small fold costs more than early stopping gains)."""
+        batch_size = self.batch_size
+        if batch_size is None:
+            batch_size = int(min(max(round(training_bags / STEPS_PER_EPOCH), BATCH_RANGE[0]), BATCH_RANGE[1]))
+        val_fraction = self.val_fraction
+        if val_fraction is None:
+            val_fraction = 0.2 if training_bags >= SMALL_COHORT else 0.0
+        return replace(self, batch_size=batch_size, val_fraction=val_fraction)

@@ -43,6 +43,22 @@ def head_class(name: str) -> type[Head]:
     return _HEADS[name]
 
 
+def resolved_options(name: str, options: dict) -> dict:
+    """Every option of head ``name``: the given ones, the head's defaults for the rest (what a run
+    directory records, so that it rebuilds the same head after a default changes)."""
+    import inspect
+
+    resolved = {}
+    for klass in reversed(head_class(name).__mro__):
+        if klass in (nn.Module, object):
+            continue
+        for param in inspect.signature(klass.__init__).parameters.values():
+            if param.name not in ("self", "in_dim", "n_outputs", "n_classes", "args", "kwargs"):
+                resolved[param.name] = param.default
+    resolved.update({k: v for k, v in options.items() if v is not None})
+    return resolved
+
+
 def create_head(name: str, in_dim: int, n_outputs: int, n_classes: int | None = None, **kwargs) -> Head:
     """Build a registered head. Options left as None fall back to the head's own defaults;
     ``n_classes`` (the task's class count) reaches the heads that need it."""

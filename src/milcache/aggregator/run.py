@@ -16,6 +16,7 @@ import torch
 from milcache import __version__
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
+from milcache.aggregator.heads import resolved_options
 from milcache.aggregator.model import MILModel, build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
@@ -155,10 +156,13 @@ def cross_validate(
     if cohort.split is not None:
         train, test, val = _fixed_split(cohort)
         plans = [(train, test, val)]
+        config = config.resolve(len(train))
     else:
         bags = np.arange(len(y)) if bags is None else np.asarray(bags)
+        splits = cv_splits(y[bags], groups[bags], stratified, folds, repeats, config.seed)
+        config = config.resolve(min(len(train) for train, _ in splits))
         plans = []
-        for k, (train, test) in enumerate(cv_splits(y[bags], groups[bags], stratified, folds, repeats, config.seed)):
+        for k, (train, test) in enumerate(splits):
             train, test = bags[train], bags[test]
             fit_on, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
             plans.append((fit_on, test, val))
@@ -212,9 +216,9 @@ def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) 
 def refit(cohort: Cohort, config: TrainConfig, epochs: int, bags: np.ndarray | None = None) -> MILModel:
     """The final model: trained on every labelled bag (or ``bags``) for ``epochs`` (the folds'
     median best epoch)."""
-    final = dataclasses.replace(config, epochs=max(1, epochs))
-    model = _initial_model(config, cohort)
     bags = np.arange(len(cohort.y)) if bags is None else np.asarray(bags)
+    final = dataclasses.replace(config.resolve(len(bags)), epochs=max(1, epochs))
+    model = _initial_model(config, cohort)
     fit(model, cohort.data, cohort.task, cohort.y, bags, None, final)
     return model
 
@@ -246,13 +250,14 @@ def train_head(
         model = refit(cohort, config, int(np.median(best_epochs)))
         final = f"refit on all {len(cohort.y)} labelled bags for {max(1, int(np.median(best_epochs)))} epochs"
     out = Path(out_dir)
-    model_config = {
+    trained_bags = len(cohort.y) if cohort.split is None else int((cohort.split != "test").sum())
+    model_config = {  # resolved values only: the run rebuilds the same model after a default changes
         "head": config.head,
-        "head_options": config.head_options,
+        "head_options": resolved_options(config.head, config.head_options),
         "dim": cohort.data.dim,
         "task": {"kind": cohort.task.kind, "classes": cohort.task.classes},
         "store": cohort.store_meta,
-        "train": config.to_dict(),
+        "train": config.resolve(trained_bags).to_dict(),
         "milcache_version": __version__,
     }
     save_model(model.cpu(), out, model_config)
