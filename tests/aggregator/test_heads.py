@@ -75,9 +75,13 @@ def test_batched_bags_equal_one_at_a_time(name):
     for i, b in enumerate(bags):
         x[i, : len(b)], mask[i, : len(b)] = b, True
     with torch.no_grad():
-        batched = head(x, mask).logits
-        single = torch.cat([head(b[None], torch.ones(1, len(b), dtype=torch.bool)).logits for b in bags])
-    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+        batched = head(x, mask)
+        alone = [head(b[None], torch.ones(1, len(b), dtype=torch.bool)) for b in bags]
+    torch.testing.assert_close(batched.logits, torch.cat([a.logits for a in alone]), rtol=1e-4, atol=1e-4)
+    for row, (bag, out) in enumerate(zip(bags, alone, strict=True)):  # every head's instance scores, per bag
+        if out.scores is not None:
+            torch.testing.assert_close(batched.scores[row, : len(bag)], out.scores[0], rtol=1e-4, atol=1e-5)
+            assert torch.all(batched.scores[row, len(bag) :] == 0)
 
 
 @pytest.mark.parametrize("name", ["attention", "gated-attention"])

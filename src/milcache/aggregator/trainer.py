@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.config import BATCH_RANGE, TrainConfig
 from milcache.aggregator.data import Bags, fold_statistics, gather_batch, plan_batches, prefetched
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
@@ -150,6 +150,7 @@ def fit_stacked(
     from torch.func import functional_call, stack_module_state, vmap
 
     device, n_models = data.device, len(models)
+    config = config.resolve(min(len(t) for t in trains))  # idempotent once resolved
     seeds = seeds if seeds is not None else [config.seed] * n_models
     torch.manual_seed(seeds[0])
     generator = torch.Generator(device=device).manual_seed(seeds[0])
@@ -358,7 +359,7 @@ def infer(
     position[indices] = np.arange(len(indices))
     logits = None
     per_bag: list[np.ndarray | None] = [None] * len(indices)
-    batches = plan_batches(data.lengths, indices, 4 * config.batch_size, config.max_tokens)
+    batches = plan_batches(data.lengths, indices, 4 * (config.batch_size or BATCH_RANGE[1]), config.max_tokens)
     for batch, bags in prefetched(data, batches, lambda b: gather_batch(data, b)):
         with _autocast(data.device, config.precision):
             out = model(bags.x, bags.mask, bags.slots)
