@@ -75,5 +75,5 @@ def test_labels_from_table_and_from_manifest(images):
     assert labels.to_dicts() == [{"bag_id": "1", "label": 0, "group": "p"}, {"bag_id": "2", "label": 1, "group": "q"}]
     manifest = write(images / "m.csv", "bag_id,path,label\n3,c1.dcm,1\n3,c2.dcm,1\n4,a.tif,0\n")
     assert read_labels(manifest).to_dicts() == [{"bag_id": "3", "label": 1}, {"bag_id": "4", "label": 0}]
-    with pytest.raises(LabelError, match=r"missing labels:\n  row 2: bag '2'"):
+    with pytest.raises(LabelError, match=r"missing labels \(.*\):\n  row 2: bag '2'"):
         read_labels(write(images / "l2.csv", "bag_id,label\n1,0\n2,\n"))
