@@ -75,7 +75,10 @@ def test_study_beats_mean_pooling_and_best_rebuilds(cohort, tmp_path):
         assert (tmp_path / "study" / name).is_file(), name
     saved = json.loads((tmp_path / "study" / "best.json").read_text())
     _, config, _ = load_model(tmp_path / "study" / "best")
-    assert config["head"] == saved["head"] and config["train"] == saved["config"]
+    assert config["head"] == saved["head"]
+    chosen = {k: v for k, v in saved["config"].items() if v is not None}  # None: resolved from the cohort
+    assert {k: config["train"][k] for k in chosen} == chosen
+    assert config["train"]["batch_size"] is not None and config["train"]["val_fraction"] is not None
     result = CliRunner().invoke(
         cli,
         [
