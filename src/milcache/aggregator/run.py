@@ -250,7 +250,8 @@ def train_head(
         model = refit(cohort, config, int(np.median(best_epochs)))
         final = f"refit on all {len(cohort.y)} labelled bags for {max(1, int(np.median(best_epochs)))} epochs"
     out = Path(out_dir)
-    trained_bags = len(cohort.y) if cohort.split is None else int((cohort.split != "test").sum())
+    # The bags the saved model trained on, so the recorded choices are the ones it was trained with.
+    trained_bags = len(cohort.y) if cohort.split is None else len(_fixed_split(cohort)[0])
     model_config = {  # resolved values only: the run rebuilds the same model after a default changes
         "head": config.head,
         "head_options": resolved_options(config.head, config.head_options),

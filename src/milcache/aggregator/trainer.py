@@ -197,10 +197,8 @@ def fit_stacked(
         active_models = [m for m, s in enumerate(states) if not s.stopped]
         if not active_models:
             break
-        plans = [
-            _epoch_batches(states[m], data, y, task, config) if m in active_models else [] for m in range(n_models)
-        ]
-        steps = _stack_steps(plans, data.lengths, config.batch_size)
+        plans = [[] if states[m].stopped else _epoch_batches(states[m], data, y, task, config) for m in range(n_models)]
+        steps = _stack_steps(plans, data.lengths)
         epoch_loss = torch.zeros(n_models, device=device)
         epoch_bags = torch.zeros(n_models, device=device)
         base.train()
@@ -266,7 +264,7 @@ def _epoch_batches(state: _ModelState, data: Bags, y: np.ndarray, task: Task, co
     return plan_batches(data.lengths, bags, config.batch_size, config.max_tokens, config.instances, state.rng)
 
 
-def _stack_steps(plans: list[list[np.ndarray]], lengths: np.ndarray, batch_size: int) -> list[tuple]:
+def _stack_steps(plans: list[list[np.ndarray]], lengths: np.ndarray) -> list[tuple]:
     """One step of the stack per batch index: every model's batch side by side, padded with
     zero-weight copies of the step's shortest bag (which keep every value finite and the padded
     width small) for models whose epoch has fewer steps or that have stopped."""
