@@ -39,6 +39,14 @@ def _csv_list(_ctx, _param, value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _float_list(ctx, param, value: str | None) -> list[float] | None:
+    names = _csv_list(ctx, param, value)
+    try:
+        return None if names is None else [float(v) for v in names]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 class _RegistryChoice(click.Choice):
     """The names of a registry, read only when needed (registries import torch)."""
 
@@ -204,9 +212,16 @@ def store_export(store_dir: Path, out: Path) -> None:
 
 @store.command("synth")
 @click.argument("out", type=output_path)
-@click.option("--bags", default=200, show_default=True)
-@click.option("--instances", nargs=2, type=int, default=(20, 100), show_default=True, help="Min and max per bag.")
-@click.option("--dim", default=64, show_default=True)
+@click.option("--bags", default=200, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--instances",
+    nargs=2,
+    type=click.IntRange(min=1),
+    default=(20, 100),
+    show_default=True,
+    help="Min and max per bag.",
+)
+@click.option("--dim", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--groups", type=int, help="Number of patient groups (default: one per bag).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--labels", type=output_path, help="Where to write the labels table (default: OUT/labels.csv).")
@@ -262,8 +277,14 @@ classes_option = click.option(
 @labels_option
 @click.option("--head", default=_DEFAULTS.head, show_default=True, type=_RegistryChoice(_head_names))
 @click.option("--out", required=True, type=output_path, help="Run directory to write.")
-@click.option("--folds", default=5, show_default=True, help="Cross-validation folds (grouped by `group`).")
-@click.option("--repeats", default=1, show_default=True, help="Repeated cross-validation.")
+@click.option(
+    "--folds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Cross-validation folds (grouped by `group`).",
+)
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Repeated cross-validation.")
 @task_option
 @classes_option
 @click.option("--label-column", default="label", show_default=True)
@@ -272,7 +293,9 @@ classes_option = click.option(
 @click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_DEFAULTS.weight_decay:g}].")
 @click.option("--batch-size", type=int, help="Bags per step [about 32 steps an epoch, 2 to 16 bags].")
 @click.option(
-    "--instances", type=int, help=f"Random instances per bag per training step, 0 = all [{_DEFAULTS.instances}]."
+    "--instances",
+    type=click.IntRange(min=0),
+    help=f"Random instances per bag per training step, 0 = all [{_DEFAULTS.instances}].",
 )
 @click.option(
     "--schedule", type=click.Choice(["cosine", "constant"]), help=f"Learning-rate schedule [{_DEFAULTS.schedule}]."
@@ -370,7 +393,9 @@ def train_head_command(
 @click.option("--store", "store_dir", required=True, type=existing_path, help="Feature store to predict.")
 @click.option("--out", required=True, type=output_path, help="Predictions table (.csv or .parquet).")
 @click.option("--bags", "bag_list", type=existing_path, help="Only the bag ids of this table's bag_id column.")
-@click.option("--top-k", default=5, show_default=True, help="Most attended instances listed per bag.")
+@click.option(
+    "--top-k", default=5, show_default=True, type=click.IntRange(min=0), help="Most attended instances listed per bag."
+)
 @click.option("--heatmaps", type=output_path, help="Folder for one PNG heatmap of instance scores per bag.")
 @click.option("--geojson", type=output_path, help="Folder for one QuPath-importable GeoJSON per bag.")
 @click.option("--scores", "scores_file", type=output_path, help="Parquet of every instance's score and coordinates.")
@@ -392,8 +417,16 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
 @store_option
 @labels_option
 @click.option("--out", required=True, type=output_path, help="Run directory (study, best.json, plots, best/).")
-@click.option("--n-trials", default=50, show_default=True, help="Finished trials (complete or pruned) wanted.")
-@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@click.option(
+    "--n-trials",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Finished trials (complete or pruned) wanted.",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds."
+)
 @click.option(
     "--storage",
     help="SQLAlchemy URL (e.g. postgresql://user@host/db) or journal:PATH, to share one study "
@@ -408,9 +441,15 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
     "(auc, accuracy, balanced_accuracy, f1, log_loss, kappa, mse, r2, pearson_r).",
 )
 @click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
-@click.option("--jobs", default=1, show_default=True, help="Trials run at once in this process (one GPU).")
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Trials run at once in this process (one GPU).",
+)
 @click.option("--resume", is_flag=True, help="Continue the study of an earlier (killed) run.")
-@click.option("--folds", default=5, show_default=True)
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2))
 @click.option("--space", "space_file", type=existing_path, help="TOML/YAML that narrows or widens the search space.")
 @click.option(
     "--set",
@@ -469,29 +508,6 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
             "(the unbiased estimate)"
         )
     click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
-
-
-_SOURCE_OPTIONS = (
-    "tile_size",
-    "stride",
-    "mpp",
-    "level",
-    "scale",
-    "tissue_threshold",
-    "offset_grid",
-    "max_tiles",
-    "global_size",
-    "region_size",
-    "regions",
-    "cam_model",
-    "cam_weights",
-    "cam_class",
-    "patch_size",
-    "patch_stride",
-    "min_foreground",
-    "spacing",
-    "slices",
-)
 
 
 @cli.command("extract")
@@ -558,8 +574,8 @@ _SOURCE_OPTIONS = (
     help="Stored embedding dtype.",
 )
 @click.option("--input-size", type=int, help="Backbone input side [timm's data config].")
-@click.option("--mean", callback=_csv_list, help="Normalisation mean, comma-separated [timm's data config].")
-@click.option("--std", callback=_csv_list, help="Normalisation std, comma-separated [timm's data config].")
+@click.option("--mean", callback=_float_list, help="Normalisation mean, comma-separated [timm's data config].")
+@click.option("--std", callback=_float_list, help="Normalisation std, comma-separated [timm's data config].")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), help="Resize filter [timm's].")
 @click.option("--shard", help="i/n: this process takes every n-th bag from the i-th (default from torchrun).")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
@@ -605,8 +621,8 @@ def extract_command(
     source = create_source(source_kind, **source_options)
     preprocessing = {
         "input_size": (input_size, input_size) if input_size else None,
-        "mean": [float(m) for m in mean] if mean else None,
-        "std": [float(s) for s in std] if std else None,
+        "mean": mean,
+        "std": std,
         "interpolation": interpolation,
     }
     config = ExtractConfig(

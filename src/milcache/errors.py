@@ -26,3 +26,7 @@ class StoreMismatchError(StoreError):
 
 class ExtractionError(MilcacheError):
     """A bag could not be turned into instances (missing file, no tissue, unreadable image...)."""
+
+
+class OptionError(MilcacheError):
+    """An option's value is out of its range or does not fit the others."""

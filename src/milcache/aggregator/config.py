@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from milcache import checks
+from milcache.errors import OptionError
+
 TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
 
 
@@ -35,6 +38,23 @@ class TrainConfig:
     max_tokens: int = 65536  # padded instances per batch (bags × longest)
     precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16" or "fp32"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values that would otherwise be read as something else (0 epochs, a negative lr)."""
+        checks.at_least("--epochs", self.epochs, 1)
+        checks.above("--lr", self.lr, 0)
+        checks.at_least("--weight-decay", self.weight_decay, 0)
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least("--instances", self.instances, 1)
+        checks.one_of("--schedule", self.schedule, ("cosine", "constant"))
+        checks.at_least("--patience", self.patience, 1)
+        checks.within("--val-fraction", self.val_fraction, 0.0, 0.5)
+        checks.at_least("--elastic-net", self.elastic_net, 0)
+        checks.within("--l1-ratio", self.l1_ratio, 0.0, 1.0)
+        checks.at_least("max_tokens", self.max_tokens, 1)
+        checks.one_of("precision", self.precision, ("auto", "bf16", "fp32"))
+        if not isinstance(self.head_options, dict):
+            raise OptionError(f"head options must be a mapping of option names to values, got {self.head_options!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from milcache import checks
 from milcache.errors import MilcacheError
 
 _HEADS: dict[str, type[Head]] = {}
@@ -57,6 +58,17 @@ def resolved_options(name: str, options: dict) -> dict:
                 resolved[param.name] = param.default
     resolved.update({k: v for k, v in options.items() if v is not None})
     return resolved
+
+
+def check_head(name: str, options: dict) -> None:
+    """Refuse an unknown head, an option it does not take, or a value out of range, before any
+    work starts (by building the head once on a tiny input size)."""
+    try:
+        create_head(name, 4, 1, **options)
+    except TypeError as exc:  # a value of the wrong kind reached torch
+        raise MilcacheError(
+            f"head {name!r}: an option has a value of the wrong kind ({exc}); options: {options}"
+        ) from None
 
 
 def create_head(name: str, in_dim: int, n_outputs: int, n_classes: int | None = None, **kwargs) -> Head:
@@ -116,11 +128,15 @@ class Head(nn.Module):
 
     name = "?"
     order_invariant = True  # False for heads that read instances in their stored order (concat)
+    has_instance_scores = True  # False for heads whose output gives no per-instance score (pooling)
 
     def __init__(
         self, in_dim: int, n_outputs: int, hidden: int = 128, dropout: float = 0.25, instance_dropout: float = 0.0
     ) -> None:
         super().__init__()
+        checks.at_least("hidden", hidden, 1)
+        checks.within("dropout", dropout, 0.0, 1.0, high_open=True)
+        checks.within("instance_dropout", instance_dropout, 0.0, 1.0, high_open=True)
         self.in_dim, self.n_outputs, self.hidden, self.dropout = in_dim, n_outputs, hidden, dropout
         self.instance_layer = nn.Linear(in_dim, hidden)
         self.instance_dropout = nn.Dropout(instance_dropout)
@@ -173,6 +189,8 @@ class Head(nn.Module):
 
 
 class _PoolingHead(Head):
+    has_instance_scores = False
+
     def __init__(
         self,
         in_dim: int,
@@ -236,6 +254,8 @@ class LogSumExpPooling(_PoolingHead):
 class ConcatPooling(Head):
     """The first ``n_instances`` instances in stored order (top-K tiles, the views of a patient),
     concatenated (zeros where a bag has fewer), then a classifier."""
+
+    has_instance_scores = False
 
     order_invariant = False
 

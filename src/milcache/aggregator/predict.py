@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache import checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import load_bags
 from milcache.aggregator.model import load_model
 from milcache.aggregator.plots import pyplot
+from milcache.aggregator.run import MODEL_INPUT_FIELDS, store_identity
 from milcache.aggregator.trainer import infer
 from milcache.devices import resolve_device
 from milcache.errors import MilcacheError, StoreMismatchError
@@ -20,11 +22,15 @@ from milcache.store.record import Bag
 
 
 def _check_store(config: dict, store: FeatureStore, model_dir: Path) -> None:
-    trained = config["store"]
-    if store.metadata.dim != config["dim"] or store.metadata.backbone != trained["backbone"]:
+    """Refuse embeddings the model was not trained on: another backbone, dim, weights or preprocessing
+    give vectors of another meaning, and predictions from them would be silently wrong."""
+    trained, here = config["store"], store_identity(store.metadata)
+    differing = [name for name in MODEL_INPUT_FIELDS if name in trained and trained[name] != here[name]]
+    if differing:
+        sides = "; ".join(f"{name}: model trained on {trained[name]!r}, store has {here[name]!r}" for name in differing)
         raise StoreMismatchError(
-            f"the model in {model_dir} was trained on {config['dim']}-d embeddings of {trained['backbone']!r}; "
-            f"the store {store.path} holds {store.metadata.dim}-d embeddings of {store.metadata.backbone!r}"
+            f"the model in {model_dir} was trained on embeddings made differently from those of {store.path} "
+            f"({sides}); predict with a store extracted with the model's backbone, weights and preprocessing"
         )
 
 
@@ -42,8 +48,21 @@ def predict(
     """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)
     and, with ``scores_file``, every instance's score with its coordinates (parquet)."""
     model_dir = Path(model_dir)
+    if out_file is not None:
+        checks.output_file(out_file, "--out", (".csv", ".parquet", ".pq"))
+    if scores_file is not None:
+        checks.output_file(scores_file, "--scores", (".parquet", ".pq"))
+    for folder, option in ((heatmaps, "--heatmaps"), (geojson, "--geojson")):
+        if folder is not None:
+            checks.output_dir(folder, option)
+    checks.at_least("--top-k", top_k, 0)
     torch_device = resolve_device(device)
     model, config, task = load_model(model_dir, torch_device)
+    if (heatmaps or geojson) and not model.head.has_instance_scores:
+        raise MilcacheError(
+            f"--heatmaps and --geojson draw instance scores, and the {config['head']!r} head of {model_dir} "
+            "gives none; leave them out, or train a head with instance scores (attention, gated-attention …)"
+        )
     with FeatureStore(store_dir) as store:
         _check_store(config, store, model_dir)
         ids = store.bag_ids() if bag_ids is None else list(bag_ids)
@@ -71,12 +90,10 @@ def predict(
     if out_file is not None:
         out_file = Path(out_file)
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        if out_file.suffix.lower() in (".parquet", ".pq"):
-            table.write_parquet(out_file)
-        elif out_file.suffix.lower() == ".csv":
+        if out_file.suffix.lower() == ".csv":
             table.write_csv(out_file)
         else:
-            raise MilcacheError(f"{out_file}: write predictions to a .csv or .parquet file")
+            table.write_parquet(out_file)
     return table
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from milcache import __version__
+from milcache import __version__, checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
-from milcache.aggregator.heads import resolved_options
+from milcache.aggregator.heads import check_head, resolved_options
 from milcache.aggregator.model import MILModel, build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
@@ -64,11 +64,7 @@ def load_cohort(
         task = Task.infer(labels["label"].to_list(), task_kind, classes)
         ids = labels["bag_id"].to_list()
         data = load_bags(store, ids, resolve_device(device), progress, regime)
-        store_meta = {
-            "backbone": store.metadata.backbone,
-            "dim": store.metadata.dim,
-            "weights_digest": store.metadata.weights_digest,
-        }
+        store_meta = store_identity(store.metadata)
         unlabelled = len(in_store) - len(ids)
     grouped = "group" in labels.columns
     groups = np.asarray(labels["group"].to_list() if grouped else ids, dtype=object)
@@ -76,6 +72,14 @@ def load_cohort(
     raw = labels["label"].to_list()
     notes = [] if grouped or split is not None else [grouping_hint(ids)]
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta, notes)
+
+
+# What a model's input depends on: predict refuses a store that differs in any of these.
+MODEL_INPUT_FIELDS = ("backbone", "dim", "weights_digest", "preprocessing")
+
+
+def store_identity(metadata) -> dict:
+    return json.loads(json.dumps({name: getattr(metadata, name) for name in MODEL_INPUT_FIELDS}))
 
 
 _TCGA_BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-", re.IGNORECASE)
@@ -240,6 +244,10 @@ def train_head(
 ) -> dict:
     """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
     config = config or TrainConfig()
+    checks.at_least("--folds", folds, 2)
+    checks.at_least("--repeats", repeats, 1)
+    check_head(config.head, config.head_options)
+    checks.output_dir(out_dir)
     start = time.perf_counter()
     cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime, classes)
     metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats, progress=progress)

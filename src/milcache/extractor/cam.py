@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from milcache import checks
 from milcache.errors import ExtractionError
 from milcache.extractor.sources import BagPlan, Source, register_source
 from milcache.store.tables import BagSpec
@@ -131,6 +132,10 @@ class CamSource(Source):
     ) -> None:
         if cam_model is None and cam_weights is not None:
             raise ExtractionError("--cam-weights needs --cam-model (the architecture they belong to)")
+        checks.at_least("--global-size", global_size, 32)
+        checks.at_least("--region-size", region_size, 8)
+        checks.at_least("--regions", regions, 1)
+        checks.at_least("--cam-class", cam_class, 0)
         self.backbone, self.global_size, self.region_size, self.regions = backbone, global_size, region_size, regions
         self.cam_model, self.cam_weights, self.cam_class = cam_model, cam_weights, cam_class
         self._net: _CamNet | None = None

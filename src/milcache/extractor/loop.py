@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from milcache import checks
 from milcache.devices import resolve_device
 from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
@@ -39,6 +40,17 @@ class ExtractConfig:
     overwrite: bool = False
     profile: bool = False  # synchronise the GPU after each batch to time the model alone
     preprocessing: dict = field(default_factory=dict)  # input_size / mean / std / interpolation overrides
+
+    def __post_init__(self) -> None:
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least("--workers", self.workers, 0)
+        checks.one_of("--precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        checks.one_of("--dtype", self.dtype, ("float16", "float32"))
+        size = self.preprocessing.get("input_size")
+        for side in size or ():
+            checks.at_least("--input-size", side, 16)
+        for value in self.preprocessing.get("std") or ():
+            checks.above("--std", value, 0)
 
 
 @dataclass

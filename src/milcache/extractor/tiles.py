@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from milcache import checks
 from milcache.errors import ExtractionError
 from milcache.extractor.slides import SlideReader, open_slide
 from milcache.extractor.sources import BagPlan, Source, register_source
@@ -110,6 +111,10 @@ class TileSource(Source):
             raise ExtractionError(f"--tile-size must be at least 8 and --stride at least 1 (got {tile_size}, {stride})")
         if not 0 <= tissue_threshold <= 1:
             raise ExtractionError(f"--tissue-threshold is a fraction of a tile, in [0, 1], not {tissue_threshold}")
+        checks.above("--mpp", mpp, 0)
+        checks.at_least("--level", level, 0)
+        checks.above("--scale", scale, 0)
+        checks.at_least("--max-tiles", max_tiles, 1)
         self.tile_size, self.stride = int(tile_size), int(stride or tile_size)
         self.mpp, self.level, self.scale = mpp, level, scale
         self.tissue_threshold, self.offset_grid, self.max_tiles = tissue_threshold, offset_grid, max_tiles

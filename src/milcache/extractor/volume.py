@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from milcache import checks
 from milcache.errors import ExtractionError
 from milcache.extractor.sources import BagPlan, Source, register_source
 from milcache.store.tables import BagSpec
@@ -66,6 +67,10 @@ class VolumeSource(Source):
                 f"--patch-size and --patch-stride take three positive sizes (D H W), got "
                 f"{patch_size} and {patch_stride}"
             )
+        checks.within("--min-foreground", min_foreground, 0.0, 1.0)
+        for value in spacing or ():
+            checks.above("--spacing", value, 0)
+        checks.at_least("--slices", slices, 1)
         self.min_foreground, self.spacing, self.slices = min_foreground, spacing, slices
         self._cache: tuple | None = None  # (bag id, volume, foreground, info): reads follow their plan
 

@@ -69,11 +69,10 @@ class StoreMetadata:
         mine, theirs = self.identity(), existing.identity()
         differing = [name for name in IDENTITY_FIELDS if mine[name] != theirs[name]]
         if differing:
-            lines = [f"  {name}: store has {theirs[name]!r}, this run has {mine[name]!r}" for name in differing]
+            sides = "; ".join(f"{name}: store has {theirs[name]!r}, this run has {mine[name]!r}" for name in differing)
             raise StoreMismatchError(
-                f"refusing to write into {where}: it holds embeddings made differently:\n"
-                + "\n".join(lines)
-                + "\nUse another --out, or --overwrite to start that store over."
+                f"refusing to write into {where}: it holds embeddings made differently ({sides}); "
+                "use another --out, or --overwrite to start that store over"
             )
 
     def to_json(self) -> str:

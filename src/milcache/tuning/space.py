@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from milcache.aggregator.config import TrainConfig
-from milcache.aggregator.heads import head_class, list_heads
+from milcache.aggregator.heads import check_head, head_class, list_heads
 from milcache.errors import MilcacheError
 from milcache.settings_files import read_settings
 
@@ -41,9 +41,43 @@ def load_space(path: str | Path | None, fixed: dict | None = None) -> dict:
     if path is not None:
         space.update(read_settings(path))
     space.update(fixed or {})
+    known = {"head"} | _TRAIN_FIELDS | {o for h in list_heads() for o in head_class(h).options()}
+    unknown = sorted(set(space) - known)
+    if unknown:
+        raise MilcacheError(
+            f"search space: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     for name, spec in space.items():
         _check(name, spec)
+    for name, spec in space.items():
+        if name != "head":
+            _check_values(name, spec, space["head"])
     return space
+
+
+def _candidates(spec) -> list:
+    """The values a spec can take that decide its validity: a fixed value, the choices, low and high."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        return spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+    return [spec]
+
+
+def _check_values(name: str, spec, head_spec) -> None:
+    """Build a TrainConfig, or the first head that takes the option, with each candidate value: a
+    value out of range is refused before the study starts, naming the parameter."""
+    heads = _candidates(head_spec)
+    for value in _candidates(spec):
+        try:
+            if name in _TRAIN_FIELDS:
+                TrainConfig(**{name: None if (name == "instances" and value == 0) else value})
+            else:
+                head = next((h for h in heads if name in head_class(h).options()), None)
+                if head is not None:
+                    check_head(head, {name: value})
+        except MilcacheError as exc:
+            raise MilcacheError(f"search space: {name!r} = {value!r}: {exc}") from None
 
 
 def _check(name: str, spec) -> None:

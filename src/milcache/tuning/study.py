@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache import checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
@@ -37,6 +38,14 @@ class TuneSettings:
     folds: int = 5
     seed: int = 0
     holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
+
+    def __post_init__(self) -> None:
+        checks.at_least("--n-trials", self.n_trials, 1)
+        checks.above("--timeout", self.timeout, 0)
+        checks.one_of("--pruner", self.pruner, PRUNERS)
+        checks.at_least("--jobs", self.jobs, 1)
+        checks.at_least("--folds", self.folds, 2)
+        checks.within("--holdout", self.holdout, 0.0, 0.5)
 
 
 def safe_url(url: str) -> str:
@@ -183,9 +192,9 @@ def tune(
     the study's best cross-validated score (which the choice among trials makes optimistic)."""
     import optuna
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = checks.output_dir(out)
     space = load_space(space_file, fixed)
+    out.mkdir(parents=True, exist_ok=True)
     url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(url)
     direction = "minimize" if settings.metric in MINIMISED else "maximize"
