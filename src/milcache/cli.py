@@ -579,6 +579,11 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), help="Resize filter [timm's].")
 @click.option("--shard", help="i/n: this process takes every n-th bag from the i-th (default from torchrun).")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
+@click.option(
+    "--reextract-changed",
+    is_flag=True,
+    help="Re-extract finished bags whose image files changed since (a rerun refuses them otherwise).",
+)
 @device_option
 def extract_command(
     manifest,
@@ -598,6 +603,7 @@ def extract_command(
     interpolation,
     shard,
     overwrite,
+    reextract_changed,
     device,
     **source_options,
 ) -> None:
@@ -614,8 +620,9 @@ def extract_command(
         except ValueError:
             raise click.BadParameter(f"expected i/n, got {shard!r}", param_hint="--shard") from None
         shard_pair = (index, count)
-    if source_kind == "cam":
-        source_options["backbone"] = backbone  # the saliency fallback uses the embedding backbone
+    if source_kind == "cam":  # the saliency fallback uses the embedding backbone, with its weights
+        source_options.update(backbone=backbone, backbone_weights=str(weights) if weights else None)
+        source_options["pretrained"] = pretrained
     if source_options.get("cam_weights") is not None:
         source_options["cam_weights"] = str(source_options["cam_weights"])
     source = create_source(source_kind, **source_options)
@@ -637,6 +644,7 @@ def extract_command(
         dtype=dtype,
         shard=shard_pair,
         overwrite=overwrite,
+        reextract_changed=reextract_changed,
         preprocessing={k: v for k, v in preprocessing.items() if v is not None},
     )
     summary = extract(manifest, out, source, config, progress=sys.stderr.isatty())

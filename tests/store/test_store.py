@@ -143,20 +143,28 @@ def test_store_json_describes_the_store(tmp_path):
     assert read_metadata(tmp_path / "s").coords == ["x", "y"]
 
 
-def test_corrupt_record_is_named_by_verify(tmp_path):
+@pytest.mark.parametrize("where", ["embeddings", "meta"])
+def test_a_corrupt_record_is_refused_by_every_reader_and_named_by_verify(tmp_path, where):
     bags = random_bags(5)
     marker = np.full((1000, 16), 1234.0, np.float32)  # large: lives in overflow pages, written once
-    bags["bag-0002"] = (marker, np.zeros((1000, 2), np.int32), {})
-    write_store(tmp_path / "s", bags)
+    with StoreWriter(tmp_path / "s", make_meta()) as writer:
+        for bag_id, (emb, coords, attrs) in bags.items():
+            writer.put(bag_id, emb, coords, attrs)
+        writer.put("bag-0002", marker, np.zeros((1000, 2), np.int32), meta={"label": "tumour-positive"})
     path = tmp_path / "s" / "shard-00000.mdb"
     data = bytearray(path.read_bytes())
-    at = data.find(marker.astype(np.float16).tobytes())
+    needle = marker.astype(np.float16).tobytes() if where == "embeddings" else b"tumour-positive"
+    at = data.find(needle)
     assert at > 0
-    data[at + 100] ^= 0xFF
+    data[at + 3] ^= 0x01  # one flipped bit
     path.write_bytes(bytes(data))
     with FeatureStore(tmp_path / "s") as store:
         problems = verify(store)
-    assert list(problems) == ["bag-0002"] and "checksum" in problems["bag-0002"]
+        assert list(problems) == ["bag-0002"] and "checksum" in problems["bag-0002"]
+        for copy in (False, True):
+            with pytest.raises(StoreError, match="bag 'bag-0002'.*corrupt.*checksum"):
+                store.get("bag-0002", copy=copy)
+        store.get("bag-0001")  # the others stay readable
 
 
 def test_a_store_opens_twice_in_one_process_and_snapshots_stay_put(tmp_path):

@@ -79,15 +79,25 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 class _CamNet:
-    """The network whose last feature map gives the CAM (in each worker process, on the CPU)."""
+    """The network whose last feature map gives the CAM (in each worker process, on the CPU): a
+    classifier (``cam_model`` + ``cam_weights``), or else the embedding backbone with the weights
+    it extracts with (its channel-mean activation: a training-free saliency)."""
 
-    def __init__(self, backbone: str, cam_model: str | None, cam_weights: str | None, cam_class: int) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        cam_model: str | None,
+        cam_weights: str | None,
+        cam_class: int,
+        backbone_weights: str | None = None,
+        pretrained: bool = False,
+    ) -> None:
         import timm
 
         from milcache.extractor.backbones import create_backbone, load_state_dict
 
-        if cam_model is None:  # training-free saliency from the embedding backbone
-            made = create_backbone(backbone)
+        if cam_model is None:
+            made = create_backbone(backbone, backbone_weights, pretrained)
             self.model, self.weights = made.model, None
             self.mean, self.std = made.mean, made.std
             return
@@ -97,7 +107,7 @@ class _CamNet:
         classes = state[f"{head}.weight"].shape[0] if state and f"{head}.weight" in state else probe.num_classes
         self.model = timm.create_model(cam_model, pretrained=False, num_classes=classes).eval()
         if state is not None:
-            self.model.load_state_dict(state, strict=False)
+            _load_strictly(self.model, state, cam_weights, cam_model)
         if not 0 <= cam_class < classes:
             raise ExtractionError(f"--cam-class {cam_class} does not exist: {cam_model} has {classes} classes")
         self.weights = self.model.get_classifier().weight[cam_class].detach().clone()
@@ -116,6 +126,25 @@ class _CamNet:
         return torch.relu(cam).numpy()
 
 
+def _load_strictly(model: torch.nn.Module, state: dict, path, name: str) -> None:
+    """All of the checkpoint and nothing else: a CAM from a half-loaded classifier is random."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshapen:
+        parts = [
+            f"{what} {len(keys)} (e.g. {', '.join(keys[:3])})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen))
+            if keys
+        ]
+        raise ExtractionError(
+            f"--cam-weights {path} do not fit --cam-model {name}: tensors {'; '.join(parts)}; "
+            "give the checkpoint of that architecture, classifier included"
+        )
+    model.load_state_dict(state, strict=True)
+
+
 @register_source("cam")
 class CamSource(Source):
     coord_names = ["x0", "y0", "x1", "y1"]
@@ -129,6 +158,8 @@ class CamSource(Source):
         cam_model: str | None = None,
         cam_weights: str | None = None,
         cam_class: int = 1,
+        backbone_weights: str | None = None,
+        pretrained: bool = False,
     ) -> None:
         if cam_model is None and cam_weights is not None:
             raise ExtractionError("--cam-weights needs --cam-model (the architecture they belong to)")
@@ -138,7 +169,16 @@ class CamSource(Source):
         checks.at_least("--cam-class", cam_class, 0)
         self.backbone, self.global_size, self.region_size, self.regions = backbone, global_size, region_size, regions
         self.cam_model, self.cam_weights, self.cam_class = cam_model, cam_weights, cam_class
+        self.backbone_weights, self.pretrained = backbone_weights, pretrained
         self._net: _CamNet | None = None
+        self.cam_digest = None
+        if cam_model is not None:  # a checkpoint that does not fit is refused now, not once per bag
+            self._new_net()
+            if cam_weights:
+                from milcache.extractor.backbones import file_digest
+
+                self.cam_digest = file_digest(Path(cam_weights))
+            self._net = None  # each worker builds its own
         self._images: dict[str, np.ndarray] = {}
 
     def settings(self) -> dict:
@@ -150,10 +190,16 @@ class CamSource(Source):
             "cam_model": self.cam_model,
             "cam_class": self.cam_class,
             "cam": "classifier" if self.cam_model else "saliency: channel-mean activation of the backbone",
+            "cam_weights_digest": self.cam_digest,
         }
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_net": None, "_images": {}}
+
+    def _new_net(self) -> _CamNet:
+        return _CamNet(
+            self.backbone, self.cam_model, self.cam_weights, self.cam_class, self.backbone_weights, self.pretrained
+        )
 
     def image(self, path) -> np.ndarray:
         key = str(path)
@@ -163,7 +209,7 @@ class CamSource(Source):
 
     def plan(self, bag: BagSpec) -> BagPlan:
         if self._net is None:
-            self._net = _CamNet(self.backbone, self.cam_model, self.cam_weights, self.cam_class)
+            self._net = self._new_net()
         coords, kinds, images, scores, extras = [], [], [], [], {}
         for index, path in enumerate(bag.paths):
             image = self.image(path)

@@ -21,7 +21,7 @@ from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
 from milcache.extractor.sources import BagPlan, Source
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
-from milcache.store.lmdb_store import remove_store, shard_path
+from milcache.store.lmdb_store import shard_path
 from milcache.store.tables import BagSpec
 
 
@@ -38,6 +38,7 @@ class ExtractConfig:
     dtype: str = "float16"  # of the stored embeddings
     shard: tuple[int, int] | None = None  # (index, count); default from torchrun's RANK / WORLD_SIZE
     overwrite: bool = False
+    reextract_changed: bool = False  # re-extract finished bags whose source files changed
     profile: bool = False  # synchronise the GPU after each batch to time the model alone
     preprocessing: dict = field(default_factory=dict)  # input_size / mean / std / interpolation overrides
 
@@ -145,6 +146,24 @@ class _BagStream(IterableDataset):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with each other for cores
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (kill -9 included): orphaned decode
+    workers would otherwise live on, holding the slides and the store's files open."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 class _Writer(threading.Thread):
@@ -177,6 +196,58 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+def file_identities(bag: BagSpec) -> list[dict]:
+    """What each source file of a bag was when it was read: a rerun compares it to notice a change."""
+    out = []
+    for path in bag.paths:
+        try:
+            stat = Path(path).stat()
+            out.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        except OSError:
+            out.append({"path": str(path)})
+    return out
+
+
+def _changed(recorded: list[dict] | None, bag: BagSpec) -> str | None:
+    """Why a finished bag no longer matches its manifest entry, or None. A file that moved with its
+    size and time kept is the same file; one that cannot be read now is left as extracted."""
+    if recorded is None:
+        return None  # extracted before files were recorded
+    if len(recorded) != len(bag.paths):
+        return f"it had {len(recorded)} image(s), the manifest now gives {len(bag.paths)}"
+    for was, now in zip(recorded, file_identities(bag), strict=True):
+        if "bytes" not in now or "bytes" not in was:
+            continue
+        if (was["bytes"], was["mtime_ns"]) != (now["bytes"], now["mtime_ns"]):
+            moved = "" if was["path"] == now["path"] else f" (was {was['path']})"
+            return f"{now['path']}{moved} is not the file it was extracted from (size or time differ)"
+    return None
+
+
+def _finished_bags(out: Path, mine: list[tuple[int, BagSpec]], reextract_changed: bool) -> set[str]:
+    """Bags of this run already in the store. A bag whose source files changed since is named and
+    refused (its embeddings would silently describe the old file), or re-extracted on request."""
+    from milcache.store.record import read_header
+
+    with FeatureStore(out) as existing:
+        changed = {}
+        for _, bag in mine:
+            if bag.bag_id in existing:
+                header, _ = read_header(existing.raw(bag.bag_id))
+                why = _changed((header.get("meta") or {}).get("files"), bag)
+                if why:
+                    changed[bag.bag_id] = why
+        done = set(existing.bag_ids()) - set(changed)
+    if changed and not reextract_changed:
+        shown = "; ".join(f"{b}: {why}" for b, why in list(changed.items())[:5])
+        more = f" … and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ExtractionError(
+            f"{len(changed)} finished bag(s) of {out} changed since they were extracted: {shown}{more}; "
+            "re-extract them with --reextract-changed (or start over with --overwrite)"
+        )
+    return done
+
+
 def extract(
     manifest: str | Path, out: str | Path, source: Source, config: ExtractConfig, progress: bool = True
 ) -> ExtractSummary:
@@ -184,7 +255,7 @@ def extract(
     from tqdm import tqdm
 
     start_time = time.perf_counter()
-    out = Path(out)
+    out = checks.output_dir(out)
     shard, shards = resolve_shard(config.shard)
     device = resolve_device(config.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -202,21 +273,22 @@ def extract(
         source=source.settings(),
         coords=source.coord_names,
     )
-    if config.overwrite:
-        if shards == 1:
-            remove_store(out)
-        else:  # other processes write the other shards: remove only ours
-            shard_path(out, shard).unlink(missing_ok=True)
-    done = set()
-    if (out / "store.json").exists():
-        with FeatureStore(out) as existing:
-            done = set(existing.bag_ids())
-    summary = ExtractSummary()
+    if config.overwrite and shards > 1:  # the other processes write the other shards: start only ours over
+        shard_path(out, shard).unlink(missing_ok=True)
+    # Locked identity check (another run with other settings is refused here, before any work);
+    # the shard opens at the first write, after the workers have forked.
+    store_writer = StoreWriter(out, metadata, shard=shard, overwrite=config.overwrite and shards == 1)
     mine = [(i, b) for i, b in enumerate(bags) if i % shards == shard]
+    try:
+        done = _finished_bags(out, mine, config.reextract_changed)
+    except BaseException:
+        store_writer.close()
+        raise
+    summary = ExtractSummary()
     todo = [(i, b) for i, b in mine if b.bag_id not in done]
     summary.skipped = len(mine) - len(todo)
     embedder = Embedder(backbone, source, device, config.precision, config.compile)
-    writer = _Writer(StoreWriter(out, metadata, shard=shard))
+    writer = _Writer(store_writer)
     writer.start()
     loader = DataLoader(
         _BagStream(todo, source, config.batch_size),
@@ -263,9 +335,10 @@ def extract(
                 if filled[0] == len(plan):
                     del pending[index]
                     result = embeddings.cpu().numpy()
+                    meta = {**plan.meta, "files": file_identities(bag)}
                     writer.submit(
-                        lambda b=bag.bag_id, p=plan, e=result: writer.writer.put(
-                            b, e, p.coords, p.attrs, p.extras, p.meta
+                        lambda b=bag.bag_id, p=plan, e=result, m=meta: writer.writer.put(
+                            b, e, p.coords, p.attrs, p.extras, m
                         )
                     )
                     summary.bags += 1

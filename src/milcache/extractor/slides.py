@@ -54,24 +54,26 @@ class SlideReader:
         return image, w0 / image.shape[1]
 
 
-def _rgb(array: np.ndarray) -> np.ndarray:
+def _rgb(array: np.ndarray, top: float | None = None) -> np.ndarray:
+    """RGB uint8 from grey, RGB or RGBA of any depth; deeper pixels are scaled by ``top``, the
+    brightest value of the whole image (so that every tile of a slide is scaled alike)."""
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.shape[2] == 4:  # RGBA: composite onto white
         alpha = array[..., 3:4].astype(np.float32) / 255
         array = (array[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
     if array.dtype != np.uint8:
-        top = float(array.max()) or 1.0
-        array = (array.astype(np.float32) * (255 / top)).astype(np.uint8)
+        top = top or float(array.max()) or 1.0
+        array = np.clip(array.astype(np.float32) * (255 / top), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array[..., :3])
 
 
-def _paste(source_read, full_w: int, full_h: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+def _paste(source_read, full_w: int, full_h: int, x: int, y: int, width: int, height: int, top=None) -> np.ndarray:
     """Read the part of a window that lies inside the image; white everywhere else."""
     out = np.full((height, width, 3), 255, np.uint8)
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, full_w), min(y + height, full_h)
     if x1 > x0 and y1 > y0:
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _rgb(source_read(x0, y0, x1, y1))
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = _rgb(source_read(x0, y0, x1, y1), top)
     return out
 
 
@@ -117,13 +119,18 @@ class TiffReader(SlideReader):
         self.dimensions = [(int(lv.shape[1]), int(lv.shape[0])) for lv in self._levels]
         self.downsamples = [self.dimensions[0][0] / w for w, _ in self.dimensions]
         self.mpp = _tiff_mpp(series.levels[0].keyframe)
+        # Deeper than 8 bits: one scale for the whole slide, from its smallest level (a tile
+        # scaled by its own maximum would make faint tissue as bright as the brightest).
+        smallest = self._levels[-1]
+        self._top = (float(np.max(smallest[:])) or 1.0) if smallest.dtype != np.uint8 else None
 
     def read_region(self, x, y, level, width, height):
         d = self.downsamples[level]
         lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
         array = self._levels[level]
         w, h = self.dimensions[level]
-        return _paste(lambda x0, y0, x1, y1: array[y0:y1, x0:x1], w, h, lx, ly, int(width), int(height))
+        read = lambda x0, y0, x1, y1: array[y0:y1, x0:x1]  # noqa: E731
+        return _paste(read, w, h, lx, ly, int(width), int(height), self._top)
 
     def close(self):
         self._tif.close()

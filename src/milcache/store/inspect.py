@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
+from milcache.errors import StoreError
 from milcache.store.lmdb_store import FeatureStore, shard_paths
-from milcache.store.record import CorruptRecord, decode, read_header
+from milcache.store.record import CorruptRecord, checksum_ok, decode
 
 
 def summarize(store: FeatureStore) -> dict:
@@ -44,13 +43,16 @@ def summarize(store: FeatureStore) -> dict:
 
 def verify_bag(store: FeatureStore, bag_id: str) -> str | None:
     """Why a bag's record is bad (checksum, shape, non-finite values), or None when it is sound."""
-    raw = store.raw(bag_id)
+    if not _valid_utf8(bag_id):
+        return "its key is not valid UTF-8: the key was damaged after it was written"
     try:
-        header, start = read_header(raw)
-        if zlib.crc32(memoryview(raw)[start:]) != header.get("crc32"):
+        raw = store.raw(bag_id)
+        if raw is None:
+            return "its record is missing from the shard"
+        if not checksum_ok(raw):
             return "checksum mismatch: the record's bytes changed after it was written"
-        bag = decode(bag_id, raw)
-    except CorruptRecord as exc:
+        bag = decode(bag_id, raw, check=False)
+    except (CorruptRecord, StoreError) as exc:
         return str(exc)
     n, dim = len(bag), store.metadata.dim
     if bag.embeddings.shape != (n, dim) or n == 0:
@@ -65,6 +67,14 @@ def verify_bag(store: FeatureStore, bag_id: str) -> str | None:
     if not np.isfinite(bag.embeddings).all():
         return "embeddings contain NaN or Inf"
     return None
+
+
+def _valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def verify(store: FeatureStore, progress: bool = False) -> dict[str, str]:

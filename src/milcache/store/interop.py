@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache import checks
 from milcache.errors import ManifestError, StoreError
 from milcache.store.lmdb_store import FeatureStore, StoreWriter
 from milcache.store.metadata import StoreMetadata
@@ -113,9 +114,19 @@ def _read_array_file(path: Path) -> ImportedBag:
 
 
 def _bags_from_folder(src: Path, skipped: dict[str, str]) -> Iterator[ImportedBag]:
-    files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".h5", ".hdf5", *ARRAY_SUFFIXES))
+    suffixes = (".h5", ".hdf5", *ARRAY_SUFFIXES)
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    for other in sorted(p for p in src.iterdir() if p not in files and not p.name.startswith(".")):
+        skipped[str(other)] = "not an embeddings file (.h5, .pt, .npy or .npz)"
     if not files:
         raise StoreError(f"{src}: no .h5, .pt, .npy or .npz files to import")
+    by_bag: dict[str, list[Path]] = {}
+    for path in files:
+        by_bag.setdefault(path.stem, []).append(path)
+    twice = {bag: paths for bag, paths in by_bag.items() if len(paths) > 1}
+    if twice:
+        shown = "; ".join(f"{bag}: {', '.join(p.name for p in paths)}" for bag, paths in list(twice.items())[:5])
+        raise StoreError(f"{src}: {len(twice)} bag id(s) come from more than one file ({shown}); keep one file per bag")
     for path in files:
         try:
             yield _read_h5(path) if path.suffix.lower() in (".h5", ".hdf5") else _read_array_file(path)
@@ -173,6 +184,7 @@ def import_embeddings(
     from tqdm import tqdm
 
     src = Path(src)
+    checks.output_dir(out)
     skipped: dict[str, str] = {}
     if src.is_dir():
         bags, kind = _bags_from_folder(src, skipped), "folder"
@@ -219,9 +231,9 @@ def export_h5(store_dir: str | Path, out_dir: str | Path, progress: bool = False
     import h5py
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = checks.output_dir(out_dir)
     with FeatureStore(store_dir) as store:
+        out_dir.mkdir(parents=True, exist_ok=True)
         for bag in tqdm(store, total=len(store), desc="export", unit="bag", disable=not progress):
             if "/" in bag.bag_id or bag.bag_id in (".", ".."):
                 raise StoreError(f"bag id {bag.bag_id!r} cannot be a file name; export stops there")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -24,6 +25,18 @@ _SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.mdb$")
 _INITIAL_MAP_SIZE = 1 << 30  # sparse on Linux/macOS: costs no disk until used
 _MAX_GROWTHS = 40
 _READER_MAP_SIZE = 1 << 40  # address space only (1 TiB of 128 TiB); nothing is read until used
+_CREATE_LOCK = ".create.lock"  # held exclusively while a writer checks or creates store.json
+_WRITERS_LOCK = ".writers.lock"  # held shared by every writer while it lives
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def shard_path(store_dir: Path, shard: int) -> Path:
@@ -51,7 +64,12 @@ class StoreWriter:
     """Writes bags into one shard of a store; each ``put`` is one LMDB transaction.
 
     A bag is therefore in the store whole or not at all, also when the process is killed. Several
-    processes write several shards (``shard=rank``) of one store; their metadata must agree.
+    processes write several shards (``shard=rank``) of one store; their metadata must agree. The
+    identity check and the creation of store.json happen under an exclusive lock, so of two writers
+    with different settings starting together on a new store one is refused by name; every writer
+    then holds a shared lock for its lifetime, so ``overwrite`` cannot delete a store being written.
+    The shard itself is opened at the first write: a process may fork workers after the checks
+    without them inheriting an open LMDB environment.
     """
 
     def __init__(
@@ -64,23 +82,48 @@ class StoreWriter:
     ) -> None:
         self.path = Path(store_dir)
         self.metadata = metadata
-        if overwrite:
-            remove_store(self.path)
-        if (self.path / METADATA_FILE).exists():
-            existing = read_metadata(self.path)
-            metadata.check_compatible(existing, self.path)
-            self.metadata = existing
-        else:
-            write_metadata(self.path, metadata)
         self._file = shard_path(self.path, shard)
+        self._map_size = map_size
+        self._env = None
         try:
-            self._env = lmdb.open(
-                str(self._file), subdir=False, map_size=map_size, max_dbs=2, meminit=False, readahead=False
-            )
-        except lmdb.Error as exc:
-            raise StoreError(f"cannot open {self._file} for writing: {exc}") from None
-        self._bags = self._env.open_db(_BAGS_DB)
-        self._failures = self._env.open_db(_FAILURES_DB)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._writing = open(self.path / _WRITERS_LOCK, "a")  # noqa: SIM115  (held for the writer's life)
+        except OSError as exc:
+            raise StoreError(f"cannot write the store {self.path}: {exc}") from None
+        with _exclusive(self.path / _CREATE_LOCK):
+            if overwrite:
+                self._remove_unless_in_use()
+            fcntl.flock(self._writing, fcntl.LOCK_SH)
+            if (self.path / METADATA_FILE).exists():
+                existing = read_metadata(self.path)
+                metadata.check_compatible(existing, self.path)
+                self.metadata = existing
+            else:
+                write_metadata(self.path, metadata)
+
+    def _remove_unless_in_use(self) -> None:
+        try:
+            fcntl.flock(self._writing, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"cannot overwrite {self.path}: another process is writing to it right now") from None
+        remove_store(self.path)
+
+    def _open(self):
+        if self._env is None:
+            try:
+                self._env = lmdb.open(
+                    str(self._file),
+                    subdir=False,
+                    map_size=self._map_size,
+                    max_dbs=2,
+                    meminit=False,
+                    readahead=False,
+                )
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot open {self._file} for writing: {exc}") from None
+            self._bags = self._env.open_db(_BAGS_DB)
+            self._failures = self._env.open_db(_FAILURES_DB)
+        return self._env
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -92,6 +135,8 @@ class StoreWriter:
         if self._env is not None:
             self._env.close()
             self._env = None
+        if not self._writing.closed:
+            self._writing.close()  # releases the shared lock
 
     def put(
         self,
@@ -125,6 +170,7 @@ class StoreWriter:
         self._transact(write, bag_id)
 
     def _transact(self, write, bag_id: str) -> None:
+        self._open()
         for _ in range(_MAX_GROWTHS):
             try:
                 with self._env.begin(write=True) as txn:  # aborted on any exception
@@ -209,13 +255,19 @@ class _Env:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        lock_file = Path(f"{path}-lock")
+        # A store on read-only media (or in a folder we may not write) has no writer at work, and
+        # LMDB could not create or open its lock file there: read it without the lock.
+        lockable = os.access(lock_file, os.W_OK) if lock_file.exists() else os.access(path.parent, os.W_OK)
+        if not os.access(path, os.R_OK):
+            raise StoreError(f"cannot read the shard {path}: permission denied")
         try:
             self.env = lmdb.open(
                 # readahead on: a bag is a long run of overflow pages, read start to end
                 str(path),
                 subdir=False,
                 readonly=True,
-                lock=True,
+                lock=lockable,
                 max_dbs=2,
                 readahead=True,
                 # Map far more than the file: a writer growing the file then never forces a remap
@@ -274,11 +326,18 @@ class _Shard:
         return out
 
     def keys(self, db) -> list[str]:
-        with self.txn.cursor(db=db) as cursor:
-            return [bytes(k).decode("utf-8") for k in cursor.iternext(keys=True, values=False)]
+        # surrogateescape: a damaged key still round-trips to its bytes, so it can be named and read
+        try:
+            with self.txn.cursor(db=db) as cursor:
+                return [bytes(k).decode("utf-8", "surrogateescape") for k in cursor.iternext(keys=True, values=False)]
+        except lmdb.Error as exc:
+            raise StoreError(f"the shard {self.path} is damaged ({exc}); its bags cannot be listed") from None
 
     def get(self, bag_id: str, db) -> memoryview | None:
-        return self.txn.get(bag_id.encode("utf-8"), db=db)
+        try:
+            return self.txn.get(bag_id.encode("utf-8", "surrogateescape"), db=db)
+        except lmdb.Error as exc:
+            raise StoreError(f"bag {bag_id!r} cannot be read from the damaged shard {self.path}: {exc}") from None
 
     def __del__(self) -> None:
         # Runs once neither the store nor any array viewing this snapshot is left (see _pinned), so
@@ -367,10 +426,11 @@ class FeatureStore:
             raise KeyError(bag_id)
         return shard.get(bag_id, shard.bags)
 
-    def get(self, bag_id: str, check: bool = False, copy: bool = False) -> Bag:
-        """One bag; ``check`` also verifies its checksum, ``copy`` detaches its arrays from the store
-        (reading the whole record ahead, the fast way to load bags that are not in the page cache).
-        Unknown ids raise KeyError."""
+    def get(self, bag_id: str, check: bool = True, copy: bool = False) -> Bag:
+        """One bag, its checksum verified (a corrupt record raises StoreError naming the bag;
+        ``check=False`` skips that for callers that verified it already); ``copy`` detaches its
+        arrays from the store (reading the whole record ahead, the fast way to load bags that are
+        not in the page cache). Unknown ids raise KeyError."""
         raw = self.raw(bag_id)
         shard = self._where[bag_id]
         try:

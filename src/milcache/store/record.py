@@ -1,10 +1,13 @@
 """Binary layout of one bag record: the value stored under a bag id in an LMDB shard.
 
-    b"MILCREC1" | u32 header length | JSON header | padding to 64 | data region
+    b"MILCREC2" | u32 header length | u32 CRC-32 | JSON header | padding to 64 | data region
 
-The header lists every array (name, dtype, shape, offset into the data region) and the CRC-32 of the
-data region, plus the bag's free-form ``meta`` dict. Arrays start on 64-byte boundaries of the data
-region so that a reader can view them in place (``np.frombuffer``) without copying.
+The header lists every array (name, dtype, shape, offset into the data region) and holds the bag's
+free-form ``meta`` dict. The CRC-32 covers the header and the data region together, so a flipped
+bit anywhere after the prefix (a value, a shape, a label in meta) is caught. Arrays start on
+64-byte boundaries of the data region so that a reader can view them in place (``np.frombuffer``).
+Records of the first layout (b"MILCREC1": no CRC in the prefix, the CRC of the data region in the
+header) are still read.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAGIC = b"MILCREC1"
+MAGIC = b"MILCREC2"
+_MAGIC_V1 = b"MILCREC1"
 _ALIGN = 64
-_PREFIX = struct.Struct("<8sI")
+_PREFIX = struct.Struct("<8sII")
+_PREFIX_V1 = struct.Struct("<8sI")
 
 
 class CorruptRecord(ValueError):
@@ -71,36 +76,63 @@ def encode(bag: Bag) -> bytes:
         chunks.append(b"\0" * padding)
         offset += data.nbytes + padding
     payload = b"".join(chunks)
-    header = json.dumps(
-        {"arrays": entries, "crc32": zlib.crc32(payload), "meta": bag.meta}, separators=(",", ":")
-    ).encode()
-    prefix = _PREFIX.pack(MAGIC, len(header)) + header
-    return b"".join([prefix, b"\0" * _pad(len(prefix)), payload])
+    header = json.dumps({"arrays": entries, "meta": bag.meta}, separators=(",", ":")).encode()
+    padding = b"\0" * _pad(_PREFIX.size + len(header))
+    crc = zlib.crc32(payload, zlib.crc32(padding, zlib.crc32(header)))
+    return b"".join([_PREFIX.pack(MAGIC, len(header), crc), header, padding, payload])
 
 
 def read_header(buffer: bytes | memoryview) -> tuple[dict, int]:
     """The header dict and the offset of the data region, without touching the arrays."""
-    if len(buffer) < _PREFIX.size:
+    header, start, _ = _parse(buffer)
+    return header, start
+
+
+def _parse(buffer: bytes | memoryview) -> tuple[dict, int, int | None]:
+    """Header, data offset, and the offset from which the stored CRC-32 runs (None: a v1 record,
+    whose CRC in the header covers the data region only)."""
+    if len(buffer) < _PREFIX_V1.size:
         raise CorruptRecord("record shorter than its prefix")
-    magic, header_len = _PREFIX.unpack_from(buffer, 0)
-    if magic != MAGIC:
-        raise CorruptRecord(f"bad magic {bytes(magic)!r}")
-    end = _PREFIX.size + header_len
+    magic = bytes(buffer[:8])
+    if magic == MAGIC and len(buffer) >= _PREFIX.size:
+        _, header_len, _ = _PREFIX.unpack_from(buffer, 0)
+        begin, covered_from = _PREFIX.size, _PREFIX.size
+    elif magic == _MAGIC_V1:
+        _, header_len = _PREFIX_V1.unpack_from(buffer, 0)
+        begin, covered_from = _PREFIX_V1.size, None
+    else:
+        raise CorruptRecord(f"bad magic {magic!r}")
+    end = begin + header_len
     if end > len(buffer):
         raise CorruptRecord("header runs past the end of the record")
     try:
-        header = json.loads(bytes(buffer[_PREFIX.size : end]))
+        header = json.loads(bytes(buffer[begin:end]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptRecord(f"unreadable header: {exc}") from None
-    return header, end + _pad(end)
+    if not isinstance(header, dict):
+        raise CorruptRecord("malformed header: not a mapping")
+    return header, end + _pad(end), covered_from
 
 
-def decode(bag_id: str, buffer: bytes | memoryview, check: bool = False) -> Bag:
-    """Build a Bag whose arrays view ``buffer`` in place; ``check`` also verifies the CRC-32."""
-    header, start = read_header(buffer)
+def checksum_ok(buffer: bytes | memoryview) -> bool:
+    """Whether the record's bytes are those written (header, meta and arrays)."""
+    return _crc_ok(buffer, *_parse(buffer))
+
+
+def _crc_ok(buffer, header: dict, start: int, covered_from: int | None) -> bool:
+    view = memoryview(buffer)
+    if covered_from is None:
+        return zlib.crc32(view[start:]) == header.get("crc32")
+    return zlib.crc32(view[covered_from:]) == _PREFIX.unpack_from(buffer, 0)[2]
+
+
+def decode(bag_id: str, buffer: bytes | memoryview, check: bool = True) -> Bag:
+    """Build a Bag whose arrays view ``buffer`` in place, after verifying the record's CRC-32
+    (``check=False`` skips that, for callers that just did)."""
+    header, start, covered_from = _parse(buffer)
+    if check and not _crc_ok(buffer, header, start, covered_from):
+        raise CorruptRecord("checksum mismatch: the record's bytes changed after it was written")
     view = memoryview(buffer)[start:]
-    if check and zlib.crc32(view) != header.get("crc32"):
-        raise CorruptRecord("checksum mismatch")
     arrays = {}
     try:
         for entry in header["arrays"]:
@@ -111,7 +143,7 @@ def decode(bag_id: str, buffer: bytes | memoryview, check: bool = False) -> Bag:
                 raise CorruptRecord(f"array {entry['name']!r} runs past the end of the record")
             flat = np.frombuffer(view, dtype=dtype, count=count, offset=entry["offset"])
             arrays[entry["name"]] = flat.reshape(shape)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CorruptRecord(f"malformed header: {exc}") from None
     if "embeddings" not in arrays or "coords" not in arrays:
         raise CorruptRecord("record lacks embeddings or coords")
