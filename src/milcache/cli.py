@@ -627,7 +627,7 @@ def extract_command(
         source_options["cam_weights"] = str(source_options["cam_weights"])
     source = create_source(source_kind, **source_options)
     preprocessing = {
-        "input_size": (input_size, input_size) if input_size else None,
+        "input_size": (input_size, input_size) if input_size is not None else None,
         "mean": mean,
         "std": std,
         "interpolation": interpolation,

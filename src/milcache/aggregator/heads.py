@@ -8,6 +8,7 @@ reduction over instances is masked.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -363,23 +364,61 @@ def noisy_and(mean_p: torch.Tensor, a: float, b: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(a * (mean_p - b)) - low) / (high - low)
 
 
+# Stacked fold models (vmap) run the fused attention kernel once per model: correct, and still linear
+# in memory; torch warns that it has no batched rule for it, which is not the user's business.
+warnings.filterwarnings(
+    "ignore", message="There is a performance drop because we have not yet implemented the batching rule"
+)
+
+
+class _EncoderLayer(nn.Module):
+    """A pre-norm transformer encoder layer whose attention runs through
+    ``F.scaled_dot_product_attention``: its fused kernels (flash / memory-efficient, CPU and CUDA)
+    never hold the N × N score matrix, so a bag of 50,000 instances costs memory linear in N
+    (torch's own encoder layer materialises the scores with a padding mask)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise MilcacheError(f"transformer: hidden ({dim}) must be a multiple of heads ({heads})")
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        keys = (mask | ~mask.any(1, keepdim=True))[:, None, None, :]  # a bag of padding only attends to all
+        # No dropout on the attention weights: the fused CPU kernel has none (it would fall back
+        # to the N × N path); dropout acts on both residual branches instead.
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.feed_forward(self.norm2(x)))
+
+
 @register_head("transformer")
 class TransformerMIL(Head):
     """A small transformer encoder over the instances (instance interactions), then attention
-    pooling with a learned query."""
+    pooling with a learned query. Memory grows linearly with the bag (fused attention kernels)."""
 
     def __init__(
         self, in_dim, n_outputs, hidden=128, dropout=0.25, instance_dropout=0.0, layers: int = 1, heads: int = 4
     ):
         super().__init__(in_dim, n_outputs, hidden, dropout, instance_dropout)
-        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        checks.at_least("layers", layers, 1)
+        checks.at_least("heads", heads, 1)
+        self.encoder = nn.ModuleList(_EncoderLayer(hidden, heads, dropout) for _ in range(layers))
         self.query = nn.Parameter(torch.randn(1, 1, hidden) / math.sqrt(hidden))
         self.key = nn.Linear(hidden, hidden)
         self.classifier = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, n_outputs))
 
     def aggregate(self, h, mask):
-        h = self.encoder(h, src_key_padding_mask=~mask)
+        for layer in self.encoder:
+            h = layer(h, mask)
         h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
         logits = (self.key(h) * self.query).sum(-1) / math.sqrt(h.shape[-1])
         weights = masked_softmax(logits, mask)

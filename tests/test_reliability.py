@@ -1,0 +1,271 @@
+"""Nothing silent, nothing lost: every bad input to every command → exit 2, one line naming the
+option / file / bag and what is expected, no traceback, and not one byte on disk changed."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from milcache.cli import cli
+from milcache.errors import StoreError, StoreMismatchError
+from milcache.store import FeatureStore, StoreWriter
+from milcache.store.synthetic import make_synthetic_store
+from tests.conftest import make_meta, tissue_image, write_pyramid_tiff
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A store, its labels, two trained runs (attention and mean pooling), a slide manifest and
+    the files a user gets wrong: a plain file where a folder belongs, a read-only folder."""
+    root = tmp_path_factory.mktemp("world")
+    labels = make_synthetic_store(root / "store", bags=24, instances=(5, 20), dim=8, seed=1)
+    labels.write_csv(root / "labels.csv")
+    runner = CliRunner()
+    for head in ("gated-attention", "mean"):
+        result = runner.invoke(
+            cli,
+            ["train-head", "--store", root / "store", "--labels", root / "labels.csv", "--head", head]
+            + ["--out", root / f"run-{head}", "--epochs", "2", "--folds", "2", "--device", "cpu"],
+        )
+        assert result.exit_code == 0, result.output
+    write_pyramid_tiff(root / "slide.tif", tissue_image(128, 128))
+    pl.DataFrame({"bag_id": ["s"], "path": ["slide.tif"]}).write_csv(root / "manifest.csv")
+    (root / "a-file").write_text("not a folder\n")
+    (root / "readonly").mkdir()
+    (root / "readonly").chmod(0o555)
+    (root / "space.toml").write_text('lr = {type = "float", low = 1e-4, high = 1e-2}\nlearning_rate = 0.1\n')
+    (root / "wrong.safetensors").write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(2, 7), "fc.bias": torch.zeros(2)}, root / "wrong.safetensors")
+    other = make_meta(dim=8, backbone="synthetic", preprocessing={"mean": [0.1, 0.2, 0.3]})
+    with StoreWriter(root / "other-preprocessing", other) as writer:
+        writer.put("x", np.ones((3, 8), np.float32))
+    return {"root": root}
+
+
+def _train(*extra):
+    return ["train-head", "--store", "{root}/store", "--labels", "{root}/labels.csv", "--out", "{root}/new-run", *extra]
+
+
+def _predict(*extra, run="run-gated-attention", store="store"):
+    return ["predict", "--model", f"{{root}}/{run}", "--store", f"{{root}}/{store}", *extra]
+
+
+def _tune(*extra):
+    return ["tune", "--store", "{root}/store", "--labels", "{root}/labels.csv", "--out", "{root}/study", *extra]
+
+
+def _extract(*extra):
+    return ["extract", "{root}/manifest.csv", "--out", "{root}/new-store", "--backbone", "test_resnet", *extra]
+
+
+CASES = {
+    # option values out of range, refused by name (never read as something else)
+    "train --epochs 0": (_train("--epochs", "0"), "--epochs"),
+    "train --batch-size 0": (_train("--batch-size", "0"), "--batch-size"),
+    "train --lr -1": (_train("--lr", "-1"), "--lr"),
+    "train --weight-decay -1": (_train("--weight-decay", "-1"), "--weight-decay"),
+    "train --dropout 2": (_train("--dropout", "2"), "dropout"),
+    "train --hidden 0": (_train("--hidden", "0"), "hidden"),
+    "train --instances -5": (_train("--instances", "-5"), "--instances"),
+    "train --repeats 0": (_train("--repeats", "0"), "--repeats"),
+    "train --folds 1": (_train("--folds", "1"), "--folds"),
+    "train --patience 0": (_train("--patience", "0"), "--patience"),
+    "train --val-fraction 0.9": (_train("--val-fraction", "0.9"), "--val-fraction"),
+    "train --l1-ratio 3": (_train("--l1-ratio", "3"), "--l1-ratio"),
+    "train unknown head option": (_train("--head-option", "bogus=1"), "bogus"),
+    "train head option of wrong kind": (_train("--head-option", "attention_dim=wide"), "attention_dim"),
+    "train --out is a file": (_train()[:-1] + ["{root}/a-file"], "a-file"),
+    "train --out read-only": (_train()[:-1] + ["{root}/readonly/run"], "not writable"),
+    "predict --top-k -3": (_predict("--out", "{root}/p.csv", "--top-k", "-3"), "--top-k"),
+    "predict --out is a folder": (_predict("--out", "{root}/readonly"), "is a folder"),
+    "predict --out .txt": (_predict("--out", "{root}/p.txt"), ".csv or .parquet"),
+    "predict --out read-only": (_predict("--out", "{root}/readonly/p.csv"), "not writable"),
+    "predict --heatmaps is a file": (_predict("--out", "{root}/p.csv", "--heatmaps", "{root}/a-file"), "--heatmaps"),
+    "predict --heatmaps, no instance scores": (
+        _predict("--out", "{root}/p.csv", "--heatmaps", "{root}/maps", run="run-mean"),
+        "gives none",
+    ),
+    "predict a store of other preprocessing": (
+        _predict("--out", "{root}/p.csv", store="other-preprocessing"),
+        "preprocessing: model trained on",
+    ),
+    "tune --jobs 0": (_tune("--jobs", "0"), "--jobs"),
+    "tune --n-trials 0": (_tune("--n-trials", "0"), "--n-trials"),
+    "tune --holdout 0.9": (_tune("--holdout", "0.9"), "--holdout"),
+    "tune --set unknown key": (_tune("--set", "learning_rate=0.1"), "learning_rate"),
+    "tune --set out of range": (_tune("--set", "lr=-1"), "--lr"),
+    "tune --set epochs text": (_tune("--set", "epochs=many"), "--epochs"),
+    "tune --space unknown key": (_tune("--space", "{root}/space.toml"), "learning_rate"),
+    "tune --out is a file": (_tune()[:-1] + ["{root}/a-file"], "a-file"),
+    "extract --scale 0": (_extract("--scale", "0"), "--scale"),
+    "extract --mpp 0": (_extract("--mpp", "0"), "--mpp"),
+    "extract --mpp -1": (_extract("--mpp", "-1"), "--mpp"),
+    "extract --max-tiles 0": (_extract("--max-tiles", "0"), "--max-tiles"),
+    "extract --max-tiles -1": (_extract("--max-tiles", "-1"), "--max-tiles"),
+    "extract --input-size 0": (_extract("--input-size", "0"), "--input-size"),
+    "extract --batch-size 0": (_extract("--batch-size", "0"), "--batch-size"),
+    "extract --workers -1": (_extract("--workers", "-1"), "--workers"),
+    "extract --std 0,0,0": (_extract("--std", "0,0,0"), "--std"),
+    "extract --std text": (_extract("--std", "a,b,c"), "--std"),
+    "extract --tile-size 4": (_extract("--tile-size", "4"), "--tile-size"),
+    "extract --tissue-threshold 2": (_extract("--tissue-threshold", "2"), "--tissue-threshold"),
+    "extract --out is a file": (_extract()[:3] + ["{root}/a-file"] + _extract()[4:], "a-file"),
+    "extract --out read-only": (_extract()[:3] + ["{root}/readonly/s"] + _extract()[4:], "not writable"),
+    "extract cam --regions 0": (_extract("--source", "cam", "--regions", "0"), "--regions"),
+    "extract cam weights that do not fit": (
+        _extract("--source", "cam", "--cam-model", "resnet18", "--cam-weights", "{root}/wrong.safetensors"),
+        "do not fit",
+    ),
+    "store import --out is a file": (["store", "import", "{root}/store", "--out", "{root}/a-file"], "a-file"),
+    "store export --out is a file": (["store", "export", "{root}/store", "--out", "{root}/a-file"], "a-file"),
+    "store synth --bags 0": (["store", "synth", "{root}/synth", "--bags", "0"], "--bags"),
+}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file's digest, but LMDB's reader table (``*-lock``), which any reader updates."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith("-lock")
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_by_name_and_changes_nothing(world, case):
+    args, named = CASES[case]
+    if named == "not writable" and os.geteuid() == 0:
+        pytest.skip("root may write into a read-only folder")
+    root = world["root"]
+    before = _snapshot(root)
+    result = CliRunner().invoke(cli, [a.format(root=root) for a in args])
+    assert isinstance(result.exception, SystemExit), f"{case}: a traceback:\n{result.output}"
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.output}"
+    message = result.output.strip().splitlines()
+    errors = [line for line in message if line.lower().startswith("error:") or "Invalid value" in line]
+    assert errors, result.output
+    assert named in result.output, f"{case}: {named!r} not named in:\n{result.output}"
+    assert "Traceback" not in result.output
+    assert _snapshot(root) == before, f"{case} changed files on disk"
+
+
+def test_a_corrupt_record_stops_train_head_and_predict_by_name(tmp_path):
+    labels = make_synthetic_store(tmp_path / "store", bags=12, instances=(300, 300), dim=8, seed=2)
+    labels.write_csv(tmp_path / "labels.csv")
+    runner = CliRunner()
+    common = ["--store", tmp_path / "store", "--device", "cpu"]
+    train = ["train-head", *common, "--labels", tmp_path / "labels.csv", "--epochs", "1", "--folds", "2"]
+    assert runner.invoke(cli, [*train, "--out", tmp_path / "run"]).exit_code == 0
+    with FeatureStore(tmp_path / "store") as store:
+        victim = store.bag_ids()[3]
+        needle = bytes(store.get(victim).embeddings[100:110].tobytes())
+    shard = tmp_path / "store" / "shard-00000.mdb"
+    data = bytearray(shard.read_bytes())
+    data[data.find(needle) + 5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    for args in (
+        [*train, "--out", tmp_path / "run2"],
+        ["predict", *common, "--model", tmp_path / "run", "--out", tmp_path / "p.csv"],
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2 and f"bag '{victim}'" in result.output and "checksum" in result.output
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "run2").exists()
+
+
+def _writer(path: str, backbone: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        with StoreWriter(path, make_meta(backbone=backbone)) as writer:
+            time.sleep(0.2)
+            writer.put(f"from-{backbone}", np.ones((2, 16), np.float32))
+        results.put(("ok", backbone))
+    except StoreMismatchError as exc:
+        results.put(("refused", str(exc)))
+
+
+def test_two_writers_with_different_settings_on_one_new_store(tmp_path):
+    context = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        path = str(tmp_path / f"store-{attempt}")
+        barrier, results = context.Barrier(2), context.Queue()
+        procs = [context.Process(target=_writer, args=(path, name, barrier, results)) for name in ("net-a", "net-b")]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        outcomes = sorted(results.get(timeout=5) for _ in procs)
+        assert [kind for kind, _ in outcomes] == ["ok", "refused"]
+        winner = outcomes[0][1]
+        assert "backbone: store has" in outcomes[1][1]
+        with FeatureStore(path) as store:
+            assert store.metadata.backbone == winner and store.bag_ids() == [f"from-{winner}"]
+
+
+def test_overwrite_of_a_store_being_written_is_refused(tmp_path):
+    with StoreWriter(tmp_path / "s", make_meta()) as writer:
+        writer.put("kept", np.ones((2, 16), np.float32))
+        with pytest.raises(StoreError, match="another process is writing"):
+            StoreWriter(tmp_path / "s", make_meta(), overwrite=True)
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == ["kept"]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_decode_workers_die_with_a_killed_extract(tmp_path):
+    for i in range(8):
+        write_pyramid_tiff(tmp_path / f"s{i}.tif", tissue_image(512, 512, seed=i))
+    pl.DataFrame({"bag_id": [f"s{i}" for i in range(8)], "path": [f"s{i}.tif" for i in range(8)]}).write_csv(
+        tmp_path / "m.csv"
+    )
+    command = [sys.executable, "-m", "milcache.cli", "extract", str(tmp_path / "m.csv"), "--out", str(tmp_path / "st")]
+    command += ["--backbone", "test_resnet", "--tile-size", "32", "--workers", "2", "--batch-size", "4"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+        workers = _children(proc.pid)
+    assert len(workers) >= 2, "the workers never started"
+    for worker in workers:  # opened no store before forking
+        links = {os.readlink(f) for f in Path(f"/proc/{worker}/fd").iterdir() if f.is_symlink()}
+        assert not any(".mdb" in link for link in links), links
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "decode workers outlived their parent"
