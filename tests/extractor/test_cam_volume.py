@@ -186,3 +186,33 @@ def test_cam_is_the_class_weighted_feature_map(tmp_path):
     np.testing.assert_allclose(net(view), expected.numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ExtractionError, match="--cam-class 5 does not exist: test_resnet has 3 classes"):
         _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=5)
+
+
+def test_saliency_cam_uses_the_extraction_weights_and_cam_weights_load_strictly(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from milcache.extractor.cam import _CamNet
+
+    torch.manual_seed(7)
+    trained = timm.create_model("test_resnet", num_classes=0).eval()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "bb.safetensors")
+    view = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with_weights = _CamNet("test_resnet", None, None, 1, backbone_weights=str(tmp_path / "bb.safetensors"))
+    random_init = _CamNet("test_resnet", None, None, 1)
+    made = create_backbone("test_resnet", tmp_path / "bb.safetensors")
+    x = (torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255 - torch.tensor(made.mean).view(1, 3, 1, 1)) / (
+        torch.tensor(made.std).view(1, 3, 1, 1)
+    )
+    with torch.no_grad():
+        expected = torch.relu(trained.forward_features(x)[0].mean(0)).numpy()
+    np.testing.assert_allclose(with_weights(view), expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(random_init(view), expected, atol=1e-3)
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("layer")}
+    save_file({k: v.contiguous() for k, v in partial.items()}, tmp_path / "partial.safetensors")
+    with pytest.raises(ExtractionError, match="do not fit --cam-model test_resnet: tensors missing"):
+        CamSource(backbone="test_resnet", cam_model="test_resnet", cam_weights=str(tmp_path / "partial.safetensors"))
+    classifier = timm.create_model("test_resnet", num_classes=2)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp_path / "cls.safetensors")
+    source = CamSource(backbone="test_resnet", cam_model="test_resnet", cam_weights=str(tmp_path / "cls.safetensors"))
+    assert source.settings()["cam_weights_digest"].startswith("sha256:")

@@ -278,3 +278,37 @@ def test_vendor_slide_through_openslide(tmp_path):
     assert set(plan.coords[:, 2]) == {1} and plan.coords[:, :2].max() < 384
     tiles = source.read(BagSpec("b", [path]), plan, np.arange(len(plan)))
     assert tiles.shape == (len(plan), 64, 64, 3) and tiles.mean() < 200  # stained tissue, not white
+
+
+def test_sixteen_bit_tiles_are_scaled_by_the_slide_not_the_tile(tmp_path):
+    import tifffile
+
+    image = np.full((128, 128), 4000, np.uint16)
+    image[:, 64:] = 40000  # a faint half and a bright half
+    tifffile.imwrite(tmp_path / "deep.tif", image, tile=(64, 64))
+    reader = open_slide(tmp_path / "deep.tif")
+    faint, bright = reader.read_region(0, 0, 0, 64, 64), reader.read_region(64, 0, 0, 64, 64)
+    assert faint.max() == round(4000 * 255 / 40000) and bright.max() == 255  # faint stays faint
+
+
+def test_a_rerun_names_bags_whose_files_changed(tmp_path):
+    write_pyramid_tiff(tmp_path / "a.tif", tissue_image(128, 128, seed=1))
+    write_pyramid_tiff(tmp_path / "b.tif", tissue_image(128, 128, seed=2))
+    manifest = _manifest(tmp_path, {"a": "a.tif", "b": "b.tif"})
+    base = ["extract", str(manifest), "--out", str(tmp_path / "store"), "--tile-size", "64", "--workers", "0"]
+    base += ["--backbone", BACKBONE, "--input-size", "64"]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    with FeatureStore(tmp_path / "store") as store:
+        before = store["a"].embeddings.copy()
+        assert store["a"].meta["files"][0]["bytes"] == (tmp_path / "a.tif").stat().st_size
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "b.tif").rename(tmp_path / "moved" / "b.tif")  # a move keeps the file: not a change
+    write_pyramid_tiff(tmp_path / "c.tif", tissue_image(128, 128, seed=3))
+    manifest = _manifest(tmp_path, {"a": "c.tif", "b": "moved/b.tif"})  # the user points bag a elsewhere
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 2 and "1 finished bag(s)" in result.output and "a:" in result.output
+    assert "c.tif" in result.output and "--reextract-changed" in result.output
+    result = CliRunner().invoke(cli, [*base, "--reextract-changed"])
+    assert result.exit_code == 0 and "1 already done" in result.output, result.output
+    with FeatureStore(tmp_path / "store") as store:
+        assert not np.array_equal(store["a"].embeddings, before)

@@ -90,3 +90,27 @@ def test_export_then_import_gives_identical_embeddings(small_store, tmp_path):
             np.testing.assert_array_equal(a[bag_id].embeddings, b[bag_id].embeddings)
             np.testing.assert_array_equal(a[bag_id].coords, b[bag_id].coords)
             np.testing.assert_array_equal(a[bag_id].attrs["tissue"], b[bag_id].attrs["tissue"])
+
+
+def test_two_files_of_one_bag_are_refused_and_junk_is_named(tmp_path):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "a.npy", np.ones((3, 4), np.float32))
+    torch.save(torch.ones(3, 4), tmp_path / "in" / "a.pt")
+    with pytest.raises(StoreError, match=r"bag id\(s\) come from more than one file \(a: a.npy, a.pt\)"):
+        import_embeddings(tmp_path / "in", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+    (tmp_path / "in" / "a.pt").unlink()
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    report = import_embeddings(tmp_path / "in", tmp_path / "store")
+    assert report.bags == 1 and "not an embeddings file" in report.skipped[str(tmp_path / "in" / "notes.txt")]
+
+
+def test_an_output_on_a_full_disk_is_refused_before_work(tmp_path, monkeypatch):
+    import shutil
+
+    from milcache import checks
+    from milcache.errors import OptionError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OptionError, match="has only 1 MiB free"):
+        checks.output_dir(tmp_path / "store")

@@ -64,7 +64,7 @@ def _rgb(array: np.ndarray, top: float | None = None) -> np.ndarray:
         array = (array[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
     if array.dtype != np.uint8:
         top = top or float(array.max()) or 1.0
-        array = np.clip(array.astype(np.float32) * (255 / top), 0, 255).astype(np.uint8)
+        array = np.clip(np.rint(array.astype(np.float32) * (255 / top)), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array[..., :3])
 
 
