@@ -236,6 +236,76 @@ def store_synth(out: Path, labels: Path | None, **options) -> None:
     click.echo(f"wrote {table.height} bags to {out}, labels to {labels}")
 
 
+@cli.group(cls=_Group)
+def index() -> None:
+    """A faiss index over a store's instances: similar-instance search, k-means prototype bags."""
+
+
+@index.command("build")
+@click.argument("store_dir", type=existing_path)
+@click.option(
+    "--kind",
+    type=click.Choice(["flat", "ivf-pq"]),
+    default="flat",
+    show_default=True,
+    help="flat: exact; ivf-pq: compressed codes for stores of hundreds of millions of instances.",
+)
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True)
+@click.option("--bags", "bag_list", type=existing_path, help="Only the bag ids of this table's bag_id column.")
+def index_build(store_dir: Path, kind: str, metric: str, bag_list: Path | None) -> None:
+    """Index every instance embedding of STORE (saved in STORE/index, checked against the store)."""
+    from milcache.store.index import build_index
+    from milcache.store.tables import read_table
+
+    bags = read_table(bag_list)["bag_id"].cast(str).to_list() if bag_list else None
+    info = build_index(store_dir, kind, metric, bags)
+    click.echo(
+        f"indexed {info.instances} instances of {info.bags} bags ({kind}, {metric}) "
+        f"in {info.seconds:.1f}s → {info.path}"
+    )
+
+
+@index.command("search")
+@click.argument("store_dir", type=existing_path)
+@click.option("--bag", required=True, help="Bag of the query instance.")
+@click.option("--instance", required=True, type=click.IntRange(min=0), help="Its index within the bag.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours wanted.")
+@click.option("--out", type=output_path, help="Also write the neighbours as .csv or .parquet.")
+def index_search(store_dir: Path, bag: str, instance: int, k: int, out: Path | None) -> None:
+    """The K nearest instances of one instance across the cohort, with bag, coordinates, distance."""
+    from milcache.store.index import InstanceIndex
+
+    if out is not None:
+        from milcache import checks
+
+        checks.output_file(out, "--out", (".csv", ".parquet"))
+    with InstanceIndex(store_dir) as found:
+        table = found.neighbours(bag, instance, k)
+    with pl_config():
+        click.echo(str(table))
+    if out is not None:
+        table.write_csv(out) if out.suffix.lower() == ".csv" else table.write_parquet(out)
+
+
+def pl_config():
+    import polars as pl
+
+    return pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True)
+
+
+@index.command("kmeans")
+@click.argument("store_dir", type=existing_path)
+@click.option("--k", "k", required=True, type=click.IntRange(min=2), help="Clusters (the most instances a bag keeps).")
+@click.option("--out", required=True, type=output_path, help="The prototype store to write.")
+@click.option("--seed", default=0, show_default=True)
+def index_kmeans(store_dir: Path, k: int, out: Path, seed: int) -> None:
+    """faiss k-means over STORE's instances; write a store whose bags are their per-cluster means."""
+    from milcache.store.index import prototype_store
+
+    summary = prototype_store(store_dir, k, out, seed)
+    click.echo(f"{summary['bags']} bags of {summary['instances']} instances → ≤ {k} prototypes each in {out}")
+
+
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA when available), cuda, cuda:N or cpu."
 )

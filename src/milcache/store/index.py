@@ -1,0 +1,275 @@
+"""A faiss index over every instance embedding of a store: similar-instance search and k-means
+prototype bags.
+
+The index lives beside the store (``STORE/index/``): ``instances.faiss``, ``rows.npz`` (row →
+bag, instance) and ``index.json`` (kind, metric, and the fingerprint of the store it was built
+from, so that an index older than the store is detected and named). Exact search (``flat``) for
+stores up to a few million instances; ``ivf-pq`` (trained on a sample, codes of a few bytes per
+instance) for stores of hundreds of millions, whose candidates are re-ranked with the exact
+embeddings read back from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from milcache import checks
+from milcache.errors import OptionError, StoreError
+from milcache.store.lmdb_store import FeatureStore, StoreWriter
+from milcache.store.metadata import StoreMetadata
+
+INDEX_DIR = "index"
+KINDS = ("flat", "ivf-pq")
+METRICS = ("cosine", "l2")
+_RERANK = 20  # ivf-pq: candidates per wanted neighbour, re-ranked exactly
+_TRAIN_PER_LIST = 64  # ivf-pq: training sample per inverted list
+
+
+@dataclass
+class IndexInfo:
+    path: Path
+    kind: str
+    metric: str
+    instances: int
+    bags: int
+    seconds: float
+
+
+def fingerprint(store: FeatureStore, bag_ids: list[str]) -> str:
+    """Changes whenever a bag of ``bag_ids`` is added, removed or rewritten with another size."""
+    sizes = store.sizes()
+    digest = hashlib.sha256(store.metadata.created.encode())
+    for bag_id in bag_ids:
+        digest.update(f"{bag_id}\0{sizes[bag_id]}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def _vectors(store: FeatureStore, bag_ids: list[str], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All embeddings of the bags as one float32 matrix (normalised for cosine), and the row map."""
+    import faiss
+
+    sizes = store.sizes()
+    total = sum(sizes[b] for b in bag_ids)
+    x = np.empty((total, store.metadata.dim), np.float32)
+    bag_of_row = np.repeat(np.arange(len(bag_ids), dtype=np.int32), [sizes[b] for b in bag_ids])
+    instance_of_row = np.concatenate([np.arange(sizes[b], dtype=np.int32) for b in bag_ids]) if bag_ids else []
+    at = 0
+    for bag_id in bag_ids:
+        emb = store.get(bag_id).embeddings
+        x[at : at + len(emb)] = emb
+        at += len(emb)
+    if metric == "cosine":
+        faiss.normalize_L2(x)
+    return x, bag_of_row, np.asarray(instance_of_row, np.int32)
+
+
+def _ivf_pq(x: np.ndarray, metric: str, seed: int):
+    """IVF with ~4·√N lists and product-quantised codes (4 dims a byte), trained on a sample."""
+    import faiss
+
+    n, dim = x.shape
+    lists = int(min(max(4 * math.sqrt(n), 1), n // 39 or 1))
+    m = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    index = faiss.index_factory(dim, f"IVF{lists},PQ{m}", faiss_metric)
+    rng = np.random.default_rng(seed)
+    sample = x[rng.choice(n, size=min(n, max(_TRAIN_PER_LIST * lists, 256 * 39)), replace=False)]
+    index.train(sample)
+    index.nprobe = max(1, lists // 8)
+    return index
+
+
+def build_index(
+    store_dir: str | Path,
+    kind: str = "flat",
+    metric: str = "cosine",
+    bags: list[str] | None = None,
+    seed: int = 0,
+) -> IndexInfo:
+    """Index every instance of the store (or of ``bags``) and save it beside the store."""
+    import time
+
+    import faiss
+
+    checks.one_of("--kind", kind, KINDS)
+    checks.one_of("--metric", metric, METRICS)
+    start = time.perf_counter()
+    store_dir = Path(store_dir)
+    folder = checks.output_dir(store_dir / INDEX_DIR)
+    with FeatureStore(store_dir) as store:
+        bag_ids = store.bag_ids() if bags is None else list(bags)
+        unknown = [b for b in bag_ids if b not in store]
+        if unknown:
+            raise StoreError(f"{len(unknown)} bag(s) to index are not in {store_dir}: {', '.join(unknown[:10])}")
+        if not bag_ids:
+            raise StoreError(f"{store_dir} holds no bags to index")
+        x, bag_of_row, instance_of_row = _vectors(store, bag_ids, metric)
+        stamp = fingerprint(store, bag_ids)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
+    else:
+        if len(x) < 256 * 39:
+            raise OptionError(
+                f"--kind ivf-pq needs at least {256 * 39} instances to train its codes; {store_dir} has "
+                f"{len(x)}: use --kind flat (exact, and fast at this size)"
+            )
+        index = _ivf_pq(x, metric, seed)
+    index.add(x)
+    folder.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(folder / "instances.faiss"))
+    np.savez(folder / "rows.npz", bag_ids=np.asarray(bag_ids), bag=bag_of_row, instance=instance_of_row)
+    info = {
+        "kind": kind,
+        "metric": metric,
+        "instances": len(x),
+        "bags": len(bag_ids),
+        "store": stamp,
+        "all_bags": bags is None,
+    }
+    (folder / "index.json").write_text(json.dumps(info, indent=2))
+    return IndexInfo(folder, kind, metric, len(x), len(bag_ids), time.perf_counter() - start)
+
+
+class InstanceIndex:
+    """A saved index, checked against the store it was built from."""
+
+    def __init__(self, store_dir: str | Path) -> None:
+        import faiss
+
+        self.store_dir = Path(store_dir)
+        folder = self.store_dir / INDEX_DIR
+        if not (folder / "index.json").is_file():
+            raise StoreError(f"{self.store_dir} has no index: build one with `milcache index build {self.store_dir}`")
+        self.info = json.loads((folder / "index.json").read_text())
+        rows = np.load(folder / "rows.npz")
+        self.bag_ids = [str(b) for b in rows["bag_ids"]]
+        self.bag_of_row, self.instance_of_row = rows["bag"], rows["instance"]
+        self.store = FeatureStore(self.store_dir)
+        covered = self.store.bag_ids() if self.info["all_bags"] else self.bag_ids
+        if not all(b in self.store for b in self.bag_ids) or fingerprint(self.store, covered) != self.info["store"]:
+            raise StoreError(
+                f"the index in {folder} is older than the store {self.store_dir} (bags were added, removed or "
+                f"rewritten since it was built): rebuild it with `milcache index build {self.store_dir}`"
+            )
+        self.index = faiss.read_index(str(folder / "instances.faiss"))
+        self._row_of = {b: i for i, b in enumerate(self.bag_ids)}
+        self._first_row = np.searchsorted(self.bag_of_row, np.arange(len(self.bag_ids)))
+
+    def __enter__(self) -> InstanceIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def vector(self, bag_id: str, instance: int) -> np.ndarray:
+        if bag_id not in self._row_of:
+            raise StoreError(f"bag {bag_id!r} is not in the index of {self.store_dir}")
+        bag = self.store.get(bag_id)
+        if not 0 <= instance < len(bag):
+            raise OptionError(f"--instance {instance}: bag {bag_id!r} has instances 0..{len(bag) - 1}")
+        if bag.embeddings.shape[1] != self.index.d:
+            raise StoreError(f"the index holds {self.index.d}-d vectors, the store {bag.embeddings.shape[1]}-d")
+        return bag.embeddings[instance].astype(np.float32)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and distances (1 − cosine similarity, or squared L2) of the k nearest instances."""
+        import faiss
+
+        checks.at_least("-k", k, 1)
+        if k > self.index.ntotal:
+            raise OptionError(f"-k {k} is more than the {self.index.ntotal} instances the index holds")
+        if query.shape[-1] != self.index.d:
+            raise StoreError(f"a {query.shape[-1]}-d query against an index of {self.index.d}-d vectors")
+        q = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        cosine = self.info["metric"] == "cosine"
+        if cosine:
+            faiss.normalize_L2(q)
+        wanted = k if self.info["kind"] == "flat" else min(self.index.ntotal, k * _RERANK)
+        scores, rows = self.index.search(q, wanted)
+        rows = rows[0][rows[0] >= 0]
+        if self.info["kind"] != "flat":  # approximate candidates → exact distances from the store
+            exact = np.stack(
+                [self.vector(self.bag_ids[self.bag_of_row[r]], int(self.instance_of_row[r])) for r in rows]
+            )
+            if cosine:
+                faiss.normalize_L2(exact)
+                distance = 1 - exact @ q[0]
+            else:
+                distance = ((exact - q[0]) ** 2).sum(1)
+            order = np.argsort(distance, kind="stable")[:k]
+            return rows[order], distance[order]
+        return rows, (1 - scores[0][: len(rows)]) if cosine else scores[0][: len(rows)]
+
+    def neighbours(self, bag_id: str, instance: int, k: int) -> pl.DataFrame:
+        """The k nearest instances of one instance across the cohort, with bag, coordinates, distance."""
+        rows, distance = self.search(self.vector(bag_id, instance), k)
+        names = self.store.metadata.coords
+        records = []
+        for rank, (row, dist) in enumerate(zip(rows, distance, strict=True)):
+            bag, i = self.bag_ids[self.bag_of_row[row]], int(self.instance_of_row[row])
+            coords = self.store.get(bag).coords[i].tolist()
+            records.append(
+                {
+                    "rank": rank,
+                    "bag_id": bag,
+                    "instance": i,
+                    **dict(zip(names, coords, strict=True)),
+                    "distance": float(dist),
+                }
+            )
+        return pl.DataFrame(records)
+
+
+def prototype_store(store_dir: str | Path, k: int, out: str | Path, seed: int = 0, niter: int = 20) -> dict:
+    """faiss k-means over every instance; each bag becomes its per-cluster means (≤ k instances) in a
+    new store, with the cluster id and the member count of each prototype as attributes."""
+    import faiss
+
+    checks.at_least("--k", k, 2)
+    out = checks.output_dir(out)
+    with FeatureStore(store_dir) as store:
+        bag_ids = store.bag_ids()
+        x, bag_of_row, _ = _vectors(store, bag_ids, "l2")
+        if k > len(x):
+            raise OptionError(f"--k {k} is more than the {len(x)} instances of {store_dir}")
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False)
+        kmeans.train(x)
+        _, assignment = kmeans.index.search(x, 1)
+        assignment = assignment[:, 0]
+        source = {"kind": "prototypes", "k": k, "from": str(Path(store_dir).resolve()), "source": store.metadata.source}
+        meta = StoreMetadata(
+            backbone=store.metadata.backbone,
+            dim=store.metadata.dim,
+            dtype=store.metadata.dtype,
+            weights_digest=store.metadata.weights_digest,
+            preprocessing=store.metadata.preprocessing,
+            source=source,
+            coords=["cluster"],
+        )
+        starts = np.searchsorted(bag_of_row, np.arange(len(bag_ids) + 1))
+        with StoreWriter(out, meta) as writer:
+            for b, bag_id in enumerate(bag_ids):
+                rows = slice(starts[b], starts[b + 1])
+                clusters, members = np.unique(assignment[rows], return_inverse=True)
+                sums = np.zeros((len(clusters), x.shape[1]), np.float64)
+                np.add.at(sums, members, x[rows])
+                counts = np.bincount(members, minlength=len(clusters))
+                writer.put(
+                    bag_id,
+                    (sums / counts[:, None]).astype(np.float32),
+                    clusters[:, None].astype(np.int32),
+                    {"cluster": clusters.astype(np.int32), "count": counts.astype(np.int32)},
+                    meta={"instances": int(counts.sum())},
+                )
+        np.save(out / "instance_clusters.npy", assignment.astype(np.int32))
+    return {"bags": len(bag_ids), "instances": len(x), "k": k, "out": str(out)}
