@@ -28,8 +28,8 @@ _SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(1)
     with StoreWriter(root / "store", read_metadata(root / "store")) as writer:
         writer.put("slide-50k", rng.standard_normal((50_000, 64)).astype(np.float32))
-    labels = pl.concat([labels, pl.DataFrame({"bag_id": ["slide-50k"], "label": [1], "group": ["slide-50k"]})],
-                       how="diagonal_relaxed")
+    big = pl.DataFrame({"bag_id": ["slide-50k"], "label": [1], "group": ["slide-50k"]})
+    labels = pl.concat([labels, big.select(labels.columns).cast(dict(labels.schema))])
     labels.write_csv(root / "labels.csv")
     peaks = {}
     for head in list_heads():

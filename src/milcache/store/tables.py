@@ -30,10 +30,13 @@ def read_table(path: str | Path, string_columns: tuple[str, ...] = ("bag_id",)) 
         if suffix in (".parquet", ".pq"):
             table = pl.read_parquet(path)
         elif suffix in (".csv", ".tsv", ".txt"):
+            separator = "\t" if suffix == ".tsv" else ","
+            # Override only columns that exist: older polars reads overrides of absent ones by position.
+            header = pl.read_csv(path, separator=separator, n_rows=0).columns
             table = pl.read_csv(
                 path,
-                separator="\t" if suffix == ".tsv" else ",",
-                schema_overrides={c: pl.Utf8 for c in string_columns},
+                separator=separator,
+                schema_overrides={c: pl.Utf8 for c in string_columns if c in header},
                 infer_schema_length=10_000,
             )
         else:
