@@ -198,9 +198,7 @@ class InstanceIndex:
         scores, rows = self.index.search(q, wanted)
         rows = rows[0][rows[0] >= 0]
         if self.info["kind"] != "flat":  # approximate candidates → exact distances from the store
-            exact = np.stack(
-                [self.vector(self.bag_ids[self.bag_of_row[r]], int(self.instance_of_row[r])) for r in rows]
-            )
+            exact = self._exact(rows)
             if cosine:
                 faiss.normalize_L2(exact)
                 distance = 1 - exact @ q[0]
@@ -209,6 +207,15 @@ class InstanceIndex:
             order = np.argsort(distance, kind="stable")[:k]
             return rows[order], distance[order]
         return rows, (1 - scores[0][: len(rows)]) if cosine else scores[0][: len(rows)]
+
+    def _exact(self, rows: np.ndarray) -> np.ndarray:
+        """The stored embeddings of index rows, reading (and checking) each bag once."""
+        out = np.empty((len(rows), self.index.d), np.float32)
+        bags = self.bag_of_row[rows]
+        for bag in np.unique(bags):
+            here = np.flatnonzero(bags == bag)
+            out[here] = self.store.get(self.bag_ids[bag]).embeddings[self.instance_of_row[rows[here]]]
+        return out
 
     def neighbours(self, bag_id: str, instance: int, k: int) -> pl.DataFrame:
         """The k nearest instances of one instance across the cohort, with bag, coordinates, distance."""
