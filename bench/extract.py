@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,12 @@ import numpy as np
 import polars as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import tissue_image, write_pyramid_tiff  # noqa: E402
-
-from milcache.devices import resolve_device  # noqa: E402
-from milcache.extractor.backbones import create_backbone  # noqa: E402
-from milcache.extractor.loop import Embedder, ExtractConfig, extract  # noqa: E402
-from milcache.extractor.sources import create_source  # noqa: E402
-from milcache.store.tables import read_manifest  # noqa: E402
+from milcache.devices import resolve_device
+from milcache.extractor.backbones import create_backbone
+from milcache.extractor.loop import Embedder, ExtractConfig, extract
+from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff
+from milcache.extractor.sources import create_source
+from milcache.store.tables import read_manifest
 
 
 def tiles_cohort(root: Path, bags: int, size: int) -> tuple[Path, dict]:

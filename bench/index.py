@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from milcache.store import StoreWriter
-from milcache.store.index import InstanceIndex, build_index
+from milcache.store.instance_index import InstanceIndex, build_index
 from milcache.store.metadata import StoreMetadata
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milcache.extractor.pyramids import write_pyramid_tiff  # noqa: F401  (re-exported for tests)
+from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff  # noqa: F401  (re-exported for tests)
 from milcache.store import StoreMetadata, StoreWriter
 
 
@@ -40,20 +40,3 @@ def write_store(path: Path, bags: dict, meta: StoreMetadata | None = None, shard
 def small_store(tmp_path: Path) -> tuple[Path, dict]:
     bags = random_bags(12)
     return write_store(tmp_path / "store", bags), bags
-
-
-def tissue_image(height: int, width: int, box: tuple[int, int, int, int] | None = None, seed: int = 0) -> np.ndarray:
-    """White background; pink-purple stained 'tissue' noise everywhere or inside box (y0, x0, y1, x1)."""
-    rng = np.random.default_rng(seed)
-    image = np.full((height, width, 3), 255, np.uint8)
-    y0, x0, y1, x1 = box or (0, 0, height, width)
-    stain = np.stack(
-        [
-            rng.integers(150, 230, (y1 - y0, x1 - x0)),
-            rng.integers(40, 120, (y1 - y0, x1 - x0)),
-            rng.integers(120, 200, (y1 - y0, x1 - x0)),
-        ],
-        -1,
-    )
-    image[y0:y1, x0:x1] = stain.astype(np.uint8)
-    return image

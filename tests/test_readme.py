@@ -22,8 +22,24 @@ def test_ci_runs_both_readme_commands():
 
 
 def test_every_listed_head_is_registered():
-    from milcache.aggregator.heads import list_heads
+    from milcache.aggregator.heads import head_class, list_heads
 
     text = (ROOT / "README.md").read_text()
-    for head in list_heads():
+    built_in = [h for h in list_heads() if head_class(h).__module__.startswith("milcache.")]
+    assert len(built_in) >= 10
+    for head in built_in:
         assert f"`{head}`" in text, head
+
+
+def test_the_from_python_section_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## From Python") :]
+    code = re.findall(r"```python\n(.+?)\n```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    from milcache.aggregator.heads import HEADS
+
+    try:
+        exec(compile(code, "README.md (From Python)", "exec"), {"__name__": "readme_example"})
+    finally:
+        HEADS._items.pop("mean-max", None)  # other tests list the heads README documents
+    assert (tmp_path / "runs" / "study" / "best" / "model.safetensors").is_file()

@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from milcache import __version__
-from milcache.aggregator.config import TASK_KINDS, TrainConfig
+from milcache.aggregator.config import METRICS, REGIMES, TASK_KINDS, TrainConfig
+from milcache.devices import PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
+from milcache.tuning.settings import PRUNERS
 
 
 class _Group(click.Group):
@@ -47,8 +49,8 @@ def _float_list(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
-class _RegistryChoice(click.Choice):
-    """The names of a registry, read only when needed (registries import torch)."""
+class _LazyChoice(click.Choice):
+    """Choices read only when needed (from a registry or a module that imports torch)."""
 
     def __init__(self, names) -> None:
         self._names = names
@@ -70,10 +72,57 @@ def _head_names() -> list[str]:
 
 
 def _source_names() -> list[str]:
-    from milcache.extractor import cam, tiles, volume  # noqa: F401  (registers the built-in sources)
     from milcache.extractor.sources import list_sources
 
     return list_sources()
+
+
+def _index_kinds() -> tuple[str, ...]:
+    from milcache.store.instance_index import KINDS
+
+    return KINDS
+
+
+def _index_metrics() -> tuple[str, ...]:
+    from milcache.store.instance_index import METRICS
+
+    return METRICS
+
+
+class _ExtractCommand(click.Command):
+    """`extract`, whose per-source options are made from the registered sources' signatures when
+    the command is used (they import torch), so that each option is typed once, where its source
+    takes it."""
+
+    _added = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._added:
+            self._added = True
+            position = next(i for i, p in enumerate(self.params) if p.name == "batch_size")
+            self.params[position:position] = _source_click_options()
+        return super().get_params(ctx)
+
+
+def _source_click_options() -> list[click.Option]:
+    from pathlib import Path as _Path
+
+    from milcache.extractor.sources import source_options
+
+    made = []
+    for option in source_options():
+        hint = "" if option.default in (None, False) or "[" in option.help else f" [{_shown(option.default)}]"
+        help_text = f"{', '.join(option.kinds)}: {option.help}{hint}."
+        if option.type is bool:
+            made.append(click.Option([option.flag], is_flag=True, default=None, help=help_text))
+            continue
+        kind = existing_path if option.type is _Path else option.type
+        made.append(click.Option([option.flag], type=kind, nargs=option.nargs, default=None, help=help_text))
+    return made
+
+
+def _shown(value) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def _load_config(ctx: click.Context, _param, path: Path | None) -> Path | None:
@@ -109,6 +158,9 @@ def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
 
 
 _DEFAULTS = TrainConfig()
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when available), cuda, cuda:N or cpu."
+)
 existing_path = click.Path(exists=True, path_type=Path)
 output_path = click.Path(path_type=Path)
 
@@ -245,20 +297,18 @@ def index() -> None:
 @click.argument("store_dir", type=existing_path)
 @click.option(
     "--kind",
-    type=click.Choice(["flat", "ivf-pq"]),
+    type=_LazyChoice(_index_kinds),
     default="flat",
     show_default=True,
     help="flat: exact; ivf-pq: compressed codes for stores of hundreds of millions of instances.",
 )
-@click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True)
+@click.option("--metric", type=_LazyChoice(_index_metrics), default="cosine", show_default=True)
 @click.option("--bags", "bag_list", type=existing_path, help="Only the bag ids of this table's bag_id column.")
 def index_build(store_dir: Path, kind: str, metric: str, bag_list: Path | None) -> None:
     """Index every instance embedding of STORE (saved in STORE/index, checked against the store)."""
-    from milcache.store.index import build_index
-    from milcache.store.tables import read_table
+    from milcache import index
 
-    bags = read_table(bag_list)["bag_id"].cast(str).to_list() if bag_list else None
-    info = build_index(store_dir, kind, metric, bags)
+    info = index.build(store_dir, kind=kind, metric=metric, bags=bag_list)
     click.echo(
         f"indexed {info.instances} instances of {info.bags} bags ({kind}, {metric}) "
         f"in {info.seconds:.1f}s → {info.path}"
@@ -267,30 +317,25 @@ def index_build(store_dir: Path, kind: str, metric: str, bag_list: Path | None) 
 
 @index.command("search")
 @click.argument("store_dir", type=existing_path)
-@click.option("--bag", required=True, help="Bag of the query instance.")
-@click.option("--instance", required=True, type=click.IntRange(min=0), help="Its index within the bag.")
+@click.option("--bag", help="Bag of the query instance.")
+@click.option("--instance", type=click.IntRange(min=0), help="Its index within the bag.")
+@click.option("--image", type=existing_path, help="Or a query image, embedded as the store's instances were.")
+@click.option("--weights", type=existing_path, help="With --image: the weights file the store was extracted with.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours wanted.")
 @click.option("--out", type=output_path, help="Also write the neighbours as .csv or .parquet.")
-def index_search(store_dir: Path, bag: str, instance: int, k: int, out: Path | None) -> None:
-    """The K nearest instances of one instance across the cohort, with bag, coordinates, distance."""
-    from milcache.store.index import InstanceIndex
-
-    if out is not None:
-        from milcache import checks
-
-        checks.output_file(out, "--out", (".csv", ".parquet"))
-    with InstanceIndex(store_dir) as found:
-        table = found.neighbours(bag, instance, k)
-    with pl_config():
-        click.echo(str(table))
-    if out is not None:
-        table.write_csv(out) if out.suffix.lower() == ".csv" else table.write_parquet(out)
-
-
-def pl_config():
+@click.option("--thumbnails", type=output_path, help="Folder for a contact sheet of the neighbours (PNG).")
+@device_option
+def index_search(store_dir: Path, **options) -> None:
+    """The K nearest instances of an instance (or an image) across the cohort: bag, coordinates, distance."""
     import polars as pl
 
-    return pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True)
+    from milcache import index
+
+    table = index.search(store_dir, **options)
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True):
+        click.echo(str(table))
+    if options["thumbnails"]:
+        click.echo(f"contact sheet → {Path(options['thumbnails']) / 'neighbours.png'}")
 
 
 @index.command("kmeans")
@@ -300,15 +345,39 @@ def pl_config():
 @click.option("--seed", default=0, show_default=True)
 def index_kmeans(store_dir: Path, k: int, out: Path, seed: int) -> None:
     """faiss k-means over STORE's instances; write a store whose bags are their per-cluster means."""
-    from milcache.store.index import prototype_store
+    from milcache import index
 
-    summary = prototype_store(store_dir, k, out, seed)
+    summary = index.kmeans(store_dir, k=k, out=out, seed=seed)
     click.echo(f"{summary['bags']} bags of {summary['instances']} instances → ≤ {k} prototypes each in {out}")
 
 
-device_option = click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when available), cuda, cuda:N or cpu."
+@index.command("dedup")
+@click.argument("store_dir", type=existing_path)
+@click.option(
+    "--threshold",
+    default=0.95,
+    show_default=True,
+    type=float,
+    help="Cosine similarity at or above which two instances are near-duplicates (squared distance at or "
+    "below, with --metric l2).",
 )
+@click.option("--metric", type=_LazyChoice(_index_metrics), default="cosine", show_default=True)
+@click.option(
+    "--across-bags",
+    is_flag=True,
+    help="Also list near-identical instances of different bags (a leakage risk between folds); needs the index.",
+)
+def index_dedup(store_dir: Path, threshold: float, metric: str, across_bags: bool) -> None:
+    """Mark near-duplicate instances within each bag, for `train-head --skip-duplicates`."""
+    from milcache import index
+
+    report = index.dedup(store_dir, threshold=threshold, metric=metric, across_bags=across_bags)
+    click.echo(
+        f"{report.duplicates} of {report.instances} instances are near-duplicates, in {report.bags_with_duplicates} "
+        f"bag(s) → {report.path}"
+    )
+    if report.cross_bag_pairs is not None:
+        click.echo(f"{report.cross_bag_pairs} near-identical pairs across bags → {report.cross_bag_path}")
 
 
 store_option = click.option(
@@ -345,7 +414,7 @@ classes_option = click.option(
 @cli.command("train-head")
 @store_option
 @labels_option
-@click.option("--head", default=_DEFAULTS.head, show_default=True, type=_RegistryChoice(_head_names))
+@click.option("--head", default=_DEFAULTS.head, show_default=True, type=_LazyChoice(_head_names))
 @click.option("--out", required=True, type=output_path, help="Run directory to write.")
 @click.option(
     "--folds",
@@ -395,59 +464,32 @@ classes_option = click.option(
 )
 @click.option("--seed", type=int, help="Random seed [0].")
 @click.option(
+    "--skip-duplicates",
+    is_flag=True,
+    help="Leave out the near-duplicate instances `milcache index dedup` marked (overlapping tiles …).",
+)
+@click.option(
+    "--memory-budget",
+    help="Memory a training step may use, e.g. 8GiB [80% of the GPU, or half the free host memory]; "
+    "bags that cannot fit are refused before training.",
+)
+@click.option(
     "--memory",
     "regime",
-    type=click.Choice(["auto", "gpu", "host", "stream"]),
+    type=click.Choice(REGIMES),
     default="auto",
     show_default=True,
     help="Where embeddings live: auto picks GPU memory, host memory or streaming from the store by cohort size.",
 )
 @device_option
-def train_head_command(
-    store_dir,
-    labels,
-    head,
-    out,
-    folds,
-    repeats,
-    task_kind,
-    classes,
-    label_column,
-    device,
-    hidden,
-    dropout,
-    head_options,
-    regime,
-    **train_options,
-) -> None:
+def train_head_command(store_dir, labels, out, task_kind, regime, **options) -> None:
     """Cross-validate an aggregator head on cached embeddings, refit it on all labelled bags, and
     write RUN: model, metrics.json, out-of-fold predictions, ROC curve."""
-    from milcache.aggregator.run import train_head
+    from milcache.api import train_head
 
-    options = {k: v for k, v in train_options.items() if v is not None}
-    if options.get("instances") == 0:
-        options["instances"] = None
-    head_options = {**head_options, **{k: v for k, v in (("hidden", hidden), ("dropout", dropout)) if v is not None}}
-    config = TrainConfig(head=head, head_options=head_options, **options)
-    metrics = train_head(
-        store_dir,
-        labels,
-        out,
-        config,
-        folds,
-        repeats,
-        task_kind,
-        device,
-        label_column,
-        progress=sys.stderr.isatty(),
-        regime=regime,
-        classes=classes,
-    )
-    shown = [
-        k
-        for k in ("auc", "accuracy", "balanced_accuracy", "f1", "log_loss", "kappa", "mse", "r2", "pearson_r")
-        if k in metrics
-    ]
+    result = train_head(store_dir, labels, out, task=task_kind, memory=regime, progress=sys.stderr.isatty(), **options)
+    metrics, head = result.metrics, options["head"]
+    shown = [k for k in METRICS if k in metrics]
     click.echo(f"{head} · {metrics['bags']} bags · {len(metrics['folds'])} fold(s) · {metrics['seconds']:.1f}s")
     for key in shown:
         click.echo(f"  {key:<18} {metrics[key]:.4f} ± {metrics[key + '_std']:.4f}")
@@ -469,14 +511,26 @@ def train_head_command(
 @click.option("--heatmaps", type=output_path, help="Folder for one PNG heatmap of instance scores per bag.")
 @click.option("--geojson", type=output_path, help="Folder for one QuPath-importable GeoJSON per bag.")
 @click.option("--scores", "scores_file", type=output_path, help="Parquet of every instance's score and coordinates.")
+@click.option("--memory-budget", help="Memory prediction may use, e.g. 8GiB [as train-head].")
 @device_option
-def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, scores_file, device) -> None:
+def predict_command(
+    model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, scores_file, memory_budget, device
+) -> None:
     """Predict bag probabilities with a trained head; list top instances; draw heatmaps."""
-    from milcache.aggregator.predict import predict
-    from milcache.store.tables import read_table
+    from milcache.api import predict
 
-    bag_ids = read_table(bag_list)["bag_id"].to_list() if bag_list else None
-    table = predict(model_dir, store_dir, out, bag_ids, top_k, heatmaps, geojson, device, scores_file)
+    table = predict(
+        model_dir,
+        store_dir,
+        out,
+        bags=bag_list,
+        top_k=top_k,
+        heatmaps=heatmaps,
+        geojson=geojson,
+        scores=scores_file,
+        memory_budget=memory_budget,
+        device=device,
+    )
     click.echo(f"predicted {table.height} bags → {out}")
     for folder in (heatmaps, geojson, scores_file):
         if folder:
@@ -507,10 +561,10 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
     "--metric",
     default="auc",
     show_default=True,
-    help="Cross-validated metric to optimise "
-    "(auc, accuracy, balanced_accuracy, f1, log_loss, kappa, mse, r2, pearson_r).",
+    type=click.Choice(METRICS),
+    help="Cross-validated metric to optimise.",
 )
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
 @click.option(
     "--jobs",
     default=1,
@@ -540,26 +594,40 @@ def predict_command(model_dir, store_dir, out, bag_list, top_k, heatmaps, geojso
 @task_option
 @classes_option
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--skip-duplicates",
+    is_flag=True,
+    help="Leave out the near-duplicate instances `milcache index dedup` marked (overlapping tiles …).",
+)
+@click.option(
+    "--memory-budget",
+    help="Memory a training step may use, e.g. 8GiB [80% of the GPU, or half the free host memory]; "
+    "bags that cannot fit are refused before training.",
+)
 @device_option
-def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, device, **settings) -> None:
+def tune_command(
+    store_dir, labels, out, space_file, fixed, task_kind, classes, memory_budget, device, **settings
+) -> None:
     """Search aggregator heads and hyper-parameters with Optuna; retrain the best into RUN/best."""
-    from milcache.tuning.study import TuneSettings, safe_url, tune
+    from milcache.api import tune
+    from milcache.tuning.study import safe_url
 
-    tune_settings = TuneSettings(**settings)
-    where = safe_url(tune_settings.storage) if tune_settings.storage else f"sqlite file {out / 'study.db'}"
-    click.echo(f"study {tune_settings.study_name!r} in {where}")
+    storage = settings["storage"]
+    where = safe_url(storage) if storage else f"sqlite file {out / 'study.db'}"
+    click.echo(f"study {settings['study_name']!r} in {where}")
     best = tune(
         store_dir,
         labels,
         out,
-        tune_settings,
-        space_file,
-        fixed,
-        task_kind,
-        device,
-        progress=sys.stderr.isatty(),
+        space=space_file,
+        set=fixed,
+        task=task_kind,
         classes=classes,
-    )
+        memory_budget=memory_budget,
+        device=device,
+        progress=sys.stderr.isatty(),
+        **settings,
+    ).best
     trials = best["trials"]
     click.echo(
         f"{trials['COMPLETE']} complete, {trials['PRUNED']} pruned, {trials['FAIL']} failed trials "
@@ -580,7 +648,7 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
     click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
 
 
-@cli.command("extract")
+@cli.command("extract", cls=_ExtractCommand)
 @click.argument("manifest", type=existing_path)
 @click.option(
     "--config",
@@ -595,7 +663,7 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
     "source_kind",
     default="tiles",
     show_default=True,
-    type=_RegistryChoice(_source_names),
+    type=_LazyChoice(_source_names),
     help="tiles: slides and large images; cam: CAM-selected regions + global view; volume: 3D patches.",
 )
 @click.option("--out", required=True, type=output_path, help="Store to create or resume.")
@@ -607,33 +675,14 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
 )
 @click.option("--weights", type=existing_path, help="Local weights: .safetensors, .pth or a timm-style folder.")
 @click.option("--pretrained", is_flag=True, help="timm's pretrained weights, from the local cache only.")
-@click.option("--tile-size", type=int, help="tiles: tile side in output pixels [224].")
-@click.option("--stride", type=int, help="tiles: step between tiles in output pixels [tile size: no overlap].")
-@click.option("--mpp", type=float, help="tiles: target microns per pixel (read from the slide's metadata).")
-@click.option("--level", type=int, help="tiles: pyramid level to tile at.")
-@click.option("--scale", type=float, help="tiles: level-0 pixels per output pixel (for images without mpp).")
-@click.option("--tissue-threshold", type=float, help="tiles: least tissue fraction of a kept tile [0.25].")
-@click.option("--offset-grid", is_flag=True, default=None, help="tiles: add a grid shifted by half a tile.")
-@click.option("--max-tiles", type=int, help="tiles: keep the K tiles with the most tissue.")
-@click.option("--global-size", type=int, help="cam: side of the global view in pixels [512].")
-@click.option("--region-size", type=int, help="cam: side of a region square in full-resolution pixels [512].")
-@click.option("--regions", type=int, help="cam: regions kept per image, by CAM score [8].")
-@click.option("--cam-model", help="cam: timm CNN classifier whose last feature map gives the CAM.")
-@click.option("--cam-weights", type=existing_path, help="cam: its weights (with the classifier).")
-@click.option("--cam-class", type=int, help="cam: the class whose activation map is used [1].")
-@click.option("--patch-size", type=int, nargs=3, default=None, help="volume: patch depth, height, width [32 64 64].")
-@click.option("--patch-stride", type=int, nargs=3, default=None, help="volume: step between patches [patch size].")
-@click.option("--min-foreground", type=float, help="volume: least foreground fraction of a kept patch [0.1].")
-@click.option("--spacing", type=float, nargs=3, default=None, help="volume: resample to this voxel size (z y x).")
-@click.option("--slices", type=int, help="volume, 2D backbone: slices per patch, evenly spaced [all].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True, help="Reading/decoding processes.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
-    help="auto: bf16 on CUDA, fp32 on CPU.",
+    help=PRECISION_HELP,
 )
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
 @click.option(
@@ -655,69 +704,20 @@ def tune_command(store_dir, labels, out, space_file, fixed, task_kind, classes, 
     help="Re-extract finished bags whose image files changed since (a rerun refuses them otherwise).",
 )
 @device_option
-def extract_command(
-    manifest,
-    source_kind,
-    out,
-    backbone,
-    weights,
-    pretrained,
-    batch_size,
-    workers,
-    precision,
-    compile_model,
-    dtype,
-    input_size,
-    mean,
-    std,
-    interpolation,
-    shard,
-    overwrite,
-    reextract_changed,
-    device,
-    **source_options,
-) -> None:
+def extract_command(manifest, source_kind, out, compile_model, **options) -> None:
     """Embed every instance of every bag of MANIFEST with a backbone into an LMDB store.
 
     Resumable: a rerun skips finished bags and retries failed ones. Exits 1 when bags failed."""
-    from milcache.extractor.loop import ExtractConfig, extract
-    from milcache.extractor.sources import create_source
+    from milcache.api import extract
 
-    shard_pair = None
-    if shard:
-        try:
-            index, count = (int(v) for v in shard.split("/"))
-        except ValueError:
-            raise click.BadParameter(f"expected i/n, got {shard!r}", param_hint="--shard") from None
-        shard_pair = (index, count)
-    if source_kind == "cam":  # the saliency fallback uses the embedding backbone, with its weights
-        source_options.update(backbone=backbone, backbone_weights=str(weights) if weights else None)
-        source_options["pretrained"] = pretrained
-    if source_options.get("cam_weights") is not None:
-        source_options["cam_weights"] = str(source_options["cam_weights"])
-    source = create_source(source_kind, **source_options)
-    preprocessing = {
-        "input_size": (input_size, input_size) if input_size is not None else None,
-        "mean": mean,
-        "std": std,
-        "interpolation": interpolation,
-    }
-    config = ExtractConfig(
-        backbone=backbone,
-        weights=str(weights) if weights else None,
-        pretrained=pretrained,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        precision=precision,
+    summary = extract(
+        manifest,
+        out,
+        source=source_kind,
+        progress=sys.stderr.isatty(),
         compile=compile_model,
-        dtype=dtype,
-        shard=shard_pair,
-        overwrite=overwrite,
-        reextract_changed=reextract_changed,
-        preprocessing={k: v for k, v in preprocessing.items() if v is not None},
+        **options,
     )
-    summary = extract(manifest, out, source, config, progress=sys.stderr.isatty())
     click.echo(
         f"{summary.bags} bags, {summary.instances} instances in {summary.seconds:.1f}s "
         f"({summary.instances_per_second:.1f} instances/s); {summary.skipped} already done; "
@@ -741,7 +741,7 @@ def demo_command(out: Path, bags: int, trials: int, device: str) -> None:
     tune, train-head, predict with heatmaps; ends with held-out AUC and accuracy."""
     from milcache.demo import run_demo
 
-    run_demo(out, device, bags, trials, echo=click.echo)
+    run_demo(out, device, bags, trials, echo=click.echo, progress=sys.stderr.isatty())
 
 
 def main() -> None:

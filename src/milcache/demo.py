@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from milcache.errors import MilcacheError
-
 BACKBONE = "test_resnet"
 CELL = 32  # pixels per digit cell = tile size
 GRID = 8  # cells per slide side
@@ -99,30 +97,43 @@ def build_cohort(root: Path, cells: np.ndarray, digits: np.ndarray, bags: int, s
     return {"bags": bags, "train": int((~table.select(is_held).to_series()).sum()), "heldout": len(held) * 2}
 
 
-def _run(args: list[str], echo: Callable[[str], None]) -> None:
-    """Run one real milcache command in this process, printed as a user would type it."""
-    from milcache.cli import cli
-
-    echo(f"\n$ {shlex.join(['milcache', *args])}")
-    try:
-        code = cli.main(args=args, prog_name="milcache", standalone_mode=False)
-    except SystemExit as exc:
-        code = exc.code
-    if code not in (None, 0):
-        raise MilcacheError(f"the demo step `milcache {args[0]}` failed (exit {code}); see its output above")
+def _step(command: str, function: Callable, paths: dict, options: dict, echo: Callable[[str], None]):
+    """Run one step through the Python API, printed as the equivalent `milcache` command line.
+    ``paths`` are the function's positional arguments, keyed by the CLI option that takes each
+    ("" for a CLI argument)."""
+    given = [item for flag, path in paths.items() for item in ([flag, str(path)] if flag else [str(path)])]
+    echo(f"\n$ {shlex.join(['milcache', command, *given, *_as_flags(options)])}")
+    return function(*paths.values(), **options)
 
 
-def _train_args(config: dict) -> list[str]:
-    """train-head options that reproduce a configuration from best.json."""
-    args = ["--head", config["head"]]
+def _as_flags(options: dict) -> list[str]:
+    """API keyword arguments as the CLI spells them."""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "progress" or value is None:
+            continue
+        if key in ("head_options", "set"):
+            flag = "--head-option" if key == "head_options" else "--set"
+            for name, item in value.items():
+                flags += [flag, f"{name}={json.dumps(item)}"]
+        elif isinstance(value, bool):
+            flags += [flag] if value else ([f"--no-{key.replace('_', '-')}"] if key == "class_weights" else [])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _train_options(config: dict) -> dict:
+    """train_head options that reproduce a configuration from best.json."""
+    options = {"head": config["head"]}
     for key in ("lr", "weight_decay", "epochs", "batch_size", "patience", "elastic_net", "seed"):
         if config[key] is not None:  # None: chosen from the cohort
-            args += [f"--{key.replace('_', '-')}", str(config[key])]
-    args += ["--instances", str(config["instances"] or 0)]
-    args += ["--class-weights" if config["class_weights"] else "--no-class-weights"]
-    for key, value in config["head_options"].items():
-        args += ["--head-option", f"{key}={json.dumps(value)}"]
-    return args
+            options[key] = config[key]
+    options["instances"] = config["instances"] or 0
+    options["class_weights"] = bool(config["class_weights"])
+    options["head_options"] = config["head_options"]
+    return options
 
 
 def run_demo(
@@ -131,9 +142,14 @@ def run_demo(
     bags: int = 120,
     trials: int = 4,
     echo: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict:
+    """Build the MNIST-bags cohort in ``out`` and run extract → tune → train-head → predict on it
+    through the Python API (each step printed as its command line); returns the held-out scores."""
     from sklearn.datasets import load_digits
     from sklearn.metrics import accuracy_score, roc_auc_score
+
+    import milcache
 
     start = time.perf_counter()
     root = Path(out)
@@ -147,88 +163,62 @@ def run_demo(
     echo(f"Pretrained the {BACKBONE} backbone on {len(pretrain)} digits that no slide uses → {weights}")
     sizes = build_cohort(root, cells[cohort], digits.target[cohort], bags)
     (root / "space.toml").write_text('head = ["attention", "gated-attention"]\nepochs = 30\ninstances = 0\n')
-    common = ["--device", device]
-    _run(
-        [
-            "extract",
-            str(root / "slides.csv"),
-            "--out",
-            str(root / "store"),
-            "--backbone",
-            BACKBONE,
-            "--weights",
-            str(weights),
-            "--tile-size",
-            str(CELL),
-            "--input-size",
-            str(CELL),
-            "--tissue-threshold",
-            "0.1",
-            "--workers",
-            "2",
-            "--overwrite",
-            *common,
-        ],
+    summary = _step(
+        "extract",
+        milcache.extract,
+        {"": root / "slides.csv", "--out": root / "store"},
+        {
+            "backbone": BACKBONE,
+            "weights": weights,
+            "tile_size": CELL,
+            "input_size": CELL,
+            "tissue_threshold": 0.1,
+            "workers": 2,
+            "overwrite": True,
+            "device": device,
+            "progress": progress,
+        },
         echo,
     )
-    _run(
-        [
-            "tune",
-            "--store",
-            str(root / "store"),
-            "--labels",
-            str(root / "train_labels.csv"),
-            "--out",
-            str(root / "study"),
-            "--n-trials",
-            str(trials),
-            "--folds",
-            "3",
-            "--space",
-            str(root / "space.toml"),
-            "--pruner",
-            "none",
-            *common,
-            *(["--resume"] if (root / "study" / "study.db").exists() else []),
-        ],
+    echo(f"  {summary.bags} bags, {summary.instances} tiles in {summary.seconds:.1f}s")
+    study = _step(
+        "tune",
+        milcache.tune,
+        {"--store": root / "store", "--labels": root / "train_labels.csv", "--out": root / "study"},
+        {
+            "n_trials": trials,
+            "folds": 3,
+            "space": root / "space.toml",
+            "pruner": "none",
+            "device": device,
+            "resume": (root / "study" / "study.db").exists(),
+            "progress": progress,
+        },
         echo,
     )
-    best = json.loads((root / "study" / "best.json").read_text())
-    _run(
-        [
-            "train-head",
-            "--store",
-            str(root / "store"),
-            "--labels",
-            str(root / "train_labels.csv"),
-            "--out",
-            str(root / "model"),
-            "--folds",
-            "3",
-            *_train_args(best["config"]),
-            *common,
-        ],
+    best = study.best
+    echo(f"  best of {trials} trials: {best['head']}, cross-validated {best['metric']} {best['value']:.3f}")
+    trained = _step(
+        "train-head",
+        milcache.train_head,
+        {"--store": root / "store", "--labels": root / "train_labels.csv", "--out": root / "model"},
+        {"folds": 3, **_train_options(best["config"]), "device": device, "progress": progress},
         echo,
     )
-    _run(
-        [
-            "predict",
-            "--model",
-            str(root / "model"),
-            "--store",
-            str(root / "store"),
-            "--bags",
-            str(root / "heldout_labels.csv"),
-            "--out",
-            str(root / "heldout_predictions.csv"),
-            "--heatmaps",
-            str(root / "heatmaps"),
-            "--scores",
-            str(root / "heldout_scores.parquet"),
-            *common,
-        ],
+    echo(f"  cross-validated AUC {trained.metrics['auc']:.3f} ± {trained.metrics['auc_std']:.3f}")
+    predictions = _step(
+        "predict",
+        milcache.predict,
+        {"--model": root / "model", "--store": root / "store", "--out": root / "heldout_predictions.csv"},
+        {
+            "bags": root / "heldout_labels.csv",
+            "heatmaps": root / "heatmaps",
+            "scores": root / "heldout_scores.parquet",
+            "device": device,
+        },
         echo,
     )
+    echo(f"  predicted {predictions.height} held-out bags, heatmaps in {root / 'heatmaps'}")
     labels = pl.read_csv(root / "heldout_labels.csv", schema_overrides={"bag_id": pl.Utf8})
     predictions = pl.read_csv(root / "heldout_predictions.csv", schema_overrides={"bag_id": pl.Utf8}).join(
         labels, on="bag_id"

@@ -1,13 +1,22 @@
-"""Choosing the torch device from the user's ``--device auto|cuda|cpu``."""
+"""Choosing the torch device (``--device auto|cuda|cpu``) and the compute precision
+(``--precision auto|bf16|fp16|fp32``). Importable without torch: the CLI reads the names."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from milcache.errors import MilcacheError
 
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_HELP = "auto: bf16 on CUDA, fp32 on the CPU."
+
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -16,3 +25,20 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise MilcacheError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced precision to compute in, or None for float32 (what ``auto`` means is said here only)."""
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast(device: torch.device, precision: str):
+    """A ``torch.autocast`` context for ``precision`` on ``device`` (disabled for float32)."""
+    import torch
+
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
 
 BUDGET_MIB = 4096  # on the CPU; the transformer's N × N attention alone would need 10 GB per head
 
@@ -50,3 +54,60 @@ def test_every_head_trains_and_predicts_a_50k_bag_within_budget(tmp_path):
     peaks = json.loads(result.stdout.strip().splitlines()[-1])
     worst = max(mib for mib, _ in peaks.values())
     assert worst < BUDGET_MIB, peaks
+
+
+def test_sizes_parse_and_bad_ones_are_named():
+    from milcache.aggregator.memory import parse_size
+    from milcache.errors import OptionError
+
+    assert parse_size("8GiB") == 8 << 30 and parse_size("512M") == 512 << 20 and parse_size("1.5GB") == 3 << 29
+    assert parse_size("2") == 2 << 30 and parse_size(4) == 4 << 30
+    for bad in ("lots", "-1G", "10KiB"):
+        with pytest.raises(OptionError, match="--memory-budget"):
+            parse_size(bad)
+
+
+def test_measured_memory_is_linear_for_every_head_and_quadratic_for_pairwise_attention():
+    from milcache.aggregator.heads import Head, HeadOutput, create_head, list_heads
+    from milcache.aggregator.memory import measure_head
+
+    for name in list_heads():
+        memory = measure_head(create_head(name, 32, 1), 32)
+        assert memory.per_pair == 0 and 32 * 4 < memory.per_instance < 1 << 16, (name, memory)
+
+    class PairwiseHead(Head):  # full N × N attention, as the naive transformer did
+        def aggregate(self, h, mask):
+            weights = torch.softmax(h @ h.transpose(1, 2), -1)
+            return HeadOutput((weights @ h).mean(1)[:, :1], None)
+
+    memory = measure_head(PairwiseHead(32, 1, hidden=16), 32)
+    assert memory.per_pair >= 4  # at least one float32 N × N matrix kept for backward
+    assert memory.bag_bytes(50_000) > 10 * (1 << 30)
+
+
+def test_a_budget_shrinks_batches_and_a_bag_that_cannot_fit_is_refused_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from milcache.cli import cli
+    from milcache.store.synthetic import make_synthetic_store
+
+    labels = make_synthetic_store(tmp_path / "store", bags=12, instances=(500, 3000), dim=64, seed=0)
+    labels.write_csv(tmp_path / "labels.csv")
+    common = ["--store", tmp_path / "store", "--labels", tmp_path / "labels.csv", "--epochs", "1", "--folds", "2"]
+    common = [str(a) for a in common] + ["--device", "cpu", "--instances", "0"]
+    result = CliRunner().invoke(cli, ["train-head", *common, "--out", str(tmp_path / "small"), "--memory-budget", "2M"])
+    assert result.exit_code == 2, result.output
+    assert "do not fit in --memory-budget 2.0 MiB" in result.output and "instances)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "small" / "metrics.json").exists()
+
+    from milcache.aggregator.config import TrainConfig
+    from milcache.aggregator.run import _initial_model, fit_memory, load_cohort
+
+    cohort = load_cohort(tmp_path / "store", tmp_path / "labels.csv", device="cpu")
+    config = TrainConfig(instances=None, batch_size=4)
+    model = _initial_model(config, cohort)
+    roomy, _ = fit_memory(dataclasses.replace(config, memory_budget=8 << 30), cohort, model)
+    tight, step = fit_memory(dataclasses.replace(config, memory_budget=64 << 20), cohort, model)
+    assert roomy.max_tokens == config.max_tokens and tight.max_tokens < 20_000 and step <= tight.max_tokens * 8
+    result = CliRunner().invoke(cli, ["train-head", *common, "--out", str(tmp_path / "ok"), "--memory-budget", "64MiB"])
+    assert result.exit_code == 0, result.output

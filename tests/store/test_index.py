@@ -1,11 +1,18 @@
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
 from milcache.cli import cli
 from milcache.errors import OptionError, StoreError
 from milcache.store import FeatureStore, StoreWriter
-from milcache.store.index import InstanceIndex, build_index, prototype_store
+from milcache.store.instance_index import (
+    InstanceIndex,
+    build_index,
+    duplicate_instances,
+    find_duplicates,
+    prototype_store,
+)
 from tests.conftest import make_meta, random_bags, write_store
 
 
@@ -117,3 +124,84 @@ def test_index_cli(tmp_path):
     assert result.exit_code == 2 and "bag 'nope' is not in the index" in result.output
     result = runner.invoke(cli, ["index", "kmeans", str(tmp_path / "s"), "--k", "4", "--out", str(tmp_path / "p")])
     assert result.exit_code == 0 and "≤ 4 prototypes" in result.output
+
+
+def _store_with_planted_duplicates(path):
+    """Bags of random instances, some repeated with tiny noise (an overlapping tile), one chain
+    a ≈ b ≈ c where a and c are not near, and one instance copied into another bag."""
+    rng = np.random.default_rng(5)
+    planted, bags = {}, {}
+    with StoreWriter(path, make_meta(dim=32)) as writer:
+        for b in range(6):
+            emb = rng.standard_normal((40, 32)).astype(np.float32)
+            twins = rng.choice(np.arange(1, 40), 3, replace=False)
+            for t in twins:
+                emb[t] = emb[t - 1 - rng.integers(0, t)] + 0.01 * rng.standard_normal(32)
+            bags[f"bag-{b}"] = emb
+        chain = bags["bag-0"]
+        base = rng.standard_normal(32).astype(np.float32)
+        side = rng.standard_normal(32).astype(np.float32)
+        side -= side @ base / (base @ base) * base
+        side *= np.linalg.norm(base) / np.linalg.norm(side)
+        for k, angle in enumerate((0.0, 0.35, 0.7)):  # cos(0.35) ≈ 0.94: neighbours near, ends far
+            chain[-3 + k] = np.cos(angle) * base + np.sin(angle) * side
+        bags["bag-5"][0] = bags["bag-4"][7]  # the same tile in two bags
+        for bag_id, emb in bags.items():
+            writer.put(bag_id, emb, np.zeros((len(emb), 2), np.int32))
+    for bag_id, emb in bags.items():
+        x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        sim = np.triu(x @ x.T, 1)
+        planted[bag_id] = {int(j) for i, j in zip(*np.nonzero(sim >= 0.99), strict=True)}
+    return path, planted
+
+
+def test_dedup_finds_planted_duplicates_and_training_skips_them(tmp_path):
+    store, planted = _store_with_planted_duplicates(tmp_path / "s")
+    report = find_duplicates(store, threshold=0.99)
+    table = pl.read_parquet(report.path)
+    found = {b: set(g["instance"].to_list()) for (b,), g in table.group_by("bag_id")}
+    assert {b: s for b, s in found.items()} == {b: s for b, s in planted.items() if s}
+    assert report.duplicates == sum(len(s) for s in planted.values())
+
+    chain = find_duplicates(store, threshold=0.9)  # a ≈ b, b ≈ c, a ≉ c: b goes, c stays (kept for a)
+    rows = pl.read_parquet(chain.path).filter(pl.col("bag_id") == "bag-0")["instance"].to_list()
+    assert 38 in rows and 39 not in rows
+
+    build_index(store)
+    report = find_duplicates(store, threshold=0.99, across_bags=True)
+    cross = pl.read_parquet(report.cross_bag_path)
+    pairs = {row[:4] for row in cross.iter_rows()}  # bag-4's own twins of instance 7 match too
+    assert ("bag-4", 7, "bag-5", 0) in pairs and {(a, c) for a, _, c, _ in pairs} == {("bag-4", "bag-5")}
+
+    with FeatureStore(store) as fs:
+        skip = duplicate_instances(fs)
+    assert {b: set(v.tolist()) for b, v in skip.items()} == {b: s for b, s in planted.items() if s}
+    labels = pl.DataFrame({"bag_id": [f"bag-{b}" for b in range(6)], "label": [0, 1, 0, 1, 0, 1]})
+    labels.write_csv(tmp_path / "labels.csv")
+    from milcache.aggregator.run import load_cohort
+
+    cohort = load_cohort(store, tmp_path / "labels.csv", device="cpu", skip_duplicates=True)
+    assert cohort.data.lengths.tolist() == [40 - len(planted[f"bag-{b}"]) for b in range(6)]
+    args = ["train-head", "--store", str(store), "--labels", str(tmp_path / "labels.csv"), "--folds", "2"]
+    args += ["--epochs", "1", "--device", "cpu", "--skip-duplicates", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_dedup_errors_are_named(tmp_path):
+    store, _ = _store_with_planted_duplicates(tmp_path / "s")
+    runner = CliRunner()
+    labels = tmp_path / "labels.csv"
+    pl.DataFrame({"bag_id": [f"bag-{b}" for b in range(6)], "label": [0, 1] * 3}).write_csv(labels)
+    args = ["train-head", "--store", str(store), "--labels", str(labels), "--out", str(tmp_path / "r")]
+    result = runner.invoke(cli, [*args, "--skip-duplicates", "--device", "cpu"])
+    assert result.exit_code == 2 and "run `milcache index dedup" in result.output
+    result = runner.invoke(cli, ["index", "dedup", str(store), "--threshold", "1.5"])
+    assert result.exit_code == 2 and "--threshold" in result.output
+    result = runner.invoke(cli, ["index", "dedup", str(store), "--across-bags"])
+    assert result.exit_code == 2 and "has no index" in result.output
+    find_duplicates(store)
+    with StoreWriter(store, make_meta(dim=32)) as writer:  # the store changes after dedup
+        writer.put("bag-new", np.ones((3, 32), np.float32), np.zeros((3, 2), np.int32))
+    with FeatureStore(store) as fs, pytest.raises(StoreError, match="older than the store"):
+        duplicate_instances(fs)

@@ -8,6 +8,14 @@ from milcache import checks
 from milcache.errors import OptionError
 
 TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
+# Every metric a task can report (binary / multiclass: the first five, ordinal adds kappa,
+# regression: the last three), and those that are better when lower.
+METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "log_loss", "kappa", "mse", "r2", "pearson_r")
+MINIMISED = ("log_loss", "mse")
+# Where a cohort's embeddings live while training: picked by size, or forced.
+REGIMES = ("auto", "gpu", "host", "stream")
+# Training precisions (fp16 needs loss scaling, which training does not do).
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # How the defaults were chosen: bench/quality.py (README, "Choosing defaults").
@@ -35,8 +43,9 @@ class TrainConfig:
     l1_ratio: float = 0.5  # its L1 share
     class_weights: bool = False  # weight the loss by inverse class frequency
     balanced_sampling: bool = False  # draw each epoch's bags class-balanced (with replacement)
-    max_tokens: int = 65536  # padded instances per batch (bags × longest)
-    precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16" or "fp32"
+    max_tokens: int = 65536  # padded instances per batch (bags × longest), lowered to fit memory_budget
+    memory_budget: int | None = None  # bytes a training step may use; None: from the device (memory.py)
+    precision: str = "auto"  # one of TRAIN_PRECISIONS (devices.autocast says what auto means)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,7 +61,8 @@ class TrainConfig:
         checks.at_least("--elastic-net", self.elastic_net, 0)
         checks.within("--l1-ratio", self.l1_ratio, 0.0, 1.0)
         checks.at_least("max_tokens", self.max_tokens, 1)
-        checks.one_of("precision", self.precision, ("auto", "bf16", "fp32"))
+        checks.at_least("--memory-budget", self.memory_budget, 1 << 20)
+        checks.one_of("precision", self.precision, TRAIN_PRECISIONS)
         if not isinstance(self.head_options, dict):
             raise OptionError(f"head options must be a mapping of option names to values, got {self.head_options!r}")
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from milcache.aggregator.config import REGIMES
 from milcache.errors import MilcacheError
 from milcache.store import FeatureStore
 
 _GPU_FRACTION = 0.6  # of free GPU memory the resident cohort may take (the rest is for the heads)
 _HOST_FRACTION = 0.5  # of available host memory a resident cohort may take
-REGIMES = ("auto", "gpu", "host", "stream")
 
 
 @dataclass
@@ -50,18 +50,27 @@ class StreamedBags:
     bag_ids: list[str]
     device: torch.device
     dim: int
+    skip: dict[str, np.ndarray] | None = None  # instances left out of each bag (near-duplicates)
 
     def __len__(self) -> int:
         return len(self.bag_ids)
 
     def embeddings(self, index: int) -> np.ndarray:
-        return self.store.get(self.bag_ids[index], copy=True).embeddings
+        bag_id = self.bag_ids[index]
+        embeddings = self.store.get(bag_id, copy=True).embeddings
+        return _without(embeddings, self.skip, bag_id)
+
+
+def _without(embeddings: np.ndarray, skip: dict[str, np.ndarray] | None, bag_id: str) -> np.ndarray:
+    if not skip or bag_id not in skip:
+        return embeddings
+    return np.delete(embeddings, skip[bag_id], axis=0)
 
 
 Bags = BagTensor | StreamedBags
 
 
-def _available_host_bytes() -> int:
+def available_host_bytes() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # not Linux: assume it fits
@@ -69,26 +78,32 @@ def _available_host_bytes() -> int:
 
 
 def load_bags(
-    store: FeatureStore, bag_ids: list[str], device: torch.device, progress: bool = False, regime: str = "auto"
+    store: FeatureStore,
+    bag_ids: list[str],
+    device: torch.device,
+    progress: bool = False,
+    regime: str = "auto",
+    skip: dict[str, np.ndarray] | None = None,
 ) -> Bags:
     """The given bags, resident in one flat tensor (on the GPU when it fits, else in host memory), or
-    streamed from the store when they do not fit in host memory (``regime`` forces one)."""
+    streamed from the store when they do not fit in host memory (``regime`` forces one). ``skip``
+    leaves out instances of some bags (the near-duplicates ``index dedup`` found)."""
     from tqdm import tqdm
 
     if regime not in REGIMES:
         raise MilcacheError(f"unknown memory regime {regime!r}; choose one of {', '.join(REGIMES)}")
     sizes = store.sizes()
-    lengths = np.array([sizes[b] for b in bag_ids], dtype=np.int64)
+    lengths = np.array([sizes[b] - (len(skip[b]) if skip and b in skip else 0) for b in bag_ids], dtype=np.int64)
     offsets = np.zeros(len(bag_ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dtype = torch.float16 if store.metadata.dtype == "float16" else torch.float32
     nbytes = int(offsets[-1]) * store.metadata.dim * dtype.itemsize
-    if regime == "stream" or (regime == "auto" and nbytes > _HOST_FRACTION * _available_host_bytes()):
-        return StreamedBags(FeatureStore(store.path), lengths, list(bag_ids), device, store.metadata.dim)
+    if regime == "stream" or (regime == "auto" and nbytes > _HOST_FRACTION * available_host_bytes()):
+        return StreamedBags(FeatureStore(store.path), lengths, list(bag_ids), device, store.metadata.dim, skip)
     flat = torch.empty((int(offsets[-1]), store.metadata.dim), dtype=dtype, pin_memory=device.type == "cuda")
     target = flat.numpy()
     for i, bag_id in enumerate(tqdm(bag_ids, desc="load", unit="bag", disable=not progress)):
-        target[offsets[i] : offsets[i + 1]] = store.get(bag_id).embeddings
+        target[offsets[i] : offsets[i + 1]] = _without(store.get(bag_id).embeddings, skip, bag_id)
     if device.type == "cuda" and regime != "host":
         free, _ = torch.cuda.mem_get_info(device)
         if regime == "gpu" or nbytes < _GPU_FRACTION * free:

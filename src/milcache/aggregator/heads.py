@@ -18,31 +18,28 @@ from torch import nn
 
 from milcache import checks
 from milcache.errors import MilcacheError
+from milcache.registry import Registry
 
-_HEADS: dict[str, type[Head]] = {}
+
+def _named(name: str, cls: type[Head]) -> None:
+    cls.name = name
+
+
+HEADS: Registry[type[Head]] = Registry("head", entry_point_group="milcache.heads", on_add=_named)
 
 
 def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
-    """Class decorator: make a head available under ``name`` (CLI, tuning and predict read this)."""
-
-    def add(cls: type[Head]) -> type[Head]:
-        if name in _HEADS:
-            raise ValueError(f"head {name!r} is registered twice")
-        cls.name = name
-        _HEADS[name] = cls
-        return cls
-
-    return add
+    """Class decorator: make a head available under ``name`` to train-head, tune and predict.
+    Another package can offer heads through the ``milcache.heads`` entry-point group."""
+    return HEADS.register(name)
 
 
 def list_heads() -> list[str]:
-    return sorted(_HEADS)
+    return HEADS.names()
 
 
 def head_class(name: str) -> type[Head]:
-    if name not in _HEADS:
-        raise MilcacheError(f"unknown head {name!r}; choose one of: {', '.join(list_heads())}")
-    return _HEADS[name]
+    return HEADS.get(name)
 
 
 def resolved_options(name: str, options: dict) -> dict:

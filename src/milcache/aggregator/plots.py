@@ -48,3 +48,24 @@ def plot_regression(y: np.ndarray, pred: np.ndarray, path: Path, title: str) -> 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def contact_sheet(images: np.ndarray, titles: list[str], path: Path, title: str) -> None:
+    """A grid of instance images (n × H × W × C uint8, or n × D × H × W volumes: their middle
+    slice), each with its title, as one PNG."""
+    plt = pyplot()
+    columns = min(len(images), 5)
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text in zip(axes.flat, images, titles, strict=False):
+        if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):  # a volume patch: its middle slice
+            image = image[image.shape[0] // 2]
+        ax.imshow(image.squeeze(), cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None)
+        ax.set_title(text, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -11,6 +11,7 @@ import polars as pl
 from milcache import checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import load_bags
+from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
 from milcache.aggregator.model import load_model
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import MODEL_INPUT_FIELDS, store_identity
@@ -44,6 +45,7 @@ def predict(
     geojson: str | Path | None = None,
     device: str = "auto",
     scores_file: str | Path | None = None,
+    memory_budget: int | None = None,
 ) -> pl.DataFrame:
     """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)
     and, with ``scores_file``, every instance's score with its coordinates (parquet)."""
@@ -71,6 +73,12 @@ def predict(
             raise MilcacheError(f"bag(s) not in the store {store_dir}: {', '.join(unknown[:20])}")
         if not ids:
             raise MilcacheError(f"the store {store_dir} holds no bags to predict")
+        sizes = store.sizes()
+        budget = memory_budget or default_budget(torch_device)
+        lengths = np.array([sizes[b] for b in ids])
+        check_bags_fit(
+            measure_head(model.head, model.head.in_dim), budget, lengths, ids, config["head"], training=False
+        )
         data = load_bags(store, ids, torch_device)
         train = TrainConfig(**{k: v for k, v in config["train"].items() if k in TrainConfig.__dataclass_fields__})
         logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)

@@ -17,6 +17,7 @@ from milcache import __version__, checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
 from milcache.aggregator.heads import check_head, resolved_options
+from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
 from milcache.aggregator.model import MILModel, build_model, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
@@ -25,6 +26,7 @@ from milcache.aggregator.trainer import Report, fit, fit_stacked, infer
 from milcache.devices import resolve_device
 from milcache.errors import LabelError
 from milcache.store import FeatureStore, read_labels
+from milcache.store.instance_index import duplicate_instances
 
 
 @dataclass
@@ -51,6 +53,7 @@ def load_cohort(
     progress: bool = False,
     regime: str = "auto",
     classes: list | None = None,
+    skip_duplicates: bool = False,
 ) -> Cohort:
     """Match labels to store bags (refusing labels of unknown bags) and load those bags once.
     ``classes`` orders the classes (ordinal labels that are text need it)."""
@@ -63,7 +66,8 @@ def load_cohort(
             raise LabelError(f"{len(missing)} labelled bag(s) are not in the store {store_dir}: {shown}")
         task = Task.infer(labels["label"].to_list(), task_kind, classes)
         ids = labels["bag_id"].to_list()
-        data = load_bags(store, ids, resolve_device(device), progress, regime)
+        skip = duplicate_instances(store) if skip_duplicates else None
+        data = load_bags(store, ids, resolve_device(device), progress, regime, skip)
         store_meta = store_identity(store.metadata)
         unlabelled = len(in_store) - len(ids)
     grouped = "group" in labels.columns
@@ -129,12 +133,26 @@ def _summarise(fold_metrics: list[dict]) -> dict:
     return out
 
 
-def _models_per_stack(config: TrainConfig, data: Bags) -> int:
-    """How many fold models train side by side: as many as keep a stacked step within 8 ×
-    ``max_tokens`` padded instances (each model's batch is at most ``max_tokens``)."""
+def _models_per_stack(config: TrainConfig, data: Bags, step_tokens: int) -> int:
+    """How many fold models train side by side: as many as keep a stacked step within
+    ``step_tokens`` padded instances (each model's batch is at most ``max_tokens``)."""
     longest = int(data.lengths.max()) if len(data.lengths) else 1
     per_model = min(config.max_tokens, config.batch_size * min(longest, config.instances or longest))
-    return max(1, (8 * config.max_tokens) // max(per_model, 1))
+    return max(1, step_tokens // max(per_model, 1))
+
+
+def fit_memory(config: TrainConfig, cohort: Cohort, model: MILModel) -> tuple[TrainConfig, int]:
+    """``config`` with ``max_tokens`` lowered so that a step fits the memory budget, and the padded
+    instances a stacked step of several fold models may hold; refuses bags that cannot fit."""
+    data = cohort.data
+    budget = config.memory_budget or default_budget(data.device)
+    memory = measure_head(model.head, data.dim)
+    check_bags_fit(memory, budget, data.lengths, data.bag_ids, config.head, cap=config.instances)
+    longest = int(data.lengths.max()) if len(data.lengths) else 1
+    longest = min(longest, config.instances or longest)
+    step_tokens = memory.tokens_within(budget, longest)
+    config = dataclasses.replace(config, max_tokens=max(1, min(config.max_tokens, step_tokens)))
+    return config, min(8 * config.max_tokens, step_tokens)
 
 
 def cross_validate(
@@ -171,8 +189,9 @@ def cross_validate(
             fit_on, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
             plans.append((fit_on, test, val))
     models = [_initial_model(config, cohort, config.seed + k) for k in range(len(plans))]
+    config, step_tokens = fit_memory(config, cohort, models[0])
     results = []
-    per_stack = _models_per_stack(config, cohort.data)
+    per_stack = _models_per_stack(config, cohort.data, step_tokens)
     with tqdm(total=len(plans) * config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
         for start in range(0, len(plans), per_stack):
             chunk = range(start, min(start + per_stack, len(plans)))
@@ -241,6 +260,7 @@ def train_head(
     progress: bool = False,
     regime: str = "auto",
     classes: list | None = None,
+    skip_duplicates: bool = False,
 ) -> dict:
     """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
     config = config or TrainConfig()
@@ -249,7 +269,9 @@ def train_head(
     check_head(config.head, config.head_options)
     checks.output_dir(out_dir)
     start = time.perf_counter()
-    cohort = cohort or load_cohort(store_dir, labels_path, task_kind, device, label_column, progress, regime, classes)
+    cohort = cohort or load_cohort(
+        store_dir, labels_path, task_kind, device, label_column, progress, regime, classes, skip_duplicates
+    )
     metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats, progress=progress)
     if cohort.split is not None:  # the split's one model: trained on the train bags, test bags kept out
         model = fold_models[0]
@@ -293,6 +315,7 @@ def train_head(
         "device": device,
         "label_column": label_column,
         "classes": classes,
+        "skip_duplicates": skip_duplicates,
         **config.to_dict(),
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))

@@ -24,13 +24,9 @@ from milcache.aggregator.config import BATCH_RANGE, TrainConfig
 from milcache.aggregator.data import Bags, fold_statistics, gather_batch, plan_batches, prefetched
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
+from milcache.devices import autocast
 
 Report = Callable[[int, float], None]
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def _class_weights(task: Task, y: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -208,7 +204,7 @@ def fit_stacked(
             bags = torch.from_numpy(flat).to(device).view(n_models, -1)
             bag_weight = torch.from_numpy(weight).to(device)
             loss_of = stacked_loss if batch.slots is not None else streamed_loss
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 losses = loss_of(
                     params, buffers, batch.x, batch.mask, batch.slots, targets[bags], class_weights, bag_weight
                 )
@@ -359,7 +355,7 @@ def infer(
     per_bag: list[np.ndarray | None] = [None] * len(indices)
     batches = plan_batches(data.lengths, indices, 4 * (config.batch_size or BATCH_RANGE[1]), config.max_tokens)
     for batch, bags in prefetched(data, batches, lambda b: gather_batch(data, b)):
-        with _autocast(data.device, config.precision):
+        with autocast(data.device, config.precision):
             out = model(bags.x, bags.mask, bags.slots)
         if logits is None:
             logits = torch.empty((len(indices), out.logits.shape[1]), device=data.device)

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from milcache.errors import ExtractionError
+from milcache.registry import Registry
 
-_FAMILIES: dict[str, Callable[..., Backbone]] = {}
+# Families of models by name prefix ("timm" when a name has none); other packages can add one
+# through the ``milcache.backbones`` entry-point group.
+FAMILIES: Registry[Callable[..., Backbone]] = Registry("backbone family", entry_point_group="milcache.backbones")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -45,19 +48,15 @@ class Backbone:
 
 
 def register_family(prefix: str) -> Callable:
-    def add(loader: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _FAMILIES[prefix] = loader
-        return loader
-
-    return add
+    return FAMILIES.register(prefix)
 
 
 def create_backbone(name: str, weights: str | Path | None = None, pretrained: bool = False, **overrides) -> Backbone:
     """Build a backbone by name (``resnet50``, ``vit_base_patch16_224``, ``tv:r3d_18`` …)."""
     prefix, _, rest = name.partition(":") if ":" in name else ("timm", "", name)
-    if prefix not in _FAMILIES:
-        raise ExtractionError(f"unknown backbone family {prefix!r} in {name!r}; known: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[prefix](rest, weights=weights, pretrained=pretrained, **overrides)
+    if prefix not in FAMILIES:
+        raise ExtractionError(f"unknown backbone family {prefix!r} in {name!r}; known: {', '.join(FAMILIES.names())}")
+    return FAMILIES.get(prefix)(rest, weights=weights, pretrained=pretrained, **overrides)
 
 
 def file_digest(path: Path) -> str:

@@ -148,6 +148,14 @@ def _load_strictly(model: torch.nn.Module, state: dict, path, name: str) -> None
 @register_source("cam")
 class CamSource(Source):
     coord_names = ["x0", "y0", "x1", "y1"]
+    option_help = {
+        "global_size": "side of the global view in pixels",
+        "region_size": "side of a region square in full-resolution pixels",
+        "regions": "regions kept per image, by CAM score",
+        "cam_model": "timm CNN classifier whose last feature map gives the CAM [the backbone, with its weights]",
+        "cam_weights": "its weights (with the classifier)",
+        "cam_class": "the class whose activation map is used",
+    }
 
     def __init__(
         self,
@@ -156,13 +164,14 @@ class CamSource(Source):
         region_size: int = 512,
         regions: int = 8,
         cam_model: str | None = None,
-        cam_weights: str | None = None,
+        cam_weights: Path | None = None,
         cam_class: int = 1,
         backbone_weights: str | None = None,
         pretrained: bool = False,
     ) -> None:
         if cam_model is None and cam_weights is not None:
             raise ExtractionError("--cam-weights needs --cam-model (the architecture they belong to)")
+        cam_weights = None if cam_weights is None else str(cam_weights)  # settings stay JSON
         checks.at_least("--global-size", global_size, 32)
         checks.at_least("--region-size", region_size, 8)
         checks.at_least("--regions", regions, 1)

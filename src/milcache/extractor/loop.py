@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from milcache import checks
-from milcache.devices import resolve_device
+from milcache.devices import PRECISIONS, autocast, resolve_device
 from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
 from milcache.extractor.sources import BagPlan, Source
@@ -33,7 +33,7 @@ class ExtractConfig:
     device: str = "auto"
     batch_size: int = 64
     workers: int = 4
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    precision: str = "auto"  # one of devices.PRECISIONS
     compile: bool = False
     dtype: str = "float16"  # of the stored embeddings
     shard: tuple[int, int] | None = None  # (index, count); default from torchrun's RANK / WORLD_SIZE
@@ -45,7 +45,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         checks.at_least("--batch-size", self.batch_size, 1)
         checks.at_least("--workers", self.workers, 0)
-        checks.one_of("--precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        checks.one_of("--precision", self.precision, PRECISIONS)
         checks.one_of("--dtype", self.dtype, ("float16", "float32"))
         size = self.preprocessing.get("input_size")
         for side in size or ():
@@ -90,18 +90,13 @@ class Embedder:
             torch.backends.cudnn.benchmark = True
         if compile:
             self.model = torch.compile(self.model)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        if precision == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else None
-        self.autocast_dtype = dtype
+        self.precision = precision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone on model-ready input (float, normalised), in the configured precision."""
         if self.device.type == "cuda" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
-        ):
+        with autocast(self.device, self.precision):
             return self.model(x).float()
 
     @torch.inference_mode()

@@ -7,6 +7,9 @@ writer, progress, resume and sharding know nothing else about it.
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,9 +17,17 @@ import numpy as np
 import torch
 
 from milcache.errors import ExtractionError
+from milcache.registry import Registry
 from milcache.store.tables import BagSpec
 
-_SOURCES: dict[str, Callable[..., Source]] = {}
+
+def _named(kind: str, cls: type[Source]) -> None:
+    cls.kind = kind
+
+
+# The built-in sources register when ``milcache.extractor`` is imported; other packages can add one
+# through the ``milcache.sources`` entry-point group.
+SOURCES: Registry[type[Source]] = Registry("source", entry_point_group="milcache.sources", on_add=_named)
 
 
 @dataclass
@@ -39,6 +50,9 @@ class Source:
 
     kind = "?"
     coord_names: list[str] = []
+    # Help of each option of ``__init__`` that a user sets (``milcache extract`` makes one CLI option
+    # of each, typed from the signature); the others are filled in by the extractor.
+    option_help: dict[str, str] = {}
 
     def settings(self) -> dict:
         """The source's settings, recorded in store.json (a rerun must use the same)."""
@@ -77,28 +91,17 @@ def normalise_images(pixels: torch.Tensor, backbone) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def register_source(kind: str) -> Callable:
-    def add(cls):
-        cls.kind = kind
-        _SOURCES[kind] = cls
-        return cls
-
-    return add
+def register_source(kind: str) -> Callable[[type[Source]], type[Source]]:
+    return SOURCES.register(kind)
 
 
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def create_source(kind: str, **settings) -> Source:
     """Build a source; settings left as None keep the source's defaults."""
-    import inspect
-
-    from milcache.extractor import cam, tiles, volume  # noqa: F401  (registers the built-in sources)
-
-    if kind not in _SOURCES:
-        raise ExtractionError(f"unknown source {kind!r}; choose one of: {', '.join(list_sources())}")
-    cls = _SOURCES[kind]
+    cls = SOURCES.get(kind)
     given = {k: v for k, v in settings.items() if v is not None}
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     foreign = sorted(set(given) - accepted)
@@ -106,3 +109,55 @@ def create_source(kind: str, **settings) -> Source:
         names = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise ExtractionError(f"{names} do(es) not apply to --source {kind}")
     return cls(**given)
+
+
+@dataclass
+class SourceOption:
+    """One user-settable option of one or more sources, as the CLI offers it."""
+
+    name: str  # the parameter name (tile_size); the CLI spells it --tile-size
+    kinds: list[str]
+    type: type  # int, float, str or bool (a flag)
+    nargs: int
+    default: object
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def source_options() -> list[SourceOption]:
+    """Every user-settable option of every registered source, read from the sources' signatures
+    (so that an option is typed once, where the source takes it)."""
+    found: dict[str, SourceOption] = {}
+    for kind in list_sources():
+        cls = SOURCES.get(kind)
+        hints = typing.get_type_hints(cls.__init__)
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name not in cls.option_help:
+                continue
+            if name in found:
+                found[name].kinds.append(kind)
+                continue
+            scalar, nargs = _scalar_type(hints[name])
+            found[name] = SourceOption(name, [kind], scalar, nargs, parameter.default, cls.option_help[name])
+    return list(found.values())
+
+
+def _scalar_type(hint) -> tuple[type, int]:
+    """int | None → (int, 1); tuple[int, int, int] | None → (int, 3)."""
+    args = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint)
+        in (
+            types.UnionType,
+            typing.Union,
+        )
+        else [hint]
+    )
+    inner = args[0]
+    if typing.get_origin(inner) is tuple:
+        items = typing.get_args(inner)
+        return items[0], len(items)
+    return inner, 1

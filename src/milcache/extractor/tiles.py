@@ -93,6 +93,16 @@ class TileSource(Source):
     (level-0 pixels per output pixel); level 0 when none is given."""
 
     coord_names = ["x", "y", "level"]
+    option_help = {
+        "tile_size": "tile side in output pixels",
+        "stride": "step between tiles in output pixels [tile size: no overlap]",
+        "mpp": "target microns per pixel (read from the slide's metadata)",
+        "level": "pyramid level to tile at",
+        "scale": "level-0 pixels per output pixel (for images without mpp)",
+        "tissue_threshold": "least tissue fraction of a kept tile",
+        "offset_grid": "add a grid shifted by half a tile",
+        "max_tiles": "keep the K tiles with the most tissue [all]",
+    }
 
     def __init__(
         self,

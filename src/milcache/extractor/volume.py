@@ -51,6 +51,13 @@ def _spacing(affine: np.ndarray) -> np.ndarray:
 @register_source("volume")
 class VolumeSource(Source):
     coord_names = ["z", "y", "x"]
+    option_help = {
+        "patch_size": "patch depth, height, width",
+        "patch_stride": "step between patches [patch size]",
+        "min_foreground": "least foreground fraction of a kept patch",
+        "spacing": "resample to this voxel size (z y x) [as read]",
+        "slices": "with a 2D backbone: slices per patch, evenly spaced [all]",
+    }
 
     def __init__(
         self,

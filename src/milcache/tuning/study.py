@@ -6,46 +6,20 @@ import json
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from milcache import checks
-from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.config import MINIMISED, TrainConfig
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
 from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
+from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import load_space, sample_config
-
-MINIMISED = {"log_loss", "mse"}
-PRUNERS = ("median", "hyperband", "none")
-
-
-@dataclass
-class TuneSettings:
-    n_trials: int = 50
-    timeout: float | None = None
-    storage: str | None = None  # default: sqlite inside the run directory
-    study_name: str = "milcache"
-    metric: str = "auc"
-    pruner: str = "median"
-    jobs: int = 1
-    resume: bool = False
-    folds: int = 5
-    seed: int = 0
-    holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
-
-    def __post_init__(self) -> None:
-        checks.at_least("--n-trials", self.n_trials, 1)
-        checks.above("--timeout", self.timeout, 0)
-        checks.one_of("--pruner", self.pruner, PRUNERS)
-        checks.at_least("--jobs", self.jobs, 1)
-        checks.at_least("--folds", self.folds, 2)
-        checks.within("--holdout", self.holdout, 0.0, 0.5)
 
 
 def safe_url(url: str) -> str:
@@ -217,7 +191,15 @@ def tune(
     if settings.resume and not shared:
         _fail_interrupted(study)
     start = time.perf_counter()
-    cohort = load_cohort(store_dir, labels, task_kind, device, progress=progress, classes=classes)
+    cohort = load_cohort(
+        store_dir,
+        labels,
+        task_kind,
+        device,
+        progress=progress,
+        classes=classes,
+        skip_duplicates=settings.skip_duplicates,
+    )
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
     if settings.n_trials - _finished(study) > 0:
         # No trial count here: the callbacks stop once n_trials are finished, so a failed trial is

@@ -219,22 +219,26 @@ class InstanceIndex:
 
     def neighbours(self, bag_id: str, instance: int, k: int) -> pl.DataFrame:
         """The k nearest instances of one instance across the cohort, with bag, coordinates, distance."""
-        rows, distance = self.search(self.vector(bag_id, instance), k)
+        return self.nearest(self.vector(bag_id, instance), k)
+
+    def nearest(self, query: np.ndarray, k: int) -> pl.DataFrame:
+        """The k nearest instances of a query embedding: rank, bag, instance, coordinates, distance."""
+        rows, distance = self.search(query, k)
         names = self.store.metadata.coords
-        records = []
-        for rank, (row, dist) in enumerate(zip(rows, distance, strict=True)):
-            bag, i = self.bag_ids[self.bag_of_row[row]], int(self.instance_of_row[row])
-            coords = self.store.get(bag).coords[i].tolist()
-            records.append(
-                {
-                    "rank": rank,
-                    "bag_id": bag,
-                    "instance": i,
-                    **dict(zip(names, coords, strict=True)),
-                    "distance": float(dist),
-                }
-            )
-        return pl.DataFrame(records)
+        bags = self.bag_of_row[rows]
+        coords = np.empty((len(rows), len(names)), np.int64)
+        for bag in np.unique(bags):  # each bag read once
+            here = np.flatnonzero(bags == bag)
+            coords[here] = self.store.get(self.bag_ids[bag]).coords[self.instance_of_row[rows[here]]]
+        return pl.DataFrame(
+            {
+                "rank": np.arange(len(rows)),
+                "bag_id": [self.bag_ids[b] for b in bags],
+                "instance": self.instance_of_row[rows].astype(np.int64),
+                **{name: coords[:, c] for c, name in enumerate(names)},
+                "distance": np.asarray(distance, np.float64),
+            }
+        )
 
 
 def prototype_store(store_dir: str | Path, k: int, out: str | Path, seed: int = 0, niter: int = 20) -> dict:
@@ -280,3 +284,143 @@ def prototype_store(store_dir: str | Path, k: int, out: str | Path, seed: int = 
                 )
         np.save(out / "instance_clusters.npy", assignment.astype(np.int32))
     return {"bags": len(bag_ids), "instances": len(x), "k": k, "out": str(out)}
+
+
+DUPLICATES = "duplicates.parquet"
+
+
+@dataclass
+class DedupReport:
+    path: Path
+    instances: int
+    duplicates: int  # instances marked as near-duplicates of an earlier, kept instance of their bag
+    bags_with_duplicates: int
+    cross_bag_pairs: int | None  # with across_bags: pairs of near-identical instances in different bags
+    cross_bag_path: Path | None
+
+
+def find_duplicates(
+    store_dir: str | Path, threshold: float = 0.95, metric: str = "cosine", across_bags: bool = False
+) -> DedupReport:
+    """Mark near-duplicate instances of each bag (overlapping tiles, one region in two views):
+    instance j is a duplicate when it lies within ``threshold`` (cosine similarity ≥ T, or squared
+    L2 distance ≤ T) of an earlier instance of its bag that is kept. Written to
+    STORE/index/duplicates.parquet (bag_id, instance, kept_instance, distance), which
+    ``train-head --skip-duplicates`` reads. With ``across_bags``, pairs of near-identical instances
+    in *different* bags (a slide scanned twice, a patient in two bags: a leakage risk between folds)
+    are listed in cross_bag_duplicates.parquet, using the built index."""
+    checks.one_of("--metric", metric, METRICS)
+    if metric == "cosine":
+        checks.within("--threshold", threshold, -1.0, 1.0)
+    else:
+        checks.at_least("--threshold", threshold, 0.0)
+    store_dir = Path(store_dir)
+    folder = checks.output_dir(store_dir / INDEX_DIR)
+    records, total = [], 0
+    with FeatureStore(store_dir) as store:
+        bag_ids = store.bag_ids()
+        for bag_id in bag_ids:
+            x = np.ascontiguousarray(store.get(bag_id).embeddings, np.float32)
+            total += len(x)
+            for instance, kept, distance in _duplicates_in(x, threshold, metric):
+                records.append((bag_id, instance, kept, distance))
+        stamp = fingerprint(store, bag_ids)
+    schema = {"bag_id": pl.Utf8, "instance": pl.Int32, "kept_instance": pl.Int32, "distance": pl.Float32}
+    table = pl.DataFrame(records, schema=schema, orient="row")
+    folder.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(folder / DUPLICATES)
+    settings = {"threshold": threshold, "metric": metric, "store": stamp}
+    (folder / "duplicates.json").write_text(json.dumps(settings, indent=2))
+    cross, cross_path = None, None
+    if across_bags:
+        pairs = _cross_bag_pairs(store_dir, threshold, metric)
+        cross_path = folder / "cross_bag_duplicates.parquet"
+        pairs.write_parquet(cross_path)
+        cross = pairs.height
+    return DedupReport(
+        folder / DUPLICATES, total, table.height, table["bag_id"].n_unique() if table.height else 0, cross, cross_path
+    )
+
+
+def _duplicates_in(x: np.ndarray, threshold: float, metric: str) -> list[tuple[int, int, float]]:
+    """(instance, kept instance, distance) for each near-duplicate of one bag, greedily in order:
+    an instance is dropped only for an earlier instance that is itself kept, so a chain of
+    overlapping tiles keeps every other tile instead of collapsing into one."""
+    import faiss
+
+    if len(x) < 2:
+        return []
+    if metric == "cosine":
+        faiss.normalize_L2(x)
+        index = faiss.IndexFlatIP(x.shape[1])
+    else:
+        index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    # range_search keeps IP > radius and L2 < radius; nudge so that the threshold itself counts
+    radius = np.nextafter(np.float32(threshold), np.float32(-np.inf if metric == "cosine" else np.inf))
+    limits, values, neighbours = index.range_search(x, float(radius))
+    owner = np.repeat(np.arange(len(x)), np.diff(limits).astype(np.int64))
+    earlier = neighbours < owner  # each pair once, from the later instance
+    owner, neighbours, values = owner[earlier], neighbours[earlier], values[earlier]
+    if not len(owner):
+        return []
+    order = np.lexsort((neighbours, owner))
+    dropped: dict[int, tuple[int, float]] = {}
+    for i, j, v in zip(owner[order], neighbours[order], values[order], strict=True):  # the few candidate pairs
+        if i not in dropped and j not in dropped:
+            dropped[int(i)] = (int(j), float(1 - v if metric == "cosine" else v))
+    return [(i, j, d) for i, (j, d) in sorted(dropped.items())]
+
+
+def _cross_bag_pairs(store_dir: Path, threshold: float, metric: str) -> pl.DataFrame:
+    import faiss
+
+    with InstanceIndex(store_dir) as found:
+        if found.info["metric"] != metric:
+            raise OptionError(
+                f"the index of {store_dir} uses --metric {found.info['metric']}; rebuild it with --metric {metric} "
+                "or give that metric here"
+            )
+        x = found._exact(np.arange(found.index.ntotal))
+        if metric == "cosine":
+            faiss.normalize_L2(x)
+        radius = np.nextafter(np.float32(threshold), np.float32(-np.inf if metric == "cosine" else np.inf))
+        limits, values, rows = found.index.range_search(x, float(radius))
+        owner = np.repeat(np.arange(len(x)), np.diff(limits).astype(np.int64))
+        bag_a, bag_b = found.bag_of_row[owner], found.bag_of_row[rows]
+        keep = (bag_a < bag_b) & (rows >= 0)
+        owner, rows, values = owner[keep], rows[keep], values[keep]
+        names = np.asarray(found.bag_ids, dtype=object)
+        return pl.DataFrame(
+            {
+                "bag_id": names[found.bag_of_row[owner]].astype(str),
+                "instance": found.instance_of_row[owner],
+                "other_bag_id": names[found.bag_of_row[rows]].astype(str),
+                "other_instance": found.instance_of_row[rows],
+                "distance": (1 - values) if metric == "cosine" else values,
+            },
+            schema={
+                "bag_id": pl.Utf8,
+                "instance": pl.Int32,
+                "other_bag_id": pl.Utf8,
+                "other_instance": pl.Int32,
+                "distance": pl.Float32,
+            },
+        )
+
+
+def duplicate_instances(store: FeatureStore) -> dict[str, np.ndarray]:
+    """bag id → the instances ``index dedup`` marked as duplicates (checked against the store)."""
+    folder = store.path / INDEX_DIR
+    if not (folder / DUPLICATES).is_file():
+        raise StoreError(
+            f"--skip-duplicates needs the duplicates of {store.path}: run `milcache index dedup {store.path}` first"
+        )
+    settings = json.loads((folder / "duplicates.json").read_text())
+    if fingerprint(store, store.bag_ids()) != settings["store"]:
+        raise StoreError(
+            f"the duplicates in {folder} are older than the store {store.path} (bags were added, removed or "
+            f"rewritten since): run `milcache index dedup {store.path}` again"
+        )
+    table = pl.read_parquet(folder / DUPLICATES)
+    return {str(bag): group["instance"].to_numpy() for (bag,), group in table.group_by("bag_id", maintain_order=True)}

@@ -1,0 +1,304 @@
+"""The Python API: one function per command, the very functions the CLI calls.
+
+Keyword arguments are named like the CLI's options (``--tile-size`` → ``tile_size``, ``--memory`` →
+``memory``); every function raises the project's errors (``milcache.MilcacheError`` and its kinds)
+for a user's mistake, and returns a result object instead of printing::
+
+    import milcache
+
+    milcache.extract("slides.csv", "store", backbone="resnet50", weights="r50.safetensors", mpp=0.5)
+    result = milcache.train_head("store", "labels.csv", "runs/gated", head="gated-attention")
+    result.metrics["auc"]
+    table = milcache.predict("runs/gated", "store", bags=["slide-7"])   # a polars DataFrame
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from milcache.errors import OptionError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from milcache.extractor.loop import ExtractSummary
+
+PathLike = str | Path
+
+
+@dataclass
+class TrainResult:
+    """What ``train_head`` wrote: the cross-validated metrics (also in RUN/metrics.json)."""
+
+    metrics: dict
+    run_dir: Path
+
+    @property
+    def oof(self) -> pl.DataFrame:
+        """The out-of-fold predictions, one row per bag and repeat."""
+        import polars as pl
+
+        return pl.read_parquet(self.run_dir / "oof.parquet")
+
+
+@dataclass
+class TuneResult:
+    """What ``tune`` wrote: the best trial (RUN/best.json) and its retrained model in RUN/best."""
+
+    best: dict
+    run_dir: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "best"
+
+    @property
+    def trials(self) -> pl.DataFrame:
+        import polars as pl
+
+        return pl.read_parquet(self.run_dir / "trials.parquet")
+
+
+def extract(
+    manifest: PathLike,
+    out: PathLike,
+    *,
+    backbone: str,
+    source: str = "tiles",
+    weights: PathLike | None = None,
+    pretrained: bool = False,
+    batch_size: int = 64,
+    workers: int = 4,
+    precision: str = "auto",
+    compile: bool = False,
+    dtype: str = "float16",
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    shard: str | tuple[int, int] | None = None,
+    overwrite: bool = False,
+    reextract_changed: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+    **source_options,
+) -> ExtractSummary:
+    """Embed every instance of every bag of ``manifest`` into the store ``out`` (resumable).
+    ``source_options`` are the chosen source's options (``tile_size``, ``mpp``, ``regions`` …)."""
+    from milcache.extractor.loop import ExtractConfig
+    from milcache.extractor.loop import extract as run_extraction
+    from milcache.extractor.sources import create_source
+
+    if source == "cam":  # the saliency fallback uses the embedding backbone, with its weights
+        source_options.update(backbone=backbone, backbone_weights=str(weights) if weights else None)
+        source_options["pretrained"] = pretrained
+    config = ExtractConfig(
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        compile=compile,
+        dtype=dtype,
+        shard=_shard(shard),
+        overwrite=overwrite,
+        reextract_changed=reextract_changed,
+        preprocessing={
+            k: v
+            for k, v in {
+                "input_size": (input_size, input_size) if input_size is not None else None,
+                "mean": list(mean) if mean is not None else None,
+                "std": list(std) if std is not None else None,
+                "interpolation": interpolation,
+            }.items()
+            if v is not None
+        },
+    )
+    return run_extraction(manifest, out, create_source(source, **source_options), config, progress=progress)
+
+
+def _shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None or isinstance(shard, tuple):
+        return shard
+    try:
+        index, count = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise OptionError(f"--shard expects i/n (e.g. 0/4), got {shard!r}") from None
+    return index, count
+
+
+def train_head(
+    store: PathLike,
+    labels: PathLike,
+    out: PathLike,
+    *,
+    head: str = "gated-attention",
+    folds: int = 5,
+    repeats: int = 1,
+    task: str | None = None,
+    classes: Sequence | None = None,
+    label_column: str = "label",
+    hidden: int | None = None,
+    dropout: float | None = None,
+    head_options: dict | None = None,
+    memory: str = "auto",
+    skip_duplicates: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+    **train_options,
+) -> TrainResult:
+    """Cross-validate a head on cached embeddings, refit it on every labelled bag, write the run
+    directory ``out``. ``train_options`` are TrainConfig's fields (``epochs``, ``lr``, ``instances``
+    (0 = every instance), ``memory_budget`` ("8GiB") …); options left as None keep their defaults."""
+    from milcache.aggregator.run import train_head as run_training
+
+    config = train_config(head, hidden, dropout, head_options, train_options)
+    metrics = run_training(
+        store,
+        labels,
+        out,
+        config,
+        folds,
+        repeats,
+        task,
+        device,
+        label_column,
+        progress=progress,
+        regime=memory,
+        classes=list(classes) if classes is not None else None,
+        skip_duplicates=skip_duplicates,
+    )
+    return TrainResult(metrics=metrics, run_dir=Path(out))
+
+
+def train_config(
+    head: str,
+    hidden: int | None = None,
+    dropout: float | None = None,
+    head_options: dict | None = None,
+    train_options: dict | None = None,
+):
+    """A TrainConfig from options as the CLI names them (None: the default; ``instances=0``: all)."""
+    from dataclasses import fields
+
+    from milcache.aggregator.config import TrainConfig
+
+    options = {k: v for k, v in (train_options or {}).items() if v is not None}
+    known = {f.name for f in fields(TrainConfig)} - {"head", "head_options"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if options.get("instances") == 0:
+        options["instances"] = None
+    if "memory_budget" in options:
+        from milcache.aggregator.memory import parse_size
+
+        options["memory_budget"] = parse_size(options["memory_budget"])
+    head_options = dict(head_options or {})
+    head_options.update({k: v for k, v in (("hidden", hidden), ("dropout", dropout)) if v is not None})
+    return TrainConfig(head=head, head_options=head_options, **options)
+
+
+def tune(
+    store: PathLike,
+    labels: PathLike,
+    out: PathLike,
+    *,
+    n_trials: int = 50,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str = "milcache",
+    metric: str = "auc",
+    pruner: str = "median",
+    jobs: int = 1,
+    resume: bool = False,
+    folds: int = 5,
+    space: PathLike | None = None,
+    set: dict | None = None,  # noqa: A002  (named like the CLI's --set)
+    holdout: float = 0.2,
+    task: str | None = None,
+    classes: Sequence | None = None,
+    seed: int = 0,
+    memory_budget: str | int | None = None,
+    skip_duplicates: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+) -> TuneResult:
+    """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the best into
+    ``out/best``. ``set`` fixes parameters instead of searching them (``{"head": "attention"}``)."""
+    from milcache.tuning.settings import TuneSettings
+    from milcache.tuning.study import tune as run_study
+
+    settings = TuneSettings(
+        n_trials=n_trials,
+        timeout=timeout,
+        storage=storage,
+        study_name=study_name,
+        metric=metric,
+        pruner=pruner,
+        jobs=jobs,
+        resume=resume,
+        folds=folds,
+        seed=seed,
+        holdout=holdout,
+        skip_duplicates=skip_duplicates,
+    )
+    fixed = dict(set or {})
+    if memory_budget is not None:
+        from milcache.aggregator.memory import parse_size
+
+        fixed["memory_budget"] = parse_size(memory_budget)
+    best = run_study(
+        store,
+        labels,
+        out,
+        settings,
+        space,
+        fixed,
+        task,
+        device,
+        progress=progress,
+        classes=list(classes) if classes is not None else None,
+    )
+    return TuneResult(best=best, run_dir=Path(out))
+
+
+def predict(
+    model: PathLike,
+    store: PathLike,
+    out: PathLike | None = None,
+    *,
+    bags: Sequence[str] | PathLike | None = None,
+    top_k: int = 5,
+    heatmaps: PathLike | None = None,
+    geojson: PathLike | None = None,
+    scores: PathLike | None = None,
+    memory_budget: str | int | None = None,
+    device: str = "auto",
+) -> pl.DataFrame:
+    """Predict the bags of ``store`` (or ``bags``: ids, or a table with a bag_id column) with the
+    run ``model``; returns the predictions (and writes them to ``out`` when given)."""
+    from milcache.aggregator.memory import parse_size
+    from milcache.aggregator.predict import predict as run_prediction
+
+    budget = None if memory_budget is None else parse_size(memory_budget)
+    return run_prediction(model, store, out, bag_list(bags), top_k, heatmaps, geojson, device, scores, budget)
+
+
+def bag_list(bags: Sequence[str] | PathLike | None) -> list[str] | None:
+    """Bag ids given as a list, or as a CSV/parquet table's bag_id column."""
+    if bags is None:
+        return None
+    if isinstance(bags, (str, Path)):
+        from milcache.store.tables import read_table
+
+        table = read_table(bags)
+        if "bag_id" not in table.columns:
+            raise OptionError(f"--bags {bags}: no bag_id column (columns: {', '.join(table.columns)})")
+        return table["bag_id"].cast(str).to_list()
+    return [str(b) for b in bags]
