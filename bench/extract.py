@@ -116,14 +116,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--mix",
+        default="big,small",
+        help="Bag-size mixes: big = --slides bags of --size; small = 4× the bags at half the size (many "
+        "small bags: the case where per-bag batching used to leave ragged batches)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}")
-    for kind in args.sources.split(","):
+    for kind, mix in ((k, m) for k in args.sources.split(",") for m in args.mix.split(",")):
         root = Path(tempfile.mkdtemp())
+        bags, size = (args.slides, args.size) if mix == "big" else (4 * args.slides, args.size // 2)
         try:
-            manifest, settings = COHORTS[kind](root, args.slides, args.size)
+            manifest, settings = COHORTS[kind](root, bags, size)
             for backbone in args.backbones.split(","):
                 if kind == "cam":
                     settings["backbone"] = backbone
@@ -152,7 +159,7 @@ def main() -> None:
                 e2e = summary.instances_per_second
                 t = summary.timings
                 print(
-                    f"{kind:>6} {backbone}: {args.slides} bags, {summary.instances} instances  end-to-end "
+                    f"{kind:>6} {mix:>5} {backbone}: {bags} bags, {summary.instances} instances  end-to-end "
                     f"{e2e:8.1f}/s  bare {bare:8.1f}/s  ratio {e2e / bare:.2f}"
                 )
                 print(

@@ -1,7 +1,7 @@
 """milcache: cache backbone embeddings of large medical images once, train MIL heads on them fast.
 
 The Python API mirrors the CLI, one function per command (``milcache.extract``, ``train_head``,
-``tune``, ``predict``, and ``milcache.index.build`` / ``search`` / ``kmeans``), plus the store and the
+``tune``, ``predict``, and ``milcache.index.build`` / ``search`` / ``kmeans`` / ``dedup``), plus the store and the
 head registry (``FeatureStore``, ``create_head``, ``list_heads``, ``register_head``). They load on
 first use, so that ``import milcache`` (and ``milcache --help``) stays instant.
 """

@@ -304,11 +304,12 @@ def index() -> None:
 )
 @click.option("--metric", type=_LazyChoice(_index_metrics), default="cosine", show_default=True)
 @click.option("--bags", "bag_list", type=existing_path, help="Only the bag ids of this table's bag_id column.")
-def index_build(store_dir: Path, kind: str, metric: str, bag_list: Path | None) -> None:
+@click.option("--gpu", is_flag=True, help="Run faiss's training on the GPUs (needs the gpu extra: faiss-gpu).")
+def index_build(store_dir: Path, kind: str, metric: str, bag_list: Path | None, gpu: bool) -> None:
     """Index every instance embedding of STORE (saved in STORE/index, checked against the store)."""
     from milcache import index
 
-    info = index.build(store_dir, kind=kind, metric=metric, bags=bag_list)
+    info = index.build(store_dir, kind=kind, metric=metric, bags=bag_list, gpu=gpu)
     click.echo(
         f"indexed {info.instances} instances of {info.bags} bags ({kind}, {metric}) "
         f"in {info.seconds:.1f}s → {info.path}"
@@ -343,11 +344,12 @@ def index_search(store_dir: Path, **options) -> None:
 @click.option("--k", "k", required=True, type=click.IntRange(min=2), help="Clusters (the most instances a bag keeps).")
 @click.option("--out", required=True, type=output_path, help="The prototype store to write.")
 @click.option("--seed", default=0, show_default=True)
-def index_kmeans(store_dir: Path, k: int, out: Path, seed: int) -> None:
+@click.option("--gpu", is_flag=True, help="Run faiss's training on the GPUs (needs the gpu extra: faiss-gpu).")
+def index_kmeans(store_dir: Path, k: int, out: Path, seed: int, gpu: bool) -> None:
     """faiss k-means over STORE's instances; write a store whose bags are their per-cluster means."""
     from milcache import index
 
-    summary = index.kmeans(store_dir, k=k, out=out, seed=seed)
+    summary = index.kmeans(store_dir, k=k, out=out, seed=seed, gpu=gpu)
     click.echo(f"{summary['bags']} bags of {summary['instances']} instances → ≤ {k} prototypes each in {out}")
 
 

@@ -22,11 +22,13 @@ def build(
     metric: str = "cosine",
     bags: Sequence[str] | PathLike | None = None,
     seed: int = 0,
+    gpu: bool = False,
 ) -> IndexInfo:
-    """Index every instance embedding of ``store`` (or of ``bags``), saved in STORE/index."""
+    """Index every instance embedding of ``store`` (or of ``bags``), saved in STORE/index; ``gpu``
+    trains IVF-PQ's coarse quantizer on the GPUs (faiss-gpu, the ``gpu`` extra)."""
     from milcache.store.instance_index import build_index
 
-    return build_index(store, kind, metric, bag_list(bags), seed)
+    return build_index(store, kind, metric, bag_list(bags), seed, gpu)
 
 
 def search(
@@ -96,12 +98,12 @@ def _contact_sheet(store, table: pl.DataFrame, path: Path, bag, instance, image)
     contact_sheet(np.stack(tiles), titles, path, f"nearest instances of {query}")
 
 
-def kmeans(store: PathLike, *, k: int, out: PathLike, seed: int = 0) -> dict:
+def kmeans(store: PathLike, *, k: int, out: PathLike, seed: int = 0, gpu: bool = False) -> dict:
     """faiss k-means over the instances of ``store``; writes the prototype store ``out`` whose bags
     are their per-cluster means (≤ k instances each)."""
     from milcache.store.instance_index import prototype_store
 
-    return prototype_store(store, k, out, seed)
+    return prototype_store(store, k, out, seed, gpu=gpu)
 
 
 def dedup(

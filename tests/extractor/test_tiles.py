@@ -312,3 +312,41 @@ def test_a_rerun_names_bags_whose_files_changed(tmp_path):
     assert result.exit_code == 0 and "1 already done" in result.output, result.output
     with FeatureStore(tmp_path / "store") as store:
         assert not np.array_equal(store["a"].embeddings, before)
+
+
+def test_batches_span_bags_with_one_shape_and_every_mix_gives_the_same_store(tmp_path, monkeypatch):
+    """Bags of 6, 20 and 12 tiles: batches of 8 hold the instances of several bags, every batch has
+    the same shape (the last one padded), and the store equals one written bag by bag (batch 1) and
+    with another batch size and worker mix, within float tolerance."""
+    from milcache.extractor import loop
+
+    sizes = {"a": (128, 192), "b": (256, 320), "c": (192, 256)}
+    for name, (h, w) in sizes.items():
+        write_pyramid_tiff(tmp_path / f"{name}.tif", tissue_image(h, w, seed=len(name) + h))
+    manifest = _manifest(tmp_path, {name: f"{name}.tif" for name in sizes})
+    shapes = []
+    real_call = loop.Embedder.__call__
+
+    def spy(self, batch):
+        shapes.append(tuple(batch.shape))
+        return real_call(self, batch)
+
+    monkeypatch.setattr(loop.Embedder, "__call__", spy)
+    stores = {}
+    for batch_size, workers in ((8, 0), (1, 0), (5, 2), (64, 2)):
+        out = tmp_path / f"store-{batch_size}-{workers}"
+        config = ExtractConfig(BACKBONE, batch_size=batch_size, workers=workers, dtype="float32")
+        shapes.clear()
+        summary = extract(manifest, out, create_source("tiles", tile_size=64), config, progress=False)
+        total = summary.instances
+        assert summary.bags == 3 and not summary.failures
+        assert len(set(shapes)) == 1 and shapes[0][0] == batch_size  # one shape, the last batch padded
+        assert len(shapes) == -(-total // batch_size)  # no ragged batch per bag: bags share batches
+        with FeatureStore(out) as store:
+            stores[(batch_size, workers)] = {b: (store[b].embeddings.copy(), store[b].coords.copy()) for b in sizes}
+    assert [len(stores[(8, 0)][b][0]) for b in sizes] == [6, 20, 12]
+    reference = stores[(1, 0)]  # bag by bag, one instance at a time
+    for key, found in stores.items():
+        for bag in sizes:
+            assert np.array_equal(found[bag][1], reference[bag][1]), (key, bag)
+            np.testing.assert_allclose(found[bag][0], reference[bag][0], rtol=1e-4, atol=1e-5, err_msg=str(key))

@@ -205,3 +205,17 @@ def test_dedup_errors_are_named(tmp_path):
         writer.put("bag-new", np.ones((3, 32), np.float32), np.zeros((3, 2), np.int32))
     with FeatureStore(store) as fs, pytest.raises(StoreError, match="older than the store"):
         duplicate_instances(fs)
+
+
+def test_gpu_without_faiss_gpu_is_refused_by_name(tmp_path):
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("this machine has faiss-gpu and a GPU: --gpu works here")
+    write_store(tmp_path / "s", random_bags(3, dim=8))
+    for args in (
+        ["build", str(tmp_path / "s"), "--gpu"],
+        ["kmeans", str(tmp_path / "s"), "--k", "2", "--out", "x", "--gpu"],
+    ):
+        result = CliRunner().invoke(cli, ["index", *args])
+        assert result.exit_code == 2 and "--gpu" in result.output and "Traceback" not in result.output

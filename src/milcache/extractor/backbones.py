@@ -35,6 +35,15 @@ class Backbone:
     interpolation: str = "bicubic"
     weights_digest: str = "random-init"
     extra: dict = field(default_factory=dict)
+    _normalisation: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as 1 × C × 1 × 1 tensors on ``device``, built once per device."""
+        if device not in self._normalisation:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(shape)
+            self._normalisation[device] = (mean, torch.tensor(self.std, dtype=torch.float32, device=device).view(shape))
+        return self._normalisation[device]
 
     def preprocessing(self) -> dict:
         """What store.json records, so that the preprocessing can be rebuilt from the store alone."""

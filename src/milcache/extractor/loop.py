@@ -104,6 +104,98 @@ class Embedder:
         return self.source.embed(batch.to(self.device, non_blocking=True), self.forward, self.backbone)
 
 
+@dataclass
+class _PendingBag:
+    plan: BagPlan
+    embeddings: np.ndarray  # (instances × dim) in the stored dtype, filled as batches finish
+    filled: int = 0
+
+
+class _Batches:
+    """Packs pixel chunks of any bags into batches of exactly ``batch_size`` instances (a bag's
+    instances may share a batch with the next bag's; the last batch is padded), so the device always
+    sees one shape: no ragged tail per bag, no cuDNN re-tuning, no recompilation under --compile.
+
+    Host → device copies come from pinned staging buffers; the embeddings go back, in the stored
+    dtype, into pinned host buffers with asynchronous copies that complete while the next batch
+    runs; ``deliver(bag index, positions, rows)`` gets each batch's rows once they are on the host."""
+
+    _IN_FLIGHT = 2  # batches whose results may still be on their way to the host
+
+    def __init__(self, embedder: Embedder, batch_size: int, dtype, deliver, profile: bool = False) -> None:
+        self.embedder, self.batch_size, self.deliver, self.profile = embedder, batch_size, deliver, profile
+        self.device = embedder.device
+        self.dtype = torch.float16 if dtype == np.float16 else torch.float32
+        self.cuda = self.device.type == "cuda"
+        self.staging: list[torch.Tensor] = []  # pinned input buffers, used in turn
+        self.results: list[torch.Tensor] = []  # pinned output buffers (CUDA), one per staging buffer
+        self.turn = 0
+        self.fill = 0
+        self.owners: list[tuple[int, np.ndarray, int]] = []  # (bag index, positions, first row) of the batch
+        self.in_flight: list[tuple[torch.cuda.Event | None, torch.Tensor, list]] = []
+
+    def add(self, index: int, start: int, pixels: torch.Tensor) -> None:
+        """Instances ``start …`` of bag ``index``."""
+        taken = 0
+        while taken < len(pixels):
+            buffer = self._buffer(pixels)
+            count = min(len(pixels) - taken, self.batch_size - self.fill)
+            buffer[self.fill : self.fill + count] = pixels[taken : taken + count]
+            self.owners.append((index, np.arange(start + taken, start + taken + count), self.fill))
+            self.fill += count
+            taken += count
+            if self.fill == self.batch_size:
+                self._run()
+
+    def finish(self) -> None:
+        if self.fill:
+            self.staging[self.turn][self.fill :].zero_()  # padding rows: computed, never delivered
+            self._run()
+        while self.in_flight:
+            self._deliver_oldest()
+
+    def _buffer(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.staging:
+            shape = (self.batch_size, *pixels.shape[1:])
+            self.staging = [
+                torch.empty(shape, dtype=pixels.dtype, pin_memory=self.cuda) for _ in range(self._IN_FLIGHT + 1)
+            ]
+        buffer = self.staging[self.turn]
+        if pixels.shape[1:] != buffer.shape[1:] or pixels.dtype != buffer.dtype:
+            raise ExtractionError(
+                f"the source gave instances of shape {tuple(pixels.shape[1:])} {pixels.dtype} after "
+                f"{tuple(buffer.shape[1:])} {buffer.dtype}: every instance of a store must have one shape"
+            )
+        return buffer
+
+    def _run(self) -> None:
+        if len(self.in_flight) >= self._IN_FLIGHT:  # frees the staging buffer this batch will reuse next
+            self._deliver_oldest()
+        embeddings = self.embedder(self.staging[self.turn]).to(self.dtype)
+        if self.cuda:
+            if not self.results:
+                self.results = [torch.empty(embeddings.shape, dtype=self.dtype, pin_memory=True) for _ in self.staging]
+            host = self.results[self.turn]
+            host.copy_(embeddings, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            if self.profile:
+                done.synchronize()
+        else:
+            host, done = embeddings, None
+        self.in_flight.append((done, host, self.owners))
+        self.owners, self.fill = [], 0
+        self.turn = (self.turn + 1) % len(self.staging)
+
+    def _deliver_oldest(self) -> None:
+        done, host, owners = self.in_flight.pop(0)
+        if done is not None:
+            done.synchronize()
+        rows = host.numpy()
+        for index, positions, first in owners:
+            self.deliver(index, positions, rows[first : first + len(positions)])
+
+
 class _BagStream(IterableDataset):
     """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why)."""
 
@@ -294,7 +386,6 @@ def extract(
         prefetch_factor=4 if config.workers else None,
         persistent_workers=False,
     )
-    pending: dict[int, tuple[BagPlan, torch.Tensor, list[int]]] = {}
     bar = tqdm(
         total=0,
         unit="tile",
@@ -302,6 +393,31 @@ def extract(
         disable=not progress,
         dynamic_ncols=True,
     )
+    pending: dict[int, _PendingBag] = {}
+    store_dtype = np.float16 if config.dtype == "float16" else np.float32
+
+    def finished_rows(index: int, positions: np.ndarray, values: np.ndarray) -> None:
+        """Embeddings of some instances of bag ``index`` are on the host: keep them; store a full bag."""
+        entry = pending.get(index)
+        if entry is None:  # the bag failed after some of its instances were batched
+            return
+        entry.embeddings[positions] = values
+        entry.filled += len(positions)
+        bar.update(len(positions))
+        if entry.filled == len(entry.plan):
+            del pending[index]
+            bag, plan = bags[index], entry.plan
+            meta = {**plan.meta, "files": file_identities(bag)}
+            writer.submit(
+                lambda b=bag.bag_id, p=plan, e=entry.embeddings, m=meta: writer.writer.put(
+                    b, e, p.coords, p.attrs, p.extras, m
+                )
+            )
+            summary.bags += 1
+            summary.instances += len(plan)
+            bar.set_postfix(bags=f"{summary.bags + summary.skipped}/{len(mine)}", refresh=False)
+
+    batches = _Batches(embedder, config.batch_size, store_dtype, finished_rows, profile=config.profile)
     wait = compute = 0.0
     try:
         mark = time.perf_counter()
@@ -310,41 +426,30 @@ def extract(
             wait += now - mark
             kind, index = item[0], item[1]
             bag = bags[index]
+            if kind == "plan" and len(item[2]) == 0:
+                kind, item = "fail", ("fail", index, "the source found no instances in this bag")
             if kind == "fail":
                 pending.pop(index, None)
                 summary.failures[bag.bag_id] = item[2]
                 writer.submit(lambda b=bag.bag_id, why=item[2]: writer.writer.fail(b, why))
             elif kind == "plan":
                 plan = item[2]
-                pending[index] = (plan, torch.empty((len(plan), backbone.dim), device=device), [0])
+                pending[index] = _PendingBag(plan, np.empty((len(plan), backbone.dim), store_dtype))
                 bar.total += len(plan)
                 bar.refresh()
             else:
-                plan, embeddings, filled = pending[index]
-                batch = embedder(item[3])
-                embeddings[item[2] : item[2] + len(batch)] = batch
-                if config.profile and device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                filled[0] += len(batch)
-                bar.update(len(batch))
-                if filled[0] == len(plan):
-                    del pending[index]
-                    result = embeddings.cpu().numpy()
-                    meta = {**plan.meta, "files": file_identities(bag)}
-                    writer.submit(
-                        lambda b=bag.bag_id, p=plan, e=result, m=meta: writer.writer.put(
-                            b, e, p.coords, p.attrs, p.extras, m
-                        )
-                    )
-                    summary.bags += 1
-                    summary.instances += len(plan)
-                    bar.set_postfix(bags=f"{summary.bags + summary.skipped}/{len(mine)}", refresh=False)
+                batches.add(index, item[2], item[3])
             mark = time.perf_counter()
             compute += mark - now
+        batches.finish()
+        compute += time.perf_counter() - mark
     finally:
         bar.close()
         writer.finish()
         writer.writer.close()
+    unfinished = [bags[i].bag_id for i in pending]
+    if unfinished:  # a bug, not a user's mistake: say so rather than return a short store
+        raise ExtractionError(f"internal error: bag(s) {', '.join(unfinished[:5])} were planned but not finished")
     summary.seconds = time.perf_counter() - start_time
     summary.timings = {"waiting_for_pixels": wait, "model_and_transfer": compute, "store_writes": writer.busy}
     return summary

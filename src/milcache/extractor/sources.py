@@ -86,8 +86,7 @@ def normalise_images(pixels: torch.Tensor, backbone) -> torch.Tensor:
     if tuple(x.shape[-2:]) != tuple(backbone.input_size):
         mode = "bicubic" if backbone.interpolation == "bicubic" else "bilinear"
         x = F.interpolate(x, size=backbone.input_size, mode=mode, antialias=True, align_corners=False)
-    mean = torch.tensor(backbone.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(backbone.std, device=x.device).view(1, -1, 1, 1)
+    mean, std = backbone.normalisation(x.device)
     return x.sub_(mean).div_(std)
 
 

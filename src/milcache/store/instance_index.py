@@ -70,8 +70,25 @@ def _vectors(store: FeatureStore, bag_ids: list[str], metric: str) -> tuple[np.n
     return x, bag_of_row, np.asarray(instance_of_row, np.int32)
 
 
-def _ivf_pq(x: np.ndarray, metric: str, seed: int):
-    """IVF with ~4·√N lists and product-quantised codes (4 dims a byte), trained on a sample."""
+def gpu_faiss(gpu: bool) -> bool:
+    """Whether to use faiss's GPU code (--gpu), refusing clearly when this faiss or machine has none."""
+    if not gpu:
+        return False
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise OptionError(
+            "--gpu needs faiss built with CUDA: pip install 'milcache[gpu]' (faiss-gpu, in place of faiss-cpu)"
+        )
+    if faiss.get_num_gpus() == 0:
+        raise OptionError("--gpu: faiss sees no CUDA device on this machine")
+    return True
+
+
+def _ivf_pq(x: np.ndarray, metric: str, seed: int, gpu: bool = False):
+    """IVF with ~4·√N lists and product-quantised codes (4 dims a byte), trained on a sample; with
+    ``gpu`` the coarse quantizer's k-means (most of the training time) runs on the GPUs, and the
+    index itself stays a CPU index (saved and searched anywhere)."""
     import faiss
 
     n, dim = x.shape
@@ -79,6 +96,8 @@ def _ivf_pq(x: np.ndarray, metric: str, seed: int):
     m = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     index = faiss.index_factory(dim, f"IVF{lists},PQ{m}", faiss_metric)
+    if gpu:
+        faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
     rng = np.random.default_rng(seed)
     sample = x[rng.choice(n, size=min(n, max(_TRAIN_PER_LIST * lists, 256 * 39)), replace=False)]
     index.train(sample)
@@ -92,6 +111,7 @@ def build_index(
     metric: str = "cosine",
     bags: list[str] | None = None,
     seed: int = 0,
+    gpu: bool = False,
 ) -> IndexInfo:
     """Index every instance of the store (or of ``bags``) and save it beside the store."""
     import time
@@ -100,6 +120,7 @@ def build_index(
 
     checks.one_of("--kind", kind, KINDS)
     checks.one_of("--metric", metric, METRICS)
+    gpu = gpu_faiss(gpu)
     start = time.perf_counter()
     store_dir = Path(store_dir)
     folder = checks.output_dir(store_dir / INDEX_DIR)
@@ -120,7 +141,7 @@ def build_index(
                 f"--kind ivf-pq needs at least {256 * 39} instances to train its codes; {store_dir} has "
                 f"{len(x)}: use --kind flat (exact, and fast at this size)"
             )
-        index = _ivf_pq(x, metric, seed)
+        index = _ivf_pq(x, metric, seed, gpu)
     index.add(x)
     folder.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(folder / "instances.faiss"))
@@ -241,19 +262,22 @@ class InstanceIndex:
         )
 
 
-def prototype_store(store_dir: str | Path, k: int, out: str | Path, seed: int = 0, niter: int = 20) -> dict:
+def prototype_store(
+    store_dir: str | Path, k: int, out: str | Path, seed: int = 0, niter: int = 20, gpu: bool = False
+) -> dict:
     """faiss k-means over every instance; each bag becomes its per-cluster means (≤ k instances) in a
     new store, with the cluster id and the member count of each prototype as attributes."""
     import faiss
 
     checks.at_least("--k", k, 2)
+    gpu = gpu_faiss(gpu)
     out = checks.output_dir(out)
     with FeatureStore(store_dir) as store:
         bag_ids = store.bag_ids()
         x, bag_of_row, _ = _vectors(store, bag_ids, "l2")
         if k > len(x):
             raise OptionError(f"--k {k} is more than the {len(x)} instances of {store_dir}")
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False)
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, gpu=gpu)
         kmeans.train(x)
         _, assignment = kmeans.index.search(x, 1)
         assignment = assignment[:, 0]
