@@ -1,9 +1,10 @@
 """milcache: cache backbone embeddings of large medical images once, train MIL heads on them fast.
 
 The Python API mirrors the CLI, one function per command (``milcache.extract``, ``train_head``,
-``tune``, ``predict``, and ``milcache.index.build`` / ``search`` / ``kmeans`` / ``dedup``), plus the store and the
-head registry (``FeatureStore``, ``create_head``, ``list_heads``, ``register_head``). They load on
-first use, so that ``import milcache`` (and ``milcache --help``) stays instant.
+``tune``, ``predict``, ``fine_tune``, and ``milcache.index.build`` / ``search`` / ``kmeans`` /
+``dedup``), plus the store and the head registry (``FeatureStore``, ``create_head``,
+``list_heads``, ``register_head``). They load on first use, so that ``import milcache`` (and
+``milcache --help``) stays instant.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _LAZY = {
     "train_head": "milcache.api",
     "tune": "milcache.api",
     "predict": "milcache.api",
+    "fine_tune": "milcache.api",
     "TrainResult": "milcache.api",
     "TuneResult": "milcache.api",
     "index": None,  # the module milcache.index itself

@@ -302,3 +302,34 @@ def bag_list(bags: Sequence[str] | PathLike | None) -> list[str] | None:
             raise OptionError(f"--bags {bags}: no bag_id column (columns: {', '.join(table.columns)})")
         return table["bag_id"].cast(str).to_list()
     return [str(b) for b in bags]
+
+
+def fine_tune(
+    model: PathLike,
+    manifest: PathLike,
+    out: PathLike,
+    *,
+    store: PathLike | None = None,
+    labels: PathLike | None = None,
+    weights: PathLike | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+    **settings,
+):
+    """Fine-tune the store's backbone and the head of the run ``model`` end to end on the images of
+    ``manifest``; ``settings`` are FineTuneSettings' fields (``epochs``, ``instances``, ``freeze``,
+    ``lr``, ``backbone_lr``, ``accumulate``, ``pool_maps``, ``checkpointing`` …). Writes
+    ``out/backbone.safetensors`` and a run directory that ``predict`` accepts with a store
+    re-extracted by that backbone (``extract(..., weights=out/"backbone.safetensors")``)."""
+    from dataclasses import fields
+
+    from milcache.finetune import FineTuneSettings
+    from milcache.finetune import fine_tune as run_fine_tune
+
+    known = {f.name for f in fields(FineTuneSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise OptionError(f"unknown fine-tune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen = FineTuneSettings(**{k: v for k, v in settings.items() if v is not None})
+    return run_fine_tune(model, manifest, out, chosen, store, labels, weights, device, resume, progress)

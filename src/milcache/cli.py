@@ -731,6 +731,58 @@ def extract_command(manifest, source_kind, out, compile_model, **options) -> Non
         sys.exit(1)
 
 
+@cli.command("fine-tune")
+@click.option("--model", "model_dir", required=True, type=existing_path, help="Run directory of train-head or tune.")
+@click.option("--manifest", required=True, type=existing_path, help="The images (the manifest extract read).")
+@click.option("--out", required=True, type=output_path, help="Run directory to write (with backbone.safetensors).")
+@click.option("--store", "store_dir", type=existing_path, help="The store the run was trained on [from the run].")
+@click.option("--labels", type=existing_path, help="Labels [the run's].")
+@click.option("--weights", type=existing_path, help="The weights file the store was extracted with.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Most epochs [10].")
+@click.option("--instances", type=click.IntRange(min=1), help="Instances sampled per bag per step [16].")
+@click.option("--freeze", help="none, all, or N: the backbone's first N stages (timm feature_info) [none].")
+@click.option("--lr", type=float, help="The head's learning rate [1e-4].")
+@click.option("--backbone-lr", type=float, help="The backbone's learning rate [1e-5].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-4].")
+@click.option("--accumulate", type=click.IntRange(min=1), help="Bags per optimizer step [4].")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.5), help="Bags held out for early stopping [0.2].")
+@click.option("--patience", type=click.IntRange(min=1), help="Early-stopping patience in epochs [3].")
+@click.option(
+    "--pool-maps",
+    type=click.Choice(["mean", "max", "lse"]),
+    help="Pool the instances' last feature maps across the bag before global pooling (2D sources).",
+)
+@click.option("--checkpointing", is_flag=True, default=None, help="Gradient checkpointing in the backbone.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), help=PRECISION_HELP)
+@click.option("--workers", type=click.IntRange(min=0), help="Image-reading processes [2].")
+@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last finished epoch.")
+@device_option
+def fine_tune_command(model_dir, manifest, out, store_dir, labels, weights, resume, device, **settings) -> None:
+    """Train the backbone and a trained head together on the original images (each step re-reads
+    K sampled instances of a bag through the coordinates kept in the store)."""
+    from milcache.api import fine_tune
+
+    result = fine_tune(
+        model_dir,
+        manifest,
+        out,
+        store=store_dir,
+        labels=labels,
+        weights=weights,
+        resume=resume,
+        device=device,
+        progress=sys.stderr.isatty(),
+        **settings,
+    )
+    for row in result.history:
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
+        click.echo(f"  epoch {row['epoch'] + 1}: train loss {row['train_loss']:.4f}, val loss {val}")
+    click.echo(f"best epoch {result.best_epoch + 1}; {len(result.frozen)} backbone tensors frozen")
+    click.echo(f"backbone → {result.backbone} (re-extract with: milcache extract ... --weights {result.backbone})")
+    click.echo(f"head → {result.run_dir} (predict on a store re-extracted with that backbone)")
+
+
 @cli.command("demo")
 @click.option(
     "--out", type=output_path, default=Path("milcache-demo"), show_default=True, help="Folder for everything."

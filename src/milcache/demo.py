@@ -256,6 +256,8 @@ def _attention_on_nines(root: Path, labels: pl.DataFrame) -> dict:
     scores = pl.read_parquet(root / "heldout_scores.parquet")
     tiles = pl.read_parquet(root / "tiles.parquet")
     positive = labels.filter(pl.col("label") == 1)["bag_id"].to_list()
+    same = [pl.col("x").cast(pl.Int64), pl.col("y").cast(pl.Int64)]  # older polars joins only equal dtypes
+    scores, tiles = scores.with_columns(same), tiles.with_columns(same)
     joined = scores.filter(pl.col("bag_id").is_in(positive)).join(tiles, on=["bag_id", "x", "y"], how="left")
     nine = joined["digit"] == 9
     return {"nines": float(joined.filter(nine)["score"].mean()), "others": float(joined.filter(~nine)["score"].mean())}

@@ -35,17 +35,28 @@ def source_of(store: FeatureStore) -> Source:
     return create_source(kind, **{k: v for k, v in settings.items() if k in taken})
 
 
-def reread(store: FeatureStore, source: Source, bag_id: str, instances: np.ndarray) -> np.ndarray:
-    """Pixels of instances ``instances`` of ``bag_id``, read again from the bag's images."""
+def reread(
+    store: FeatureStore, source: Source, bag_id: str, instances: np.ndarray, spec: BagSpec | None = None
+) -> np.ndarray:
+    """Pixels of instances ``instances`` of ``bag_id``, read again from the bag's images: those the
+    store recorded, or those of ``spec`` (a manifest's row: the images may have moved since)."""
     bag = store.get(bag_id)
-    files = (bag.meta or {}).get("files")
-    if not files:
-        raise ExtractionError(f"bag {bag_id!r} of {store.path} does not record its image files (an older store)")
-    missing = [f["path"] for f in files if not Path(f["path"]).exists()]
+    meta = dict(bag.meta or {})
+    if spec is None:
+        files = meta.get("files")
+        if not files:
+            raise ExtractionError(f"bag {bag_id!r} of {store.path} does not record its image files (an older store)")
+        spec = BagSpec(bag_id, [Path(f["path"]) for f in files])
+    missing = [str(p) for p in spec.paths if not Path(p).exists()]
     if missing:
         raise ExtractionError(f"bag {bag_id!r}: its image file(s) moved or were deleted: {', '.join(missing)}")
-    spec = BagSpec(bag_id, [Path(f["path"]) for f in files])
-    plan = BagPlan(coords=bag.coords, attrs=dict(bag.attrs), meta=bag.meta)
+    images = meta.get("images")
+    if isinstance(images, list) and len(images) == len(spec.paths):  # the plan reads these paths
+        meta["images"] = [
+            {**image, "path": str(path)} if isinstance(image, dict) else str(path)
+            for image, path in zip(images, spec.paths, strict=True)
+        ]
+    plan = BagPlan(coords=bag.coords, attrs=dict(bag.attrs), meta=meta)
     return source.read(spec, plan, np.asarray(instances, dtype=np.int64))
 
 

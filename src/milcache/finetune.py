@@ -1,0 +1,421 @@
+"""`milcache fine-tune`: the backbone and a trained head, end to end on the original pixels.
+
+The head comes from a train-head (or tune) run, the backbone from the store's metadata with the
+weights it was extracted with. Each step samples K instances of a bag and reads only those again
+from the bag's images, through the coordinates and plan the store keeps and the very source that
+extracted them (``extractor.reread``): nothing is tiled twice. Everything that decides a step is
+seeded per epoch, so a run killed and resumed from its last epoch's checkpoint ends where an
+uninterrupted run ends.
+
+Writes OUT/backbone.safetensors (for ``milcache extract --weights``), and OUT as a run directory
+(config.json + model.safetensors) that ``predict`` accepts with a store re-extracted by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from milcache import checks
+from milcache.errors import MilcacheError, OptionError
+
+POOL_MAPS = ("mean", "max", "lse")
+BACKBONE_FILE = "backbone.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+_STATISTICS_MOMENTUM = 0.05
+_CLIP_NORM = 1.0  # one bag's gradient may be large: clipping keeps a step from undoing the backbone
+
+
+@dataclass
+class FineTuneSettings:
+    epochs: int = 10
+    instances: int = 16  # sampled per bag per step, re-read from the images
+    freeze: str = "none"  # none, all, or N: the first N stages of timm's feature_info
+    lr: float = 1e-4  # the head's learning rate
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    accumulate: int = 4  # bags per optimizer step (gradients accumulated over them)
+    val_fraction: float = 0.2  # of the bags, grouped like train-head's, for early stopping
+    patience: int = 3
+    pool_maps: str | None = None  # mean / max / lse: pool the instances' feature maps across the bag
+    checkpointing: bool = False  # gradient checkpointing in the backbone (timm's set_grad_checkpointing)
+    precision: str = "auto"  # devices.autocast: bf16 on CUDA
+    workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks.at_least("--epochs", self.epochs, 1)
+        checks.at_least("--instances", self.instances, 1)
+        checks.above("--lr", self.lr, 0)
+        checks.at_least("--backbone-lr", self.backbone_lr, 0)
+        checks.at_least("--weight-decay", self.weight_decay, 0)
+        checks.at_least("--accumulate", self.accumulate, 1)
+        checks.within("--val-fraction", self.val_fraction, 0.0, 0.5)
+        checks.at_least("--patience", self.patience, 1)
+        checks.one_of("--pool-maps", self.pool_maps, (None, *POOL_MAPS))
+        checks.one_of("--precision", self.precision, ("auto", "bf16", "fp32"))
+        checks.at_least("--workers", self.workers, 0)
+        if self.freeze not in ("none", "all") and not str(self.freeze).isdigit():
+            raise OptionError(f"--freeze takes none, all or a number of stages, got {self.freeze!r}")
+
+
+@dataclass
+class FineTuneResult:
+    run_dir: Path
+    backbone: Path
+    best_epoch: int
+    history: list[dict]  # per epoch: train_loss, val_loss
+    frozen: list[str]  # the backbone parameters left unchanged
+
+
+class _Sampled(torch.utils.data.Dataset):
+    """Bag i → (i, pixels of its sampled instances), read again through the store's source."""
+
+    def __init__(self, store_dir: Path, specs: list, picks: list[np.ndarray]) -> None:
+        self.store_dir, self.specs, self.picks = store_dir, specs, picks
+        self._store = self._source = None
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int):
+        from milcache.extractor.reread import reread, source_of
+        from milcache.store import FeatureStore
+
+        if self._store is None:  # opened in the process that reads (a data-loader worker)
+            self._store = FeatureStore(self.store_dir)
+            self._source = source_of(self._store)
+        return i, torch.from_numpy(
+            reread(self._store, self._source, self.specs[i].bag_id, self.picks[i], self.specs[i])
+        )
+
+
+def fine_tune(
+    run: str | Path,
+    manifest: str | Path,
+    out: str | Path,
+    settings: FineTuneSettings,
+    store: str | Path | None = None,
+    labels: str | Path | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = False,
+) -> FineTuneResult:
+    """Fine-tune the backbone of ``store`` with the head of ``run`` on the images of ``manifest``."""
+    from milcache.aggregator.model import load_model, save_model
+    from milcache.devices import resolve_device
+    from milcache.extractor.backbones import file_digest
+    from milcache.extractor.reread import source_of, store_backbone
+    from milcache.store import FeatureStore, read_manifest
+
+    run = Path(run)
+    out = checks.output_dir(out)
+    torch_device = resolve_device(device)
+    model, config, task = load_model(run, "cpu")
+    store, labels = _inputs_of(run, store, labels)
+    with FeatureStore(store) as fs:
+        backbone = store_backbone(fs, weights)
+        metadata = fs.metadata
+        in_store = set(fs.bag_ids())
+        source = source_of(fs)
+    if backbone.dim != config["dim"]:
+        raise MilcacheError(f"dim: the head of {run} takes {config['dim']}, the store's backbone gives {backbone.dim}")
+    if settings.pool_maps and metadata.source.get("kind") == "volume":
+        raise OptionError("--pool-maps pools 2D feature maps: it does not apply to --source volume")
+    specs, y, groups = _labelled_bags(read_manifest(manifest).bags(), labels, in_store, task)
+    train, val = _split(y, groups, task, settings)
+    frozen = freeze(backbone.model, settings.freeze)
+    if settings.checkpointing:
+        backbone.model.set_grad_checkpointing(True)
+    net = _EndToEnd(backbone, model, source, settings.pool_maps).to(torch_device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in backbone.model.parameters() if p.requires_grad], "lr": settings.backbone_lr},
+            {"params": list(model.parameters()), "lr": settings.lr},
+        ],
+        weight_decay=settings.weight_decay,
+    )
+    state = _Checkpoint(out / CHECKPOINT_DIR)
+    start_epoch, history, best = 0, [], {"epoch": -1, "loss": math.inf}
+    if resume:
+        start_epoch, history, best = state.load(net, optimizer)
+    elif state.exists():
+        raise MilcacheError(
+            f"{out} holds a checkpoint of an earlier run: use --resume to continue it, or another --out"
+        )
+    targets = torch.as_tensor(y)
+    base_rates = [settings.backbone_lr, settings.lr]  # the optimizer's groups, in order
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        for group, rate in zip(optimizer.param_groups, base_rates, strict=True):  # cosine decay, by epoch
+            group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
+        run_epoch = _EpochRunner(net, store, specs, targets, settings, epoch, torch_device)
+        train_loss = run_epoch(train, optimizer, progress)
+        val_loss = run_epoch(val, None, False) if len(val) else None
+        monitored = val_loss if val_loss is not None else train_loss
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
+        if monitored < best["loss"]:
+            best = {"epoch": epoch, "loss": monitored}
+            state.save_best(net)
+        state.save(net, optimizer, epoch, history, best)
+        if epoch - best["epoch"] >= settings.patience:
+            break
+    state.restore_best(net)
+    net = net.cpu()
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in backbone.model.state_dict().items()}, out / BACKBONE_FILE)
+    identity = {
+        "backbone": metadata.backbone,
+        "dim": metadata.dim,
+        "weights_digest": file_digest(out / BACKBONE_FILE),
+        "preprocessing": metadata.preprocessing,
+    }
+    fine = {"from_run": str(run), "store": str(store), **asdict(settings), "best_epoch": best["epoch"]}
+    save_model(model.eval(), out, {**config, "store": identity, "fine_tune": fine})
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    return FineTuneResult(out, out / BACKBONE_FILE, best["epoch"], history, frozen)
+
+
+def _inputs_of(run: Path, store, labels) -> tuple[Path, Path]:
+    """The store and labels the run was trained on, unless given."""
+    trained = json.loads((run / "settings.json").read_text()) if (run / "settings.json").is_file() else {}
+    store = store or trained.get("store")
+    labels = labels or trained.get("labels")
+    if store is None or labels is None:
+        raise OptionError(f"{run} does not record its store and labels: give --store and --labels")
+    for path, option in ((store, "--store"), (labels, "--labels")):
+        if not Path(path).exists():
+            raise OptionError(f"{option} {path}: no such file or folder")
+    return Path(store), Path(labels)
+
+
+def _labelled_bags(specs: list, labels: Path, in_store: set, task) -> tuple[list, np.ndarray, np.ndarray]:
+    from milcache.store import read_labels
+
+    table = read_labels(labels)
+    label_of = dict(zip(table["bag_id"].to_list(), table["label"].to_list(), strict=True))
+    group_of = (
+        dict(zip(table["bag_id"].to_list(), table["group"].to_list(), strict=True)) if "group" in table.columns else {}
+    )
+    chosen = [s for s in specs if s.bag_id in label_of and s.bag_id in in_store]
+    if len(chosen) < 4:
+        raise MilcacheError(
+            f"only {len(chosen)} bag(s) are in the manifest, the labels and the store at once; "
+            "fine-tuning needs 4 at least"
+        )
+    y = task.encode([label_of[s.bag_id] for s in chosen])
+    groups = np.asarray([group_of.get(s.bag_id, s.bag_id) for s in chosen], dtype=object)
+    return chosen, np.asarray(y), groups
+
+
+def _split(y: np.ndarray, groups: np.ndarray, task, settings: FineTuneSettings) -> tuple[np.ndarray, np.ndarray]:
+    from milcache.aggregator.splits import validation_split
+
+    everything = np.arange(len(y))
+    return validation_split(y, groups, everything, settings.val_fraction, task.kind != "regression", settings.seed)
+
+
+def freeze(model: nn.Module, how: str) -> list[str]:
+    """Freeze none, all, or the first N stages of ``model`` (timm's ``feature_info``: every parameter
+    up to the end of stage N, stem included); returns the frozen parameters' names."""
+    names = [n for n, _ in model.named_parameters()]
+    if how == "none":
+        cut = 0
+    elif how == "all":
+        cut = len(names)
+    else:
+        stages = [info["module"] for info in getattr(model, "feature_info", [])]
+        wanted = int(how)
+        if not 1 <= wanted <= len(stages):
+            raise OptionError(f"--freeze {how}: this backbone has stages 1..{len(stages)} ({', '.join(stages)})")
+        inside = [i for i, n in enumerate(names) if n.startswith(stages[wanted - 1] + ".")]
+        later = [i for i, n in enumerate(names) if wanted < len(stages) and n.startswith(stages[wanted] + ".")]
+        cut = later[0] if later else (inside[-1] + 1 if inside else 0)
+    frozen = names[:cut]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in set(frozen))
+    return frozen
+
+
+class _EndToEnd(nn.Module):
+    """Pixels of one bag's sampled instances → the head's output: the backbone embeds each instance
+    (or, with ``pool_maps``, the instances' feature maps are pooled across the bag first)."""
+
+    def __init__(self, backbone, model, source, pool_maps: str | None) -> None:
+        super().__init__()
+        self.backbone, self.model, self.source, self.pool_maps = backbone, model, source, pool_maps
+        self.net = backbone.model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.net.modules():  # batch statistics of a few instances would be noise
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor):
+        if self.pool_maps is None:
+            embeddings = self.source.embed(pixels, self.net, self.backbone)
+        else:
+            from milcache.extractor.sources import normalise_images
+
+            maps = self.net.forward_features(normalise_images(pixels, self.backbone))
+            if self.pool_maps == "mean":
+                pooled = maps.mean(0, keepdim=True)
+            elif self.pool_maps == "max":
+                pooled = maps.amax(0, keepdim=True)
+            else:
+                pooled = torch.logsumexp(maps, 0, keepdim=True) - math.log(len(maps))
+            embeddings = self.net.forward_head(pooled)
+        x = embeddings.float().unsqueeze(0)
+        if self.training:
+            self._track_statistics(x[0].detach())
+        return self.model(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
+    @torch.no_grad()
+    def _track_statistics(self, embeddings: torch.Tensor) -> None:
+        """The head standardises embeddings with the training split's statistics; as the backbone
+        moves, they follow (an exponential average, as batch norm keeps its running statistics),
+        so a feature that was nearly constant cannot blow the head's input up."""
+        momentum = _STATISTICS_MOMENTUM
+        mean, std = self.model.mean, self.model.std
+        mean.lerp_(embeddings.mean(0), momentum)
+        spread = (embeddings - mean).pow(2).mean(0).sqrt()
+        std.lerp_(torch.maximum(spread, std.median() * 1e-2), momentum)
+
+
+def _picks(specs: list, sizes: dict, indices: np.ndarray, k: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """K instances of each bag, drawn for this epoch (the same draw in a resumed run)."""
+    rng = np.random.default_rng([seed, epoch])
+    picks = [np.empty(0, np.int64)] * len(specs)
+    for i in indices:
+        n = sizes[specs[i].bag_id]
+        picks[i] = np.sort(rng.choice(n, size=min(k, n), replace=False))
+    return picks
+
+
+@dataclass
+class _EpochRunner:
+    net: nn.Module
+    store: Path
+    specs: list
+    targets: torch.Tensor
+    settings: FineTuneSettings
+    epoch: int
+    device: torch.device
+
+    def __call__(self, indices: np.ndarray, optimizer, progress: bool) -> float:
+        return _epoch(self, indices, optimizer, progress)
+
+
+def _epoch(run: _EpochRunner, indices: np.ndarray, optimizer, progress: bool) -> float:
+    """One pass over ``indices`` (training when an optimizer is given); the mean loss per bag."""
+    from tqdm import tqdm
+
+    from milcache.devices import autocast
+    from milcache.store import FeatureStore
+
+    net, store, specs, targets, settings, epoch, device = (
+        run.net,
+        run.store,
+        run.specs,
+        run.targets,
+        run.settings,
+        run.epoch,
+        run.device,
+    )
+    with FeatureStore(store) as fs:
+        sizes = fs.sizes()
+    picks = _picks(specs, sizes, indices, settings.instances, settings.seed + (0 if optimizer else 7919), epoch)
+    order = np.random.default_rng([settings.seed, epoch, 1]).permutation(indices) if optimizer else indices
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(_Sampled(Path(store), specs, picks), order.tolist()),
+        batch_size=None,
+        num_workers=settings.workers,
+        worker_init_fn=_worker_init if settings.workers else None,
+    )
+    torch.manual_seed(settings.seed * 1000 + epoch)  # dropout: the same in a resumed run
+    net.train(optimizer is not None)
+    total, steps = 0.0, 0
+    context = torch.enable_grad() if optimizer else torch.no_grad()
+    bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}", unit="bag", disable=not progress)
+    with context:
+        for i, pixels in loader:
+            with autocast(device, settings.precision):
+                out = net(pixels.to(device))
+            loss = net.model.loss(out, targets[i : i + 1].to(device))
+            total += float(loss.detach())
+            steps += 1
+            if optimizer is not None:
+                (loss / settings.accumulate).backward()
+                if steps % settings.accumulate == 0 or steps == len(order):
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), _CLIP_NORM)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            bar.update()
+    bar.close()
+    return total / max(steps, 1)
+
+
+def _worker_init(_worker_id: int) -> None:
+    from milcache.extractor.loop import _worker_init as extraction_worker_init
+
+    extraction_worker_init(_worker_id)
+
+
+class _Checkpoint:
+    """The last finished epoch (weights, optimizer, history) and the best weights so far, written
+    atomically (a kill during the write leaves the previous checkpoint)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def exists(self) -> bool:
+        return (self.folder / "state.json").is_file()
+
+    def save(self, net, optimizer, epoch: int, history: list, best: dict) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file(_tensors(net), self.folder / "last.safetensors.tmp")
+        torch.save(optimizer.state_dict(), self.folder / "optimizer.pt.tmp")
+        (self.folder / "state.json.tmp").write_text(json.dumps({"epoch": epoch, "history": history, "best": best}))
+        for name in ("last.safetensors", "optimizer.pt", "state.json"):  # state.json last: it marks a whole set
+            (self.folder / f"{name}.tmp").replace(self.folder / name)
+
+    def save_best(self, net) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file(_tensors(net), self.folder / "best.safetensors.tmp")
+        (self.folder / "best.safetensors.tmp").replace(self.folder / "best.safetensors")
+
+    def load(self, net, optimizer) -> tuple[int, list, dict]:
+        from safetensors.torch import load_file
+
+        if not self.exists():
+            raise MilcacheError(f"--resume: no checkpoint in {self.folder}")
+        state = json.loads((self.folder / "state.json").read_text())
+        net.load_state_dict(load_file(self.folder / "last.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        return state["epoch"] + 1, state["history"], state["best"]
+
+    def restore_best(self, net) -> None:
+        from safetensors.torch import load_file
+
+        if (self.folder / "best.safetensors").is_file():
+            net.load_state_dict(load_file(self.folder / "best.safetensors"), strict=True)
+
+
+def _tensors(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
