@@ -164,3 +164,58 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(cohort, tmp_p
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _cam_cohort(root: Path) -> dict:
+    from PIL import Image
+
+    rows = []
+    for b in range(4):
+        for view in ("cc", "mlo"):
+            image = np.zeros((256, 192), np.uint16)
+            image[20:230, 10:150] = 20_000 + np.random.default_rng(b).integers(0, 5000 + 3000 * (b % 2), (210, 140))
+            Image.fromarray(image).save(root / f"{b}-{view}.png")
+            rows.append((f"breast-{b}", f"{b}-{view}.png", b % 2))
+    pl.DataFrame(rows, schema=["bag_id", "path", "label"], orient="row").write_csv(root / "m.csv")
+    return {"source": "cam", "global_size": 64, "region_size": 64, "regions": 2, "input_size": 64}
+
+
+def _volume_cohort(root: Path) -> dict:
+    import nibabel as nib
+
+    rows = []
+    for b in range(4):
+        volume = np.zeros((16, 48, 48), np.float32)
+        volume[2:14, 4:44, 4:44] = 100 + (10 + 20 * (b % 2)) * np.random.default_rng(b).random((12, 40, 40))
+        nib.save(nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), np.eye(4)), str(root / f"v{b}.nii.gz"))
+        rows.append((f"case-{b}", f"v{b}.nii.gz", b % 2))
+    pl.DataFrame(rows, schema=["bag_id", "path", "label"], orient="row").write_csv(root / "m.csv")
+    return {"source": "volume", "patch_size": (4, 24, 24), "min_foreground": 0.2, "input_size": 32}
+
+
+@pytest.mark.parametrize("make", [_cam_cohort, _volume_cohort], ids=["cam", "volume"])
+def test_fine_tune_works_for_cam_regions_and_volume_patches(tmp_path, make):
+    options = make(tmp_path)
+    milcache.extract(tmp_path / "m.csv", tmp_path / "store", backbone="test_resnet", workers=0, device="cpu", **options)
+    milcache.train_head(tmp_path / "store", tmp_path / "m.csv", tmp_path / "run", head="mean", folds=2, epochs=2)
+    result = milcache.fine_tune(
+        tmp_path / "run",
+        tmp_path / "m.csv",
+        tmp_path / "tuned",
+        epochs=1,
+        instances=3,
+        backbone_lr=1e-3,
+        val_fraction=0.0,
+        workers=0,
+        device="cpu",
+    )
+    before = {k: v.numpy() for k, v in _random_init_state().items()}
+    after = load_file(result.backbone)
+    assert any(not np.array_equal(before[k], after[k].numpy()) for k in after if k.endswith("weight"))
+    assert (result.run_dir / "model.safetensors").is_file() and len(result.history) == 1
+
+
+def _random_init_state():
+    from milcache.extractor.backbones import create_backbone
+
+    return create_backbone("test_resnet").model.state_dict()

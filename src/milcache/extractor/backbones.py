@@ -152,7 +152,14 @@ def timm_backbone(name: str, weights=None, pretrained=False, in_chans: int = 3, 
         std=tuple(overrides.get("std") or config["std"]),
         interpolation=overrides.get("interpolation") or config.get("interpolation", "bicubic"),
         weights_digest=digest,
+        extra=_channels(in_chans),
     )
+
+
+def _channels(in_chans: int) -> dict:
+    """Input channels other than RGB (volumes' modalities), recorded so the backbone can be rebuilt
+    from the store alone (fine-tuning, embedding a query image)."""
+    return {} if in_chans == 3 else {"in_chans": in_chans}
 
 
 _VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18")
@@ -190,5 +197,5 @@ def torchvision_video_backbone(name: str, weights=None, pretrained=False, in_cha
         mean=(0.0,) * in_chans,
         std=(1.0,) * in_chans,
         weights_digest=digest,
-        extra={"kind": "video"},
+        extra={"kind": "video", **_channels(in_chans)},
     )
