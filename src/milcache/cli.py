@@ -405,6 +405,16 @@ def _class_list(ctx, param, value):
     return names
 
 
+skip_duplicates_option = click.option(
+    "--skip-duplicates",
+    is_flag=True,
+    help="Leave out the near-duplicate instances `milcache index dedup` marked (overlapping tiles …).",
+)
+memory_budget_option = click.option(
+    "--memory-budget",
+    help="Memory a training step may use, e.g. 8GiB [80% of the GPU, or half the free host memory]; "
+    "bags that cannot fit are refused before training.",
+)
 classes_option = click.option(
     "--classes",
     callback=_class_list,
@@ -465,16 +475,8 @@ classes_option = click.option(
     help="A head-specific option, e.g. attention_dim=128 (repeatable).",
 )
 @click.option("--seed", type=int, help="Random seed [0].")
-@click.option(
-    "--skip-duplicates",
-    is_flag=True,
-    help="Leave out the near-duplicate instances `milcache index dedup` marked (overlapping tiles …).",
-)
-@click.option(
-    "--memory-budget",
-    help="Memory a training step may use, e.g. 8GiB [80% of the GPU, or half the free host memory]; "
-    "bags that cannot fit are refused before training.",
-)
+@skip_duplicates_option
+@memory_budget_option
 @click.option(
     "--memory",
     "regime",
@@ -596,16 +598,8 @@ def predict_command(
 @task_option
 @classes_option
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--skip-duplicates",
-    is_flag=True,
-    help="Leave out the near-duplicate instances `milcache index dedup` marked (overlapping tiles …).",
-)
-@click.option(
-    "--memory-budget",
-    help="Memory a training step may use, e.g. 8GiB [80% of the GPU, or half the free host memory]; "
-    "bags that cannot fit are refused before training.",
-)
+@skip_duplicates_option
+@memory_budget_option
 @device_option
 def tune_command(
     store_dir, labels, out, space_file, fixed, task_kind, classes, memory_budget, device, **settings

@@ -183,7 +183,7 @@ def test_cam_is_the_class_weighted_feature_map(tmp_path):
     with torch.no_grad():
         features = classifier.forward_features(x)[0]
         expected = torch.relu(torch.einsum("c,chw->hw", classifier.get_classifier().weight[2], features))
-    np.testing.assert_allclose(net(view), expected.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net(view[None])[0], expected.numpy(), rtol=1e-4, atol=1e-5)  # a batch of one view
     with pytest.raises(ExtractionError, match="--cam-class 5 does not exist: test_resnet has 3 classes"):
         _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=5)
 
@@ -206,8 +206,8 @@ def test_saliency_cam_uses_the_extraction_weights_and_cam_weights_load_strictly(
     )
     with torch.no_grad():
         expected = torch.relu(trained.forward_features(x)[0].mean(0)).numpy()
-    np.testing.assert_allclose(with_weights(view), expected, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(random_init(view), expected, atol=1e-3)
+    np.testing.assert_allclose(with_weights(view[None])[0], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(random_init(view[None])[0], expected, atol=1e-3)
     partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("layer")}
     save_file({k: v.contiguous() for k, v in partial.items()}, tmp_path / "partial.safetensors")
     with pytest.raises(ExtractionError, match="do not fit --cam-model test_resnet: tensors missing"):

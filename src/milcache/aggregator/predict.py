@@ -67,12 +67,7 @@ def predict(
         )
     with FeatureStore(store_dir) as store:
         _check_store(config, store, model_dir)
-        ids = store.bag_ids() if bag_ids is None else list(bag_ids)
-        unknown = [b for b in ids if b not in store]
-        if unknown:
-            raise MilcacheError(f"bag(s) not in the store {store_dir}: {', '.join(unknown[:20])}")
-        if not ids:
-            raise MilcacheError(f"the store {store_dir} holds no bags to predict")
+        ids = store.select(bag_ids, "to predict")
         sizes = store.sizes()
         budget = memory_budget or default_budget(torch_device)
         lengths = np.array([sizes[b] for b in ids])

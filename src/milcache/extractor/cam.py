@@ -79,7 +79,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 class _CamNet:
-    """The network whose last feature map gives the CAM (in each worker process, on the CPU): a
+    """The network whose last feature map gives the CAM (on the compute device): a
     classifier (``cam_model`` + ``cam_weights``), or else the embedding backbone with the weights
     it extracts with (its channel-mean activation: a training-free saliency)."""
 
@@ -114,16 +114,29 @@ class _CamNet:
         config = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = config["mean"], config["std"]
 
+    def to(self, device: torch.device) -> _CamNet:
+        self.model = self.model.to(device).eval()
+        self.device = device
+        return self
+
     @torch.inference_mode()
-    def __call__(self, view: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.array(view)).permute(2, 0, 1)[None].float() / 255
-        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-        features = self.model.forward_features(x)
+    def __call__(self, views: np.ndarray) -> np.ndarray:
+        """CAMs (V × h × w) of global views (V × S × S × 3 uint8), in one batch on the net's device."""
+        from milcache.devices import autocast
+
+        device = getattr(self, "device", torch.device("cpu"))
+        x = torch.from_numpy(np.ascontiguousarray(views)).to(device).permute(0, 3, 1, 2).float() / 255
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        with autocast(device, "auto"):
+            features = self.model.forward_features(x)
         if features.ndim != 4:
             raise ExtractionError("a CAM needs a convolutional model (a B × C × H × W feature map)")
-        features = features[0].float()
-        cam = features.mean(0) if self.weights is None else torch.einsum("c,chw->hw", self.weights, features)
-        return torch.relu(cam).numpy()
+        features = features.float()
+        cams = (
+            features.mean(1) if self.weights is None else torch.einsum("c,bchw->bhw", self.weights.to(device), features)
+        )
+        return torch.relu(cams).cpu().numpy()
 
 
 def _load_strictly(model: torch.nn.Module, state: dict, path, name: str) -> None:
@@ -211,19 +224,34 @@ class CamSource(Source):
         )
 
     def image(self, path) -> np.ndarray:
+        """A decoded image of the current bag (each image is decoded once per bag)."""
         key = str(path)
         if key not in self._images:
-            self._images = {key: read_image(Path(path))}  # one bag's images at a time
+            self._images[key] = read_image(Path(path))
         return self._images[key]
 
-    def plan(self, bag: BagSpec) -> BagPlan:
+    # The CAM network runs where the backbone runs (the compute device, in the main process), on a
+    # batch of the bag's global views: workers only decode (``prepare``), the main process plans and
+    # crops (``plan_prepared``).
+    plan_on_device = True
+
+    def prepare(self, bag: BagSpec) -> dict:
+        """Worker side: the bag's images, decoded once."""
+        return {"images": [torch.from_numpy(read_image(Path(p))) for p in bag.paths]}
+
+    def plan_prepared(self, bag: BagSpec, prepared: dict, device: torch.device) -> tuple[BagPlan, np.ndarray]:
+        """Main-process side: CAMs of the global views in one batch on ``device``, the top regions,
+        and the pixels of every instance (global views and region crops)."""
+        self._images = {str(p): np.asarray(image) for p, image in zip(bag.paths, prepared["images"], strict=True)}
+        self._images_of = bag.bag_id
         if self._net is None:
-            self._net = self._new_net()
+            self._net = self._new_net().to(device)
+        views = np.stack([_resize(self.image(p), self.global_size, self.global_size) for p in bag.paths])
+        cams = self._net(views)
         coords, kinds, images, scores, extras = [], [], [], [], {}
         for index, path in enumerate(bag.paths):
-            image = self.image(path)
+            image, cam = self.image(path), cams[index]
             height, width = image.shape[:2]
-            cam = self._net(_resize(image, self.global_size, self.global_size))
             extras[f"cam_{index}"] = _resize_map(cam, _CAM_SIDE).astype(np.float16)
             boxes, box_scores = self._regions(image, cam)
             coords += [(0, 0, width, height), *boxes]
@@ -236,7 +264,11 @@ class CamSource(Source):
             "cam_score": np.array(scores, np.float32),
         }
         meta = {"images": [str(p) for p in bag.paths], "kinds": {"0": "global", "1": "region"}}
-        return BagPlan(np.array(coords, np.int32), attrs, extras, meta)
+        plan = BagPlan(np.array(coords, np.int32), attrs, extras, meta)
+        return plan, self.read(bag, plan, np.arange(len(plan)))
+
+    def plan(self, bag: BagSpec) -> BagPlan:
+        return self.plan_prepared(bag, self.prepare(bag), torch.device("cpu"))[0]
 
     def _regions(self, image: np.ndarray, cam: np.ndarray) -> tuple[list, list]:
         """The top squares of the grid by CAM mass, among those holding foreground."""
@@ -259,6 +291,8 @@ class CamSource(Source):
         return [boxes[i] for i in order], [scores[i] for i in order]
 
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
+        if getattr(self, "_images_of", None) != bag.bag_id:  # keep one bag's images, not every bag's
+            self._images, self._images_of = {}, bag.bag_id
         side = self.region_size
         out = np.empty((len(indices), side, side, 3), np.uint8)
         for row, i in enumerate(indices):

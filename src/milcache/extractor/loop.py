@@ -197,7 +197,8 @@ class _Batches:
 
 
 class _BagStream(IterableDataset):
-    """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why)."""
+    """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why);
+    for sources that plan on the device: ("prepared", i, decoded images)."""
 
     def __init__(self, bags: list[tuple[int, BagSpec]], source: Source, batch_size: int) -> None:
         self.bags, self.source, self.batch_size = bags, source, batch_size
@@ -212,6 +213,12 @@ class _BagStream(IterableDataset):
             self.source.close()
 
     def _bag(self, index: int, bag: BagSpec):
+        if self.source.plan_on_device:  # decoded here, planned in the main process
+            try:
+                yield ("prepared", index, self.source.prepare(bag))
+            except Exception as exc:
+                yield ("fail", index, str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}")
+            return
         try:
             plan = self.source.plan(bag)
         except MilcacheError as exc:
@@ -426,6 +433,16 @@ def extract(
             wait += now - mark
             kind, index = item[0], item[1]
             bag = bags[index]
+            if kind == "prepared":
+                try:
+                    plan, pixels = source.plan_prepared(bag, item[2], device)
+                    item = ("plan", index, plan)
+                    kind = "plan"
+                except Exception as exc:  # a bag's failure, named; the run goes on
+                    why = str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
+                    kind, item, pixels = "fail", ("fail", index, why), None
+            else:
+                pixels = None
             if kind == "plan" and len(item[2]) == 0:
                 kind, item = "fail", ("fail", index, "the source found no instances in this bag")
             if kind == "fail":
@@ -437,6 +454,8 @@ def extract(
                 pending[index] = _PendingBag(plan, np.empty((len(plan), backbone.dim), store_dtype))
                 bar.total += len(plan)
                 bar.refresh()
+                if pixels is not None:
+                    batches.add(index, 0, torch.from_numpy(pixels))
             else:
                 batches.add(index, item[2], item[3])
             mark = time.perf_counter()

@@ -61,6 +61,17 @@ class Source:
     def plan(self, bag: BagSpec) -> BagPlan:
         raise NotImplementedError
 
+    # A source whose planning needs the compute device (CAM's network) sets this: its workers then
+    # only ``prepare`` (decode), and the extraction loop calls ``plan_prepared`` in the main process,
+    # which returns the plan and the pixels of every instance.
+    plan_on_device = False
+
+    def prepare(self, bag: BagSpec) -> dict:
+        raise NotImplementedError
+
+    def plan_prepared(self, bag: BagSpec, prepared: dict, device: torch.device) -> tuple[BagPlan, np.ndarray]:
+        raise NotImplementedError
+
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
         """Pixels of the instances ``indices`` of ``plan``: uint8 (b × H × W × C)."""
         raise NotImplementedError

@@ -125,12 +125,7 @@ def build_index(
     store_dir = Path(store_dir)
     folder = checks.output_dir(store_dir / INDEX_DIR)
     with FeatureStore(store_dir) as store:
-        bag_ids = store.bag_ids() if bags is None else list(bags)
-        unknown = [b for b in bag_ids if b not in store]
-        if unknown:
-            raise StoreError(f"{len(unknown)} bag(s) to index are not in {store_dir}: {', '.join(unknown[:10])}")
-        if not bag_ids:
-            raise StoreError(f"{store_dir} holds no bags to index")
+        bag_ids = store.select(bags, "to index")
         x, bag_of_row, instance_of_row = _vectors(store, bag_ids, metric)
         stamp = fingerprint(store, bag_ids)
     if kind == "flat":

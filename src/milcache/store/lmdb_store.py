@@ -419,6 +419,17 @@ class FeatureStore:
     def bag_ids(self) -> list[str]:
         return list(self._ids)
 
+    def select(self, bag_ids: list[str] | None, purpose: str) -> list[str]:
+        """Every bag (``bag_ids`` None) or the given ones, refusing unknown ids and an empty choice
+        by name (``purpose``: what they are for, e.g. "to predict")."""
+        chosen = self.bag_ids() if bag_ids is None else list(bag_ids)
+        unknown = [b for b in chosen if b not in self._where]
+        if unknown:
+            raise StoreError(f"{len(unknown)} bag(s) {purpose} are not in {self.path}: {', '.join(unknown[:20])}")
+        if not chosen:
+            raise StoreError(f"{self.path} holds no bags {purpose}")
+        return chosen
+
     def raw(self, bag_id: str) -> memoryview:
         """The record bytes of one bag, in place."""
         shard = self._where.get(bag_id)
