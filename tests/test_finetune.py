@@ -113,6 +113,14 @@ def test_freeze_leaves_exactly_the_named_stages_unchanged(cohort, tmp_path):
     assert bad.exit_code == 2 and "--freeze 9: this backbone has stages 1..5" in bad.output
 
 
+def _subset(root: Path) -> Path:
+    """The first 40 slides: the resume test checks bookkeeping, not learning."""
+    path = root / "slides-40.csv"
+    if not path.exists():
+        pl.read_csv(root / "slides.csv").head(40).write_csv(path)
+    return path
+
+
 def _command(root, weights, out, *extra):
     return [
         sys.executable,
@@ -122,13 +130,13 @@ def _command(root, weights, out, *extra):
         "--model",
         str(root / "frozen"),
         "--manifest",
-        str(root / "slides.csv"),
+        str(_subset(root)),
         "--weights",
         str(weights),
         "--out",
         str(out),
         "--epochs",
-        "4",
+        "3",
         "--workers",
         "0",
         "--backbone-lr",
@@ -150,11 +158,11 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(cohort, tmp_p
     )
     state = tmp_path / "cut" / "checkpoint" / "state.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["epoch"] >= 1):
+    while time.time() < deadline and not state.is_file():  # the first epoch is checkpointed
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert json.loads(state.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    assert json.loads(state.read_text())["epoch"] < 2, "the run finished before it could be killed"
     again = subprocess.run(_command(root, weights, tmp_path / "cut"), capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = subprocess.run(_command(root, weights, tmp_path / "cut", "--resume"), capture_output=True, text=True)
