@@ -51,23 +51,47 @@ def fingerprint(store: FeatureStore, bag_ids: list[str]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _vectors(store: FeatureStore, bag_ids: list[str], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All embeddings of the bags as one float32 matrix (normalised for cosine), and the row map."""
+def _rows(sizes: dict, bag_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The row map of an index over ``bag_ids``: each row's bag (position in bag_ids) and instance."""
+    counts = [sizes[b] for b in bag_ids]
+    bag_of_row = np.repeat(np.arange(len(bag_ids), dtype=np.int32), counts)
+    instance_of_row = np.concatenate([np.arange(n, dtype=np.int32) for n in counts]) if bag_ids else np.empty(0)
+    return bag_of_row, instance_of_row.astype(np.int32)
+
+
+def _chunks(store: FeatureStore, bag_ids: list[str], metric: str, rows: int = 1 << 18):
+    """The bags' embeddings as float32 chunks of about ``rows`` rows (normalised for cosine), in order:
+    an index is filled without ever holding the whole store in memory."""
     import faiss
 
-    sizes = store.sizes()
-    total = sum(sizes[b] for b in bag_ids)
-    x = np.empty((total, store.metadata.dim), np.float32)
-    bag_of_row = np.repeat(np.arange(len(bag_ids), dtype=np.int32), [sizes[b] for b in bag_ids])
-    instance_of_row = np.concatenate([np.arange(sizes[b], dtype=np.int32) for b in bag_ids]) if bag_ids else []
-    at = 0
+    parts, held = [], 0
     for bag_id in bag_ids:
-        emb = store.get(bag_id).embeddings
-        x[at : at + len(emb)] = emb
-        at += len(emb)
+        parts.append(store.get(bag_id).embeddings)
+        held += len(parts[-1])
+        if held >= rows:
+            yield _normalised(np.concatenate(parts).astype(np.float32), metric, faiss)
+            parts, held = [], 0
+    if parts:
+        yield _normalised(np.concatenate(parts).astype(np.float32), metric, faiss)
+
+
+def _normalised(x: np.ndarray, metric: str, faiss) -> np.ndarray:
+    x = np.ascontiguousarray(x)
     if metric == "cosine":
         faiss.normalize_L2(x)
-    return x, bag_of_row, np.asarray(instance_of_row, np.int32)
+    return x
+
+
+def _training_sample(store: FeatureStore, bag_ids: list[str], metric: str, wanted: int, seed: int) -> np.ndarray:
+    """About ``wanted`` rows drawn uniformly from the bags, read one bag at a time."""
+    sizes = store.sizes()
+    total = sum(sizes[b] for b in bag_ids)
+    rng = np.random.default_rng(seed)
+    rate = min(1.0, wanted / max(total, 1))
+    picked = []
+    for chunk in _chunks(store, bag_ids, metric):
+        picked.append(chunk[rng.random(len(chunk)) < rate])
+    return np.ascontiguousarray(np.concatenate(picked))
 
 
 def gpu_faiss(gpu: bool) -> bool:
@@ -85,22 +109,21 @@ def gpu_faiss(gpu: bool) -> bool:
     return True
 
 
-def _ivf_pq(x: np.ndarray, metric: str, seed: int, gpu: bool = False):
-    """IVF with ~4·√N lists and product-quantised codes (4 dims a byte), trained on a sample; with
-    ``gpu`` the coarse quantizer's k-means (most of the training time) runs on the GPUs, and the
-    index itself stays a CPU index (saved and searched anywhere)."""
+def _ivf_pq(store: FeatureStore, bag_ids: list[str], metric: str, seed: int, gpu: bool = False):
+    """IVF with ~4·√N lists and product-quantised codes (4 dims a byte), trained on a sample read
+    from the store (never the whole store in memory); with ``gpu`` the coarse quantizer's k-means
+    (most of the training time) runs on the GPUs, and the index itself stays a CPU index."""
     import faiss
 
-    n, dim = x.shape
+    sizes = store.sizes()
+    n, dim = sum(sizes[b] for b in bag_ids), store.metadata.dim
     lists = int(min(max(4 * math.sqrt(n), 1), n // 39 or 1))
     m = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     index = faiss.index_factory(dim, f"IVF{lists},PQ{m}", faiss_metric)
     if gpu:
         faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
-    rng = np.random.default_rng(seed)
-    sample = x[rng.choice(n, size=min(n, max(_TRAIN_PER_LIST * lists, 256 * 39)), replace=False)]
-    index.train(sample)
+    index.train(_training_sample(store, bag_ids, metric, max(_TRAIN_PER_LIST * lists, 256 * 39), seed))
     index.nprobe = max(1, lists // 8)
     return index
 
@@ -126,31 +149,36 @@ def build_index(
     folder = checks.output_dir(store_dir / INDEX_DIR)
     with FeatureStore(store_dir) as store:
         bag_ids = store.select(bags, "to index")
-        x, bag_of_row, instance_of_row = _vectors(store, bag_ids, metric)
-        stamp = fingerprint(store, bag_ids)
-    if kind == "flat":
-        index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
-    else:
-        if len(x) < 256 * 39:
+        sizes = store.sizes()
+        total = sum(sizes[b] for b in bag_ids)
+        if kind == "flat":
+            index = (
+                faiss.IndexFlatIP(store.metadata.dim) if metric == "cosine" else faiss.IndexFlatL2(store.metadata.dim)
+            )
+        elif total < 256 * 39:
             raise OptionError(
                 f"--kind ivf-pq needs at least {256 * 39} instances to train its codes; {store_dir} has "
-                f"{len(x)}: use --kind flat (exact, and fast at this size)"
+                f"{total}: use --kind flat (exact, and fast at this size)"
             )
-        index = _ivf_pq(x, metric, seed, gpu)
-    index.add(x)
+        else:
+            index = _ivf_pq(store, bag_ids, metric, seed, gpu)
+        for chunk in _chunks(store, bag_ids, metric):  # one pass, a chunk at a time
+            index.add(chunk)
+        bag_of_row, instance_of_row = _rows(sizes, bag_ids)
+        stamp = fingerprint(store, bag_ids)
     folder.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(folder / "instances.faiss"))
     np.savez(folder / "rows.npz", bag_ids=np.asarray(bag_ids), bag=bag_of_row, instance=instance_of_row)
     info = {
         "kind": kind,
         "metric": metric,
-        "instances": len(x),
+        "instances": total,
         "bags": len(bag_ids),
         "store": stamp,
         "all_bags": bags is None,
     }
     (folder / "index.json").write_text(json.dumps(info, indent=2))
-    return IndexInfo(folder, kind, metric, len(x), len(bag_ids), time.perf_counter() - start)
+    return IndexInfo(folder, kind, metric, total, len(bag_ids), time.perf_counter() - start)
 
 
 class InstanceIndex:
@@ -269,13 +297,13 @@ def prototype_store(
     out = checks.output_dir(out)
     with FeatureStore(store_dir) as store:
         bag_ids = store.bag_ids()
-        x, bag_of_row, _ = _vectors(store, bag_ids, "l2")
-        if k > len(x):
-            raise OptionError(f"--k {k} is more than the {len(x)} instances of {store_dir}")
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, gpu=gpu)
-        kmeans.train(x)
-        _, assignment = kmeans.index.search(x, 1)
-        assignment = assignment[:, 0]
+        total = sum(store.sizes().values())
+        if k > total:
+            raise OptionError(f"--k {k} is more than the {total} instances of {store_dir}")
+        # trained on a sample (faiss itself samples 256 points a centroid), then each bag assigned
+        # as it is read: the store is never held in memory whole
+        kmeans = faiss.Kmeans(store.metadata.dim, k, niter=niter, seed=seed, verbose=False, gpu=gpu)
+        kmeans.train(_training_sample(store, bag_ids, "l2", 256 * k, seed))
         source = {"kind": "prototypes", "k": k, "from": str(Path(store_dir).resolve()), "source": store.metadata.source}
         meta = StoreMetadata(
             backbone=store.metadata.backbone,
@@ -286,13 +314,15 @@ def prototype_store(
             source=source,
             coords=["cluster"],
         )
-        starts = np.searchsorted(bag_of_row, np.arange(len(bag_ids) + 1))
+        assignments = []
         with StoreWriter(out, meta) as writer:
-            for b, bag_id in enumerate(bag_ids):
-                rows = slice(starts[b], starts[b + 1])
-                clusters, members = np.unique(assignment[rows], return_inverse=True)
+            for bag_id in bag_ids:
+                x = np.ascontiguousarray(store.get(bag_id).embeddings, np.float32)
+                assignment = kmeans.index.search(x, 1)[1][:, 0]
+                assignments.append(assignment.astype(np.int32))
+                clusters, members = np.unique(assignment, return_inverse=True)
                 sums = np.zeros((len(clusters), x.shape[1]), np.float64)
-                np.add.at(sums, members, x[rows])
+                np.add.at(sums, members, x)
                 counts = np.bincount(members, minlength=len(clusters))
                 writer.put(
                     bag_id,
@@ -301,8 +331,8 @@ def prototype_store(
                     {"cluster": clusters.astype(np.int32), "count": counts.astype(np.int32)},
                     meta={"instances": int(counts.sum())},
                 )
-        np.save(out / "instance_clusters.npy", assignment.astype(np.int32))
-    return {"bags": len(bag_ids), "instances": len(x), "k": k, "out": str(out)}
+        np.save(out / "instance_clusters.npy", np.concatenate(assignments) if assignments else np.empty(0, np.int32))
+    return {"bags": len(bag_ids), "instances": total, "k": k, "out": str(out)}
 
 
 DUPLICATES = "duplicates.parquet"
