@@ -129,8 +129,15 @@ def test_index_functions_equal_the_cli(cohort, tmp_path):
     from_cli = pl.read_csv(tmp_path / "n.csv", schema_overrides={"bag_id": pl.Utf8})
     assert table["bag_id"].to_list() == from_cli["bag_id"].to_list() and table.height == 4
     summary = milcache.index.kmeans(store, k=3, out=tmp_path / "protos")
-    with milcache.FeatureStore(tmp_path / "protos") as protos:
+    _cli(["index", "kmeans", store, "--k", "3", "--out", tmp_path / "protos-cli"])
+    with milcache.FeatureStore(tmp_path / "protos") as protos, milcache.FeatureStore(tmp_path / "protos-cli") as cli_:
         assert len(protos) == summary["bags"] and max(protos.sizes().values()) <= 3
+        for bag in protos.bag_ids():
+            assert np.array_equal(protos.get(bag).embeddings, cli_.get(bag).embeddings)
+    report = milcache.index.dedup(store, threshold=0.5)
+    table = pl.read_parquet(report.path)
+    _cli(["index", "dedup", store, "--threshold", "0.5"])
+    assert table.height == report.duplicates > 0 and table.equals(pl.read_parquet(report.path))
 
 
 def test_api_errors_are_the_projects(cohort, tmp_path):

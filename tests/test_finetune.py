@@ -227,3 +227,15 @@ def _random_init_state():
     from milcache.extractor.backbones import create_backbone
 
     return create_backbone("test_resnet").model.state_dict()
+
+
+def test_the_api_and_the_cli_fine_tune_alike(cohort, tmp_path):
+    root, weights = cohort
+    options = {"epochs": 1, "instances": 4, "workers": 0, "val_fraction": 0.0, "backbone_lr": 1e-4}
+    milcache.fine_tune(root / "frozen", _subset(root), tmp_path / "api", weights=weights, device="cpu", **options)
+    args = ["fine-tune", "--model", root / "frozen", "--manifest", _subset(root), "--weights", weights]
+    args += ["--out", tmp_path / "cli", "--epochs", "1", "--instances", "4", "--workers", "0", "--val-fraction", "0"]
+    result = CliRunner().invoke(cli, [str(a) for a in [*args, "--backbone-lr", "1e-4", "--device", "cpu"]])
+    assert result.exit_code == 0, result.output
+    a, b = load_file(tmp_path / "api" / "backbone.safetensors"), load_file(tmp_path / "cli" / "backbone.safetensors")
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
