@@ -111,6 +111,12 @@ def test_freeze_leaves_exactly_the_named_stages_unchanged(cohort, tmp_path):
     base = args[:7]  # fine-tune --model … --manifest … --weights …
     bad = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "x"), "--freeze", "9", "--device", "cpu"])
     assert bad.exit_code == 2 and "--freeze 9: this backbone has stages 1..5" in bad.output
+    bad = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "y"), "--resume", "--device", "cpu"])
+    assert (
+        bad.exit_code == 2
+        and "--resume: no checkpoint in" in bad.output
+        and not (tmp_path / "y" / "model.safetensors").exists()
+    )
 
 
 def _subset(root: Path) -> Path:

@@ -72,6 +72,23 @@ def _extract(*extra):
     return ["extract", "{root}/manifest.csv", "--out", "{root}/new-store", "--backbone", "test_resnet", *extra]
 
 
+def _index(command, *extra):
+    return ["index", command, "{root}/store", *extra]
+
+
+def _fine_tune(*extra):
+    return [
+        "fine-tune",
+        "--model",
+        "{root}/run-gated-attention",
+        "--out",
+        "{root}/tuned",
+        "--manifest",
+        "{root}/manifest.csv",
+        *extra,
+    ]
+
+
 CASES = {
     # option values out of range, refused by name (never read as something else)
     "train --epochs 0": (_train("--epochs", "0"), "--epochs"),
@@ -133,6 +150,19 @@ CASES = {
     "store import --out is a file": (["store", "import", "{root}/store", "--out", "{root}/a-file"], "a-file"),
     "store export --out is a file": (["store", "export", "{root}/store", "--out", "{root}/a-file"], "a-file"),
     "store synth --bags 0": (["store", "synth", "{root}/synth", "--bags", "0"], "--bags"),
+    # memory budget, duplicates, the index, fine-tuning
+    "train --memory-budget lots": (_train("--memory-budget", "lots"), "--memory-budget"),
+    "train --skip-duplicates before dedup": (_train("--skip-duplicates"), "index dedup"),
+    "predict --memory-budget 0": (_predict("--out", "{root}/p.csv", "--memory-budget", "0"), "--memory-budget"),
+    "index search without an index": (_index("search", "--bag", "bag-00000", "--instance", "0"), "has no index"),
+    "index search with no query": (_index("search"), "--image"),
+    "index dedup --threshold 2": (_index("dedup", "--threshold", "2"), "--threshold"),
+    "index dedup --across-bags without index": (_index("dedup", "--across-bags"), "has no index"),
+    "index kmeans --k 0": (_index("kmeans", "--k", "0", "--out", "{root}/protos"), "--k"),
+    "fine-tune --freeze abc": (_fine_tune("--freeze", "abc"), "--freeze"),
+    "fine-tune --epochs 0": (_fine_tune("--epochs", "0"), "--epochs"),
+    "fine-tune --out is a file": (_fine_tune()[:4] + ["{root}/a-file"] + _fine_tune()[5:], "a-file"),
+    "fine-tune an imported store": (_fine_tune(), "not made by `milcache extract`"),
 }
 
 

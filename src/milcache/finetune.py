@@ -122,10 +122,10 @@ def fine_tune(
     model, config, task = load_model(run, "cpu")
     store, labels = _inputs_of(run, store, labels)
     with FeatureStore(store) as fs:
+        source = source_of(fs)  # first: a store that was imported, not extracted, is named as such
         backbone = store_backbone(fs, weights)
         metadata = fs.metadata
         in_store = set(fs.bag_ids())
-        source = source_of(fs)
     if backbone.dim != config["dim"]:
         raise MilcacheError(f"dim: the head of {run} takes {config['dim']}, the store's backbone gives {backbone.dim}")
     if settings.pool_maps and metadata.source.get("kind") == "volume":

@@ -365,6 +365,9 @@ def find_duplicates(
         checks.at_least("--threshold", threshold, 0.0)
     store_dir = Path(store_dir)
     folder = checks.output_dir(store_dir / INDEX_DIR)
+    if across_bags:  # a missing, stale or other-metric index is named before anything is written
+        with InstanceIndex(store_dir) as found:
+            _same_metric(found, metric, store_dir)
     records, total = [], 0
     with FeatureStore(store_dir) as store:
         bag_ids = store.bag_ids()
@@ -421,15 +424,19 @@ def _duplicates_in(x: np.ndarray, threshold: float, metric: str) -> list[tuple[i
     return [(i, j, d) for i, (j, d) in sorted(dropped.items())]
 
 
+def _same_metric(found: InstanceIndex, metric: str, store_dir: Path) -> None:
+    if found.info["metric"] != metric:
+        raise OptionError(
+            f"the index of {store_dir} uses --metric {found.info['metric']}; rebuild it with --metric {metric} "
+            "or give that metric here"
+        )
+
+
 def _cross_bag_pairs(store_dir: Path, threshold: float, metric: str) -> pl.DataFrame:
     import faiss
 
     with InstanceIndex(store_dir) as found:
-        if found.info["metric"] != metric:
-            raise OptionError(
-                f"the index of {store_dir} uses --metric {found.info['metric']}; rebuild it with --metric {metric} "
-                "or give that metric here"
-            )
+        _same_metric(found, metric, store_dir)
         x = found._exact(np.arange(found.index.ntotal))
         if metric == "cosine":
             faiss.normalize_L2(x)
