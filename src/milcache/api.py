@@ -324,8 +324,8 @@ def fine_tune(
     re-extracted by that backbone (``extract(..., weights=out/"backbone.safetensors")``)."""
     from dataclasses import fields
 
-    from milcache.finetune import FineTuneSettings
-    from milcache.finetune import fine_tune as run_fine_tune
+    from milcache.aggregator.finetune import FineTuneSettings
+    from milcache.aggregator.finetune import fine_tune as run_fine_tune
 
     known = {f.name for f in fields(FineTuneSettings)}
     unknown = sorted(set(settings) - known)
