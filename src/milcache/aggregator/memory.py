@@ -87,12 +87,13 @@ def _saved_bytes(head: torch.nn.Module, in_dim: int, n: int) -> int:
 
     was_training = head.training
     head.train()
+    device = next(head.parameters()).device  # predict measures a head already on the GPU
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((1, n, in_dim), generator=generator)
-    mask = torch.ones((1, n), dtype=torch.bool)
+    x = torch.randn((1, n, in_dim), generator=generator).to(device)
+    mask = torch.ones((1, n), dtype=torch.bool, device=device)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            output = head(x, mask)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = head(x, mask)  # what autograd keeps, even when called under no_grad
     finally:
         head.train(was_training)
     del output
