@@ -113,8 +113,9 @@ class _PendingBag:
 
 class _Batches:
     """Packs pixel chunks of any bags into batches of exactly ``batch_size`` instances (a bag's
-    instances may share a batch with the next bag's; the last batch is padded), so the device always
-    sees one shape: no ragged tail per bag, no cuDNN re-tuning, no recompilation under --compile.
+    instances may share a batch with the next bag's; the last batch is padded on CUDA or under
+    --compile), so the device always sees one shape: no ragged tail per bag, no cuDNN re-tuning, no
+    recompilation.
 
     Host → device copies come from pinned staging buffers; the embeddings go back, in the stored
     dtype, into pinned host buffers with asynchronous copies that complete while the next batch
@@ -122,8 +123,11 @@ class _Batches:
 
     _IN_FLIGHT = 2  # batches whose results may still be on their way to the host
 
-    def __init__(self, embedder: Embedder, batch_size: int, dtype, deliver, profile: bool = False) -> None:
+    def __init__(
+        self, embedder: Embedder, batch_size: int, dtype, deliver, profile: bool = False, pad: bool = True
+    ) -> None:
         self.embedder, self.batch_size, self.deliver, self.profile = embedder, batch_size, deliver, profile
+        self.pad = pad
         self.device = embedder.device
         self.dtype = torch.float16 if dtype == np.float16 else torch.float32
         self.cuda = self.device.type == "cuda"
@@ -149,8 +153,9 @@ class _Batches:
 
     def finish(self) -> None:
         if self.fill:
-            self.staging[self.turn][self.fill :].zero_()  # padding rows: computed, never delivered
-            self._run()
+            if self.pad:  # one shape for cuDNN and torch.compile; on the CPU padding is only waste
+                self.staging[self.turn][self.fill :].zero_()  # padding rows: computed, never delivered
+            self._run(self.batch_size if self.pad else self.fill)
         while self.in_flight:
             self._deliver_oldest()
 
@@ -168,14 +173,14 @@ class _Batches:
             )
         return buffer
 
-    def _run(self) -> None:
+    def _run(self, rows: int | None = None) -> None:
         if len(self.in_flight) >= self._IN_FLIGHT:  # frees the staging buffer this batch will reuse next
             self._deliver_oldest()
-        embeddings = self.embedder(self.staging[self.turn]).to(self.dtype)
+        embeddings = self.embedder(self.staging[self.turn][: rows or self.batch_size]).to(self.dtype)
         if self.cuda:
             if not self.results:
                 self.results = [torch.empty(embeddings.shape, dtype=self.dtype, pin_memory=True) for _ in self.staging]
-            host = self.results[self.turn]
+            host = self.results[self.turn][: len(embeddings)]
             host.copy_(embeddings, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
@@ -424,7 +429,14 @@ def extract(
             summary.instances += len(plan)
             bar.set_postfix(bags=f"{summary.bags + summary.skipped}/{len(mine)}", refresh=False)
 
-    batches = _Batches(embedder, config.batch_size, store_dtype, finished_rows, profile=config.profile)
+    batches = _Batches(
+        embedder,
+        config.batch_size,
+        store_dtype,
+        finished_rows,
+        profile=config.profile,
+        pad=device.type == "cuda" or config.compile,
+    )
     wait = compute = 0.0
     try:
         mark = time.perf_counter()
