@@ -222,15 +222,12 @@ class _BagStream(IterableDataset):
             try:
                 yield ("prepared", index, self.source.prepare(bag))
             except Exception as exc:
-                yield ("fail", index, str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}")
+                yield ("fail", index, failure_reason(exc))
             return
         try:
             plan = self.source.plan(bag)
-        except MilcacheError as exc:
-            yield ("fail", index, str(exc))
-            return
-        except Exception as exc:  # a broken file can raise anything from its decoder
-            yield ("fail", index, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            yield ("fail", index, failure_reason(exc))
             return
         yield ("plan", index, plan)
         for start in range(0, len(plan), self.batch_size):
@@ -241,6 +238,12 @@ class _BagStream(IterableDataset):
                 yield ("fail", index, f"reading instances {start}..{indices[-1]}: {type(exc).__name__}: {exc}")
                 return
             yield ("pixels", index, start, torch.from_numpy(pixels))
+
+
+def failure_reason(exc: Exception) -> str:
+    """Why a bag failed, as recorded: our own errors say it already; a decoder of a broken file can
+    raise anything, named by its type."""
+    return str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -451,8 +454,7 @@ def extract(
                     item = ("plan", index, plan)
                     kind = "plan"
                 except Exception as exc:  # a bag's failure, named; the run goes on
-                    why = str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
-                    kind, item, pixels = "fail", ("fail", index, why), None
+                    kind, item, pixels = "fail", ("fail", index, failure_reason(exc)), None
             else:
                 pixels = None
             if kind == "plan" and len(item[2]) == 0:
