@@ -324,7 +324,7 @@ def fine_tune(
     re-extracted by that backbone (``extract(..., weights=out/"backbone.safetensors")``)."""
     from dataclasses import fields
 
-    from milcache.aggregator.finetune import FineTuneSettings
+    from milcache.aggregator.config import FineTuneSettings
     from milcache.aggregator.finetune import fine_tune as run_fine_tune
 
     known = {f.name for f in fields(FineTuneSettings)}

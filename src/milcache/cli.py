@@ -12,7 +12,15 @@ from pathlib import Path
 import click
 
 from milcache import __version__
-from milcache.aggregator.config import METRICS, REGIMES, TASK_KINDS, TrainConfig
+from milcache.aggregator.config import (
+    METRICS,
+    POOL_MAPS,
+    REGIMES,
+    TASK_KINDS,
+    TRAIN_PRECISIONS,
+    FineTuneSettings,
+    TrainConfig,
+)
 from milcache.devices import PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
 from milcache.tuning.settings import PRUNERS
@@ -158,6 +166,7 @@ def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
 
 
 _DEFAULTS = TrainConfig()
+_FINE = FineTuneSettings()
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA when available), cuda, cuda:N or cpu."
 )
@@ -732,24 +741,30 @@ def extract_command(manifest, source_kind, out, compile_model, **options) -> Non
 @click.option("--store", "store_dir", type=existing_path, help="The store the run was trained on [from the run].")
 @click.option("--labels", type=existing_path, help="Labels [the run's].")
 @click.option("--weights", type=existing_path, help="The weights file the store was extracted with.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Most epochs [10].")
-@click.option("--instances", type=click.IntRange(min=1), help="Instances sampled per bag per step [16].")
-@click.option("--freeze", help="none, all, or N: the backbone's first N stages (timm feature_info) [none].")
-@click.option("--lr", type=float, help="The head's learning rate [1e-4].")
-@click.option("--backbone-lr", type=float, help="The backbone's learning rate [1e-5].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-4].")
-@click.option("--accumulate", type=click.IntRange(min=1), help="Bags per optimizer step [4].")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 0.5), help="Bags held out for early stopping [0.2].")
-@click.option("--patience", type=click.IntRange(min=1), help="Early-stopping patience in epochs [3].")
+@click.option("--epochs", type=click.IntRange(min=1), help=f"Most epochs [{_FINE.epochs}].")
+@click.option(
+    "--instances", type=click.IntRange(min=1), help=f"Instances sampled per bag per step [{_FINE.instances}]."
+)
+@click.option("--freeze", help=f"none, all, or N: the backbone's first N stages (timm feature_info) [{_FINE.freeze}].")
+@click.option("--lr", type=float, help=f"The head's learning rate [{_FINE.lr:g}].")
+@click.option("--backbone-lr", type=float, help=f"The backbone's learning rate [{_FINE.backbone_lr:g}].")
+@click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_FINE.weight_decay:g}].")
+@click.option("--accumulate", type=click.IntRange(min=1), help=f"Bags per optimizer step [{_FINE.accumulate}].")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 0.5),
+    help=f"Bags held out for early stopping [{_FINE.val_fraction:g}].",
+)
+@click.option("--patience", type=click.IntRange(min=1), help=f"Early-stopping patience in epochs [{_FINE.patience}].")
 @click.option(
     "--pool-maps",
-    type=click.Choice(["mean", "max", "lse"]),
+    type=click.Choice(POOL_MAPS),
     help="Pool the instances' last feature maps across the bag before global pooling (2D sources).",
 )
 @click.option("--checkpointing", is_flag=True, default=None, help="Gradient checkpointing in the backbone.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), help=PRECISION_HELP)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-reading processes [2].")
-@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), help=PRECISION_HELP)
+@click.option("--workers", type=click.IntRange(min=0), help=f"Image-reading processes [{_FINE.workers}].")
+@click.option("--seed", type=int, help=f"Random seed [{_FINE.seed}].")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last finished epoch.")
 @device_option
 def fine_tune_command(model_dir, manifest, out, store_dir, labels, weights, resume, device, **settings) -> None:

@@ -16,6 +16,8 @@ MINIMISED = ("log_loss", "mse")
 REGIMES = ("auto", "gpu", "host", "stream")
 # Training precisions (fp16 needs loss scaling, which training does not do).
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+# How fine-tuning may pool the instances' feature maps across a bag (--pool-maps).
+POOL_MAPS = ("mean", "max", "lse")
 
 
 # How the defaults were chosen: bench/quality.py (README, "Choosing defaults").
@@ -80,3 +82,38 @@ class TrainConfig:
         if val_fraction is None:
             val_fraction = 0.2 if training_bags >= SMALL_COHORT else 0.0
         return replace(self, batch_size=batch_size, val_fraction=val_fraction)
+
+
+@dataclass
+class FineTuneSettings:
+    """Settings of `milcache fine-tune` (aggregator/finetune.py); importable without torch like TrainConfig."""
+
+    epochs: int = 10
+    instances: int = 16  # sampled per bag per step, re-read from the images
+    freeze: str = "none"  # none, all, or N: the first N stages of timm's feature_info
+    lr: float = 1e-4  # the head's learning rate
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    accumulate: int = 4  # bags per optimizer step (gradients accumulated over them)
+    val_fraction: float = 0.2  # of the bags, grouped like train-head's, for early stopping
+    patience: int = 3
+    pool_maps: str | None = None  # mean / max / lse: pool the instances' feature maps across the bag
+    checkpointing: bool = False  # gradient checkpointing in the backbone (timm's set_grad_checkpointing)
+    precision: str = "auto"  # devices.autocast: bf16 on CUDA
+    workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks.at_least("--epochs", self.epochs, 1)
+        checks.at_least("--instances", self.instances, 1)
+        checks.above("--lr", self.lr, 0)
+        checks.at_least("--backbone-lr", self.backbone_lr, 0)
+        checks.at_least("--weight-decay", self.weight_decay, 0)
+        checks.at_least("--accumulate", self.accumulate, 1)
+        checks.within("--val-fraction", self.val_fraction, 0.0, 0.5)
+        checks.at_least("--patience", self.patience, 1)
+        checks.one_of("--pool-maps", self.pool_maps, (None, *POOL_MAPS))
+        checks.one_of("--precision", self.precision, TRAIN_PRECISIONS)
+        checks.at_least("--workers", self.workers, 0)
+        if self.freeze not in ("none", "all") and not str(self.freeze).isdigit():
+            raise OptionError(f"--freeze takes none, all or a number of stages, got {self.freeze!r}")

@@ -24,46 +24,13 @@ import torch
 from torch import nn
 
 from milcache import checks
+from milcache.aggregator.config import FineTuneSettings
 from milcache.errors import MilcacheError, OptionError
 
-POOL_MAPS = ("mean", "max", "lse")
 BACKBONE_FILE = "backbone.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 _STATISTICS_MOMENTUM = 0.05
 _CLIP_NORM = 1.0  # one bag's gradient may be large: clipping keeps a step from undoing the backbone
-
-
-@dataclass
-class FineTuneSettings:
-    epochs: int = 10
-    instances: int = 16  # sampled per bag per step, re-read from the images
-    freeze: str = "none"  # none, all, or N: the first N stages of timm's feature_info
-    lr: float = 1e-4  # the head's learning rate
-    backbone_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    accumulate: int = 4  # bags per optimizer step (gradients accumulated over them)
-    val_fraction: float = 0.2  # of the bags, grouped like train-head's, for early stopping
-    patience: int = 3
-    pool_maps: str | None = None  # mean / max / lse: pool the instances' feature maps across the bag
-    checkpointing: bool = False  # gradient checkpointing in the backbone (timm's set_grad_checkpointing)
-    precision: str = "auto"  # devices.autocast: bf16 on CUDA
-    workers: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks.at_least("--epochs", self.epochs, 1)
-        checks.at_least("--instances", self.instances, 1)
-        checks.above("--lr", self.lr, 0)
-        checks.at_least("--backbone-lr", self.backbone_lr, 0)
-        checks.at_least("--weight-decay", self.weight_decay, 0)
-        checks.at_least("--accumulate", self.accumulate, 1)
-        checks.within("--val-fraction", self.val_fraction, 0.0, 0.5)
-        checks.at_least("--patience", self.patience, 1)
-        checks.one_of("--pool-maps", self.pool_maps, (None, *POOL_MAPS))
-        checks.one_of("--precision", self.precision, ("auto", "bf16", "fp32"))
-        checks.at_least("--workers", self.workers, 0)
-        if self.freeze not in ("none", "all") and not str(self.freeze).isdigit():
-            raise OptionError(f"--freeze takes none, all or a number of stages, got {self.freeze!r}")
 
 
 @dataclass
