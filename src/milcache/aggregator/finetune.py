@@ -92,12 +92,12 @@ def fine_tune(
         source = source_of(fs)  # first: a store that was imported, not extracted, is named as such
         backbone = store_backbone(fs, weights)
         metadata = fs.metadata
-        in_store = set(fs.bag_ids())
+        sizes = fs.sizes()
     if backbone.dim != config["dim"]:
         raise MilcacheError(f"dim: the head of {run} takes {config['dim']}, the store's backbone gives {backbone.dim}")
     if settings.pool_maps and metadata.source.get("kind") == "volume":
         raise OptionError("--pool-maps pools 2D feature maps: it does not apply to --source volume")
-    specs, y, groups = _labelled_bags(read_manifest(manifest).bags(), labels, in_store, task)
+    specs, y, groups = _labelled_bags(read_manifest(manifest).bags(), labels, set(sizes), task)
     train, val = _split(y, groups, task, settings)
     frozen = freeze(backbone.model, settings.freeze)
     if settings.checkpointing:
@@ -118,15 +118,14 @@ def fine_tune(
         raise MilcacheError(
             f"{out} holds a checkpoint of an earlier run: use --resume to continue it, or another --out"
         )
-    targets = torch.as_tensor(y)
+    epochs = _Epochs(net, Path(store), specs, sizes, torch.as_tensor(y), settings, torch_device)
     base_rates = [settings.backbone_lr, settings.lr]  # the optimizer's groups, in order
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
         for group, rate in zip(optimizer.param_groups, base_rates, strict=True):  # cosine decay, by epoch
             group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
-        run_epoch = _EpochRunner(net, store, specs, targets, settings, epoch, torch_device)
-        train_loss = run_epoch(train, optimizer, progress)
-        val_loss = run_epoch(val, None, False) if len(val) else None
+        train_loss = epochs.run(epoch, train, optimizer, progress)
+        val_loss = epochs.run(epoch, val, None, False) if len(val) else None
         monitored = val_loss if val_loss is not None else train_loss
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
@@ -272,41 +271,32 @@ def _picks(specs: list, sizes: dict, indices: np.ndarray, k: int, seed: int, epo
 
 
 @dataclass
-class _EpochRunner:
+class _Epochs:
+    """What every epoch of a run shares; ``run`` makes one pass over some bags."""
+
     net: nn.Module
     store: Path
     specs: list
+    sizes: dict[str, int]  # instances per bag, read once
     targets: torch.Tensor
     settings: FineTuneSettings
-    epoch: int
     device: torch.device
 
-    def __call__(self, indices: np.ndarray, optimizer, progress: bool) -> float:
-        return _epoch(self, indices, optimizer, progress)
+    def run(self, epoch: int, indices: np.ndarray, optimizer, progress: bool) -> float:
+        """One pass over ``indices`` (training when an optimizer is given); the mean loss per bag."""
+        return _epoch(self, epoch, indices, optimizer, progress)
 
 
-def _epoch(run: _EpochRunner, indices: np.ndarray, optimizer, progress: bool) -> float:
-    """One pass over ``indices`` (training when an optimizer is given); the mean loss per bag."""
+def _epoch(run: _Epochs, epoch: int, indices: np.ndarray, optimizer, progress: bool) -> float:
     from tqdm import tqdm
 
     from milcache.devices import autocast
-    from milcache.store import FeatureStore
 
-    net, store, specs, targets, settings, epoch, device = (
-        run.net,
-        run.store,
-        run.specs,
-        run.targets,
-        run.settings,
-        run.epoch,
-        run.device,
-    )
-    with FeatureStore(store) as fs:
-        sizes = fs.sizes()
-    picks = _picks(specs, sizes, indices, settings.instances, settings.seed + (0 if optimizer else 7919), epoch)
+    net, specs, targets, settings, device = run.net, run.specs, run.targets, run.settings, run.device
+    picks = _picks(specs, run.sizes, indices, settings.instances, settings.seed + (0 if optimizer else 7919), epoch)
     order = np.random.default_rng([settings.seed, epoch, 1]).permutation(indices) if optimizer else indices
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(_Sampled(Path(store), specs, picks), order.tolist()),
+        torch.utils.data.Subset(_Sampled(run.store, specs, picks), order.tolist()),
         batch_size=None,
         num_workers=settings.workers,
         worker_init_fn=_worker_init if settings.workers else None,
