@@ -189,10 +189,7 @@ def train_config(
     from milcache.aggregator.config import TrainConfig
 
     options = {k: v for k, v in (train_options or {}).items() if v is not None}
-    known = {f.name for f in fields(TrainConfig)} - {"head", "head_options"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise OptionError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    _refuse_unknown(options, {f.name for f in fields(TrainConfig)} - {"head", "head_options"}, "training")
     if options.get("instances") == 0:
         options["instances"] = None
     if "memory_budget" in options:
@@ -290,6 +287,13 @@ def predict(
     return run_prediction(model, store, out, bag_list(bags), top_k, heatmaps, geojson, device, scores, budget)
 
 
+def _refuse_unknown(options: dict, known: set[str], what: str) -> None:
+    """Keyword options that a function passes on as ``**options`` must be known ones, by name."""
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 def bag_list(bags: Sequence[str] | PathLike | None) -> list[str] | None:
     """Bag ids given as a list, or as a CSV/parquet table's bag_id column."""
     if bags is None:
@@ -327,9 +331,6 @@ def fine_tune(
     from milcache.aggregator.config import FineTuneSettings
     from milcache.aggregator.finetune import fine_tune as run_fine_tune
 
-    known = {f.name for f in fields(FineTuneSettings)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise OptionError(f"unknown fine-tune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    _refuse_unknown(settings, {f.name for f in fields(FineTuneSettings)}, "fine-tune")
     chosen = FineTuneSettings(**{k: v for k, v in settings.items() if v is not None})
     return run_fine_tune(model, manifest, out, chosen, store, labels, weights, device, resume, progress)
