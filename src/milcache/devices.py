@@ -18,13 +18,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MilcacheError(f"--device {name} was asked for, but no CUDA device is available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise MilcacheError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        # Always with its index: a tensor's device is cuda:0, never bare cuda, and the two compare unequal.
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise MilcacheError(f"--device {name}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+        device = torch.device("cuda", index)
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -197,7 +197,7 @@ def gather_batch(
     packed = torch.full((groups, width), int(rows[0, 0]), dtype=torch.long, device=device)  # short groups: a real row
     target = position + torch.arange(groups, device=device).unsqueeze(1) * width
     packed.view(-1)[target[per_group]] = rows.reshape(groups, -1)[per_group]
-    if data.features.device != device:
+    if data.features.device.type != device.type:  # host-resident features (too big for the device)
         x = data.features[packed.cpu()].pin_memory().to(device, non_blocking=True)
     else:
         x = data.features[packed]
