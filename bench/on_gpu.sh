@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go on a lent GPU machine whose Python has torch + timm but not the rest:
-# wheels carried in .whl/ (see CONTRIBUTING in README), results written to $OUT (or ./gpu-out).
+# wheels carried in .gpu/<set>/ (base: store, tables, slides; train: optuna, torchmil, volumes), a
+# trimmed imagecodecs in .gpu/site; results written to $OUT (or ./gpu-out).
 #   bash bench/on_gpu.sh tests train extract
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src:$PWD
+if compgen -G ".gpu/*/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*/*.whl || exit 1
 fi
+export PYTHONPATH=$PWD/.gpu/site:/tmp/site:$PWD/src:$PWD
 export PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/device.log"
 python3 -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$OUT/device.log"
@@ -16,7 +17,11 @@ for step in "$@"; do
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" ;;
     train) for case in c a; do timeout 200 python3 bench/train_head.py --case $case --device cuda; done 2>&1 | tee "$OUT/train_head.log"
            timeout 150 python3 bench/train_head.py --case b --device cuda --loop-folds 5 2>&1 | tee -a "$OUT/train_head.log" ;;
-    extract) timeout 400 python3 bench/extract.py --sources tiles --mix big --slides 8 --size 4096 --backbones resnet50 \
-               --precision bf16 --batch-size 256 --workers 14 --decode "${DECODE:-cpu,gpu}" 2>&1 | tee "$OUT/extract.log" ;;
+    profile) timeout 300 python3 -m cProfile -o "$OUT/extract.prof" bench/extract.py --sources tiles --mix big --slides 32 \
+               --size 8192 --backbones resnet50 --precision bf16 --batch-size 256 --workers 14 2>&1 | tee "$OUT/profile.log" ;;
+    extract) for extra in "" --compile; do  # eager, then the compiled ceiling
+               timeout 300 python3 bench/extract.py --sources tiles --mix big --slides 32 --size 8192 --backbones resnet50 \
+                 --precision bf16 --batch-size 256 --workers 14 $extra ${EXTRACT_ARGS:-}
+             done 2>&1 | tee "$OUT/extract.log" ;;
   esac
 done

@@ -396,7 +396,7 @@ def extract(
         _BagStream(todo, source, config.batch_size),
         batch_size=None,
         num_workers=config.workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=False,  # chunks are copied into _Batches' pinned staging buffers: pinning them first copies twice
         worker_init_fn=_worker_init if config.workers else None,
         prefetch_factor=4 if config.workers else None,
         persistent_workers=False,
@@ -441,11 +441,14 @@ def extract(
         pad=device.type == "cuda" or config.compile,
     )
     wait = compute = 0.0
+    start_up = None
     try:
         mark = time.perf_counter()
         for item in loader:
             now = time.perf_counter()
             wait += now - mark
+            if start_up is None:  # model built, workers started, the first bag planned
+                start_up = now - start_time
             kind, index = item[0], item[1]
             bag = bags[index]
             if kind == "prepared":
@@ -484,5 +487,10 @@ def extract(
     if unfinished:  # a bug, not a user's mistake: say so rather than return a short store
         raise ExtractionError(f"internal error: bag(s) {', '.join(unfinished[:5])} were planned but not finished")
     summary.seconds = time.perf_counter() - start_time
-    summary.timings = {"waiting_for_pixels": wait, "model_and_transfer": compute, "store_writes": writer.busy}
+    summary.timings = {
+        "start_up": start_up or 0.0,
+        "waiting_for_pixels": wait,
+        "model_and_transfer": compute,
+        "store_writes": writer.busy,
+    }
     return summary

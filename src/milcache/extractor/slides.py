@@ -5,6 +5,7 @@ pyramidal (and plain) TIFF, Pillow for PNG / JPEG. One interface: level sizes an
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,11 @@ class OpenSlideReader(SlideReader):
 
 
 class TiffReader(SlideReader):
-    """Pyramidal TIFF (levels as SubIFDs or pages) read tile by tile through zarr."""
+    """Pyramidal TIFF (levels as SubIFDs or pages). Tiled levels are read tile by tile straight
+    from the file (tifffile decodes each tile; the last decoded tiles are kept, since neighbouring
+    output tiles share file tiles); other layouts through zarr."""
+
+    _CACHED_TILES = 64  # decoded file tiles kept per reader (a 256² RGB tile is 192 kB)
 
     def __init__(self, path: Path) -> None:
         import tifffile
@@ -113,6 +118,8 @@ class TiffReader(SlideReader):
         except (tifffile.TiffFileError, OSError, IndexError) as exc:
             raise ExtractionError(f"{path}: not a readable TIFF ({exc})") from None
         self._levels = [zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
+        self._tiled = [_plain_tiled_page(level) for level in series.levels]
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         axes = series.axes
         if not (axes.startswith("YX")):
             raise ExtractionError(f"{path}: expected an RGB or grey image (axes YX[S]), found axes {axes}")
@@ -127,13 +134,57 @@ class TiffReader(SlideReader):
     def read_region(self, x, y, level, width, height):
         d = self.downsamples[level]
         lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
-        array = self._levels[level]
         w, h = self.dimensions[level]
-        read = lambda x0, y0, x1, y1: array[y0:y1, x0:x1]  # noqa: E731
+        if self._tiled[level] is not None:
+            read = lambda x0, y0, x1, y1: self._read_tiled(level, x0, y0, x1, y1)  # noqa: E731
+        else:
+            array = self._levels[level]
+            read = lambda x0, y0, x1, y1: array[y0:y1, x0:x1]  # noqa: E731
         return _paste(read, w, h, lx, ly, int(width), int(height), self._top)
+
+    def _read_tiled(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The window [y0:y1, x0:x1] of a tiled level, pasted from the file tiles it overlaps."""
+        page = self._tiled[level]
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        out = None
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self._file_tile(level, ty * across + tx)
+                if out is None:
+                    out = np.empty((y1 - y0, x1 - x0, *tile.shape[2:]), tile.dtype)
+                top, left = ty * th, tx * tw  # the file tile's corner
+                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[ya - top : yb - top, xa - left : xb - left]
+        return out if out.shape[-1] != 1 else out[..., 0]
+
+    def _file_tile(self, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        page = self._tiled[level]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        segment, _, _ = page.decode(data if count else None, index, jpegtables=page.jpegtables)
+        tile = segment.reshape(page.tilelength, page.tilewidth, -1)
+        self._cache[key] = tile
+        if len(self._cache) > self._CACHED_TILES:
+            self._cache.popitem(last=False)
+        return tile
 
     def close(self):
         self._tif.close()
+
+
+def _plain_tiled_page(level):
+    """The level's one 2D tiled page (interleaved samples), or None for layouts left to zarr."""
+    page = level.keyframe
+    simple = len(level.pages) == 1 and page.is_tiled and page.tiledepth == 1 and page.imagedepth == 1
+    return page if simple and (page.samplesperpixel == 1 or page.planarconfig == 1) else None
 
 
 def _tiff_mpp(page) -> float | None:
