@@ -76,6 +76,33 @@ def test_stacked_adamw_matches_torch_adamw():
         reference.step()
         b.grad = grad.unsqueeze(0).repeat(2, 1, 1)
         b.grad[1] = 7.0  # model 1 sits every step out: its parameters must not move
-        ours.step(torch.tensor([1e-2, 1e-2]), np.array([True, False]))
+        ours.step(np.array([1e-2, 1e-2]), np.array([True, False]))
     torch.testing.assert_close(b[0].detach(), a.detach())
     assert torch.equal(b[1].detach(), initial)
+
+
+def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count():
+    """Models with different learning rates (a cosine schedule over folds of different sizes) and
+    one that sits some steps out: each follows torch's AdamW run on its own; gradients written by
+    backward (accumulated in place into the optimiser's zeroed tensors) are the ones used."""
+    from milcache.aggregator.trainer import StackedAdamW
+
+    torch.manual_seed(0)
+    rates = np.array([1e-2, 3e-3, 1e-2])
+    start = torch.randn(3, 4, 2)
+    stacked = start.clone().requires_grad_(True)
+    alone = [start[m].clone().requires_grad_(True) for m in range(3)]
+    references = [torch.optim.AdamW([p], lr=float(r), weight_decay=0.05) for p, r in zip(alone, rates, strict=True)]
+    ours = StackedAdamW([stacked], 3, weight_decay=0.05)
+    for step in range(6):
+        target = torch.randn(3, 4, 2)
+        active = np.array([True, True, step % 2 == 0])  # model 2 takes every other step
+        ours.zero_grad()
+        ((stacked - target) ** 2).sum().backward()
+        ours.step(rates, active)
+        for m in np.flatnonzero(active):
+            references[m].zero_grad()
+            ((alone[m] - target[m]) ** 2).sum().backward()
+            references[m].step()
+    for m in range(3):
+        torch.testing.assert_close(stacked[m].detach(), alone[m].detach())

@@ -9,6 +9,7 @@ by a prefetching thread while the previous batch trains.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,11 @@ class BagTensor:
     @property
     def dim(self) -> int:
         return int(self.features.shape[1])
+
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """Each bag's first row, on the host (``offsets`` without a trip to the device)."""
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.bag_ids)
@@ -176,33 +182,44 @@ def gather_batch(
     if isinstance(data, StreamedBags):
         x, mask = _gather_streamed(data, batch, cap, generator)
         return Batch(x, mask, None)
-    device = data.device
-    bags = torch.from_numpy(batch).to(device)
-    n = torch.from_numpy(data.lengths[batch]).to(device)
-    longest = int(data.lengths[batch].max())
-    if cap is not None and longest > cap:
+    # Which slots are real depends only on the bag lengths, known on the host: every index is
+    # computed here and sent in one copy, so nothing waits for the device (no nonzero, no .item()).
+    device, lengths = data.device, data.lengths[batch]
+    counts = lengths if cap is None else np.minimum(lengths, cap)
+    slots_per_bag = int(counts.max())
+    host_mask = np.arange(slots_per_bag) < counts[:, None]  # (B, N)
+    grouped, groups = groups is not None, groups or 1
+    per_group = host_mask.reshape(groups, -1)  # a group's bags side by side
+    position = per_group.cumsum(1) - 1  # slot → position among its group's real instances
+    width = int(per_group.sum(1).max())
+    target = (position + np.arange(groups)[:, None] * width)[per_group]  # into the packed (groups × width)
+    bags, n, target, source, slots, mask = _to_device(
+        device, batch, lengths, target, np.flatnonzero(per_group), np.maximum(position, 0), host_mask
+    )
+    if cap is not None and int(lengths.max()) > cap:
+        longest = int(lengths.max())
         keys = torch.rand((len(batch), longest), device=device, generator=generator)
         keys.masked_fill_(torch.arange(longest, device=device) >= n.unsqueeze(1), float("inf"))
         local = keys.topk(cap, dim=1, largest=False).indices.sort(dim=1).values
-        mask = torch.arange(cap, device=device) < n.clamp_max(cap).unsqueeze(1)
     else:
-        local = torch.arange(longest, device=device).expand(len(batch), -1)
-        mask = local < n.unsqueeze(1)
+        local = torch.arange(slots_per_bag, device=device).expand(len(batch), -1)
     rows = data.offsets[bags].unsqueeze(1) + local  # (B, N) rows of the flat tensor
-    grouped, groups = groups is not None, groups or 1
-    # Pack each group's real instances: slot → position among its group's real instances.
-    per_group = mask.reshape(groups, -1)
-    position = per_group.cumsum(1) - 1
-    width = int(per_group.sum(1).max())
-    packed = torch.full((groups, width), int(rows[0, 0]), dtype=torch.long, device=device)  # short groups: a real row
-    target = position + torch.arange(groups, device=device).unsqueeze(1) * width
-    packed.view(-1)[target[per_group]] = rows.reshape(groups, -1)[per_group]
+    first_row = int(data.starts[batch[0]])  # short groups are padded with a real row
+    packed = torch.full((groups, width), first_row, dtype=torch.long, device=device)
+    packed.view(-1)[target] = rows.reshape(-1)[source]
     if data.features.device.type != device.type:  # host-resident features (too big for the device)
         x = data.features[packed.cpu()].pin_memory().to(device, non_blocking=True)
     else:
         x = data.features[packed]
-    slots = position.clamp_min(0).view(mask.shape)
-    return Batch(x if grouped else x[0], mask, slots)
+    return Batch(x if grouped else x[0], mask.bool(), slots.view(mask.shape))
+
+
+def _to_device(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Small host arrays on the device in one asynchronous copy, as int64 views."""
+    flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays])
+    moved = torch.from_numpy(flat).to(device, non_blocking=True)
+    ends = np.cumsum([0] + [np.asarray(a).size for a in arrays])
+    return [moved[ends[i] : ends[i + 1]].view(np.shape(a)) for i, a in enumerate(arrays)]
 
 
 def _gather_streamed(

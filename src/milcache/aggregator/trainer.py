@@ -48,46 +48,68 @@ class StackedAdamW:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) over parameters with a leading model
     axis, where each model has its own step count and learning rate and may sit a step out.
 
-    torch's optimisers update a whole tensor; masking a model out of one step needs its own state
-    per model, hence this small optimiser (the same arithmetic as torch's single-tensor AdamW)."""
+    torch's optimisers update whole tensors, so this one runs torch's fused AdamW kernel (the one
+    behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) on per-model
+    views, once per distinct learning rate among the models taking the step. The views are made
+    once: gradients are zeroed in place rather than freed, so backward accumulates into them."""
 
     def __init__(self, params: list[torch.Tensor], n_models: int, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.weight_decay, self.betas, self.eps = params, weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = torch.zeros(n_models, device=params[0].device)
+        self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
+        self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        self._views = self._per_model_views()
+
+    def _per_model_views(self) -> list[tuple[list, list, list, list, list]]:
+        self._grads = [p.grad for p in self.params]
+        return [
+            (
+                [p[m] for p in self.params],
+                [g[m] for g in self._grads],
+                [v[m] for v in self.exp_avg],
+                [v[m] for v in self.exp_avg_sq],
+                [self.steps[m]] * len(self.params),
+            )
+            for m in range(len(self.steps))
+        ]
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, active: np.ndarray) -> None:
-        """``lr`` holds one value per model; ``active`` (bool per model, on the host) says which
-        models take this step. Each line below is one in-place pass over the parameters."""
+    def step(self, lr: np.ndarray, active: np.ndarray) -> None:
+        """``lr`` holds one value per model and ``active`` (bool) says which models take this step
+        (both on the host: nothing here waits for the device)."""
+        if any(p.grad is not g for p, g in zip(self.params, self._grads, strict=True)):
+            self._views = self._per_model_views()  # something replaced a gradient tensor
+        if active.all():
+            self.steps.add_(1)
+        else:
+            self.steps.index_add_(
+                0,
+                torch.from_numpy(np.flatnonzero(active)).to(self.steps.device),
+                self.steps.new_ones(int(active.sum())),
+            )
+        self.host_steps += active
         beta1, beta2 = self.betas
-        everyone = bool(active.all())
-        a = torch.from_numpy(active.astype(np.float32)).to(self.steps.device)
-        self.steps += a
-        t = self.steps.clamp_min(1)
-        step_size = lr * a / (1 - beta1**t)
-        root_correction = torch.sqrt(1 - beta2**t)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            if p.grad is None:
-                continue
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            g = p.grad
-            p.mul_((1 - lr * a * self.weight_decay).view(shape))
-            if everyone:
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            else:  # models sitting this step out keep their moments
-                keep = a.view(shape)
-                m.lerp_(g, (1 - beta1) * keep)
-                v.add_((g * g - v).mul_((1 - beta2) * keep))
-            update = v.sqrt().div_(root_correction.view(shape)).add_(self.eps)
-            torch.div(m, update, out=update)
-            p.addcmul_(update, step_size.view(shape), value=-1.0)
+        for rate in np.unique(lr[active]):
+            chosen = [self._views[m] for m in np.flatnonzero(active & (lr == rate))]
+            lists = [sum((views[i] for views in chosen), []) for i in range(5)]
+            torch._fused_adamw_(
+                *lists[:4],
+                [],
+                lists[4],
+                lr=float(rate),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=self.weight_decay,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        torch._foreach_zero_(self._grads)
 
 
 class _Objective(nn.Module):
@@ -118,10 +140,10 @@ class _ModelState:
     epochs_run: int = 0
 
 
-def _lr_factor(schedule: str, step: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def _lr_factor(schedule: str, step: np.ndarray, total: np.ndarray) -> np.ndarray:
     if schedule == "cosine":
-        return 0.5 * (1 + torch.cos(math.pi * torch.minimum(step, total) / total.clamp_min(1)))
-    return torch.ones_like(step)
+        return 0.5 * (1 + np.cos(math.pi * np.minimum(step, total) / np.maximum(total, 1)))
+    return np.ones_like(step)
 
 
 def fit_stacked(
@@ -181,13 +203,21 @@ def fit_stacked(
         ]
     )
     optimizer = StackedAdamW(list(params.values()), n_models, config.weight_decay)
-    total_steps = torch.tensor([float(config.epochs * s.steps_per_epoch) for s in states], device=device)
+    total_steps = np.array([float(config.epochs * s.steps_per_epoch) for s in states])
 
     def one_model_loss(p, b, x, mask, slots, t, cw, bw):
         return functional_call(base, (p, b), (x, mask, slots, t, cw, bw))
 
-    stacked_loss = vmap(one_model_loss, randomness="different")
-    streamed_loss = vmap(one_model_loss, in_dims=(0, 0, 0, 0, None, 0, 0, 0), randomness="different")
+    if n_models == 1:  # a stack of one needs no vmap, whose dispatch is a fifth of a small step
+
+        def stacked_loss(p, b, *inputs):
+            first = {k: v[0] for k, v in p.items()}, {k: v[0] for k, v in b.items()}
+            return one_model_loss(*first, *(None if v is None else v[0] for v in inputs)).unsqueeze(0)
+
+        streamed_loss = stacked_loss
+    else:
+        stacked_loss = vmap(one_model_loss, randomness="different")
+        streamed_loss = vmap(one_model_loss, in_dims=(0, 0, 0, 0, None, 0, 0, 0), randomness="different")
     histories: list[list[dict]] = [[] for _ in range(n_models)]
     for epoch in range(1, config.epochs + 1):
         active_models = [m for m, s in enumerate(states) if not s.stopped]
@@ -201,8 +231,8 @@ def fit_stacked(
         gather = lambda step: gather_batch(data, step[0], config.instances, generator, groups=n_models)  # noqa: E731
         for (flat, weight, active), batch in prefetched(data, steps, gather):
             batch = batch.grouped(n_models)
-            bags = torch.from_numpy(flat).to(device).view(n_models, -1)
-            bag_weight = torch.from_numpy(weight).to(device)
+            bags = torch.from_numpy(flat).to(device, non_blocking=True).view(n_models, -1)
+            bag_weight = torch.from_numpy(weight).to(device, non_blocking=True)
             loss_of = stacked_loss if batch.slots is not None else streamed_loss
             with autocast(device, config.precision):
                 losses = loss_of(
@@ -213,8 +243,7 @@ def fit_stacked(
                 total = total + _elastic_net(params, config.elastic_net, config.l1_ratio)
             optimizer.zero_grad()
             total.backward()
-            lr = config.lr * _lr_factor(config.schedule, optimizer.steps, total_steps)
-            optimizer.step(lr, active > 0)
+            optimizer.step(config.lr * _lr_factor(config.schedule, optimizer.host_steps, total_steps), active > 0)
             epoch_loss += losses.detach().float() * bag_weight.sum(1)  # stays on the device: no sync
             epoch_bags += bag_weight.sum(1)
         train_loss = (epoch_loss / epoch_bags.clamp_min(1)).tolist()
