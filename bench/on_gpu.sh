@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go on a lent GPU machine whose Python has torch + timm but not the rest:
-# wheels carried in .gpu/<set>/ (base: store, tables, slides; train: optuna, torchmil, volumes), a
+# wheels carried in .gpu/<set>/ (base: store, tables, slides; mini: volumes, DICOM; train: those and
+# optuna, torchmil; 64 MiB travel at most), a
 # trimmed imagecodecs in .gpu/site; results written to $OUT (or ./gpu-out).
 #   bash bench/on_gpu.sh tests train extract
 set -uo pipefail
@@ -17,6 +18,7 @@ for step in "$@"; do
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" ;;
     train) for case in c a; do timeout 200 python3 bench/train_head.py --case $case --device cuda; done 2>&1 | tee "$OUT/train_head.log"
            timeout 150 python3 bench/train_head.py --case b --device cuda --loop-folds 5 2>&1 | tee -a "$OUT/train_head.log" ;;
+    train-c) timeout 200 python3 bench/train_head.py --case c --device cuda 2>&1 | tee "$OUT/train_head_c.log" ;;
     profile) timeout 300 python3 -m cProfile -o "$OUT/extract.prof" bench/extract.py --sources tiles --mix big --slides 32 \
                --size 8192 --backbones resnet50 --precision bf16 --batch-size 256 --workers 14 2>&1 | tee "$OUT/profile.log" ;;
     extract) for extra in "" --compile; do  # eager, then the compiled ceiling

@@ -94,7 +94,11 @@ def test_each_stacked_model_equals_training_it_alone_on_cuda():
         cpu_data.features.to(device), cpu_data.offsets.to(device), cpu_data.lengths, cpu_data.bag_ids, device
     )
     task = Task("binary", [0, 1])
-    config = TrainConfig(head_options={"dropout": 0.0}, epochs=6, batch_size=4, instances=None, patience=2, lr=5e-3)
+    # float32: in bf16 a stack (batched matmuls) and a lone model round differently, and six epochs
+    # of training carry that difference far beyond any fixed tolerance.
+    config = TrainConfig(
+        head_options={"dropout": 0.0}, epochs=6, batch_size=4, instances=None, patience=2, lr=5e-3, precision="fp32"
+    )
     order = np.random.default_rng(1).permutation(len(y))
     trains, vals = [order[:40], order[10:47]], [order[40:55], None]
     stacked = [_model(config, task, data.dim, seed).to(device) for seed in range(2)]
