@@ -1,7 +1,15 @@
 import numpy as np
+import pytest
 import torch
 
-from milcache.aggregator.data import BagTensor, feature_statistics, gather_batch, plan_batches
+from milcache.aggregator.data import (
+    BagTensor,
+    feature_statistics,
+    fold_statistics,
+    gather_batch,
+    plan_batches,
+    resident_dtype,
+)
 
 
 def _data(lengths, dim=6, seed=0):
@@ -20,6 +28,25 @@ def test_statistics_use_only_the_given_bags():
     rows = np.concatenate([data.features[5:14].float().numpy(), data.features[17:24].float().numpy()])
     np.testing.assert_allclose(mean.numpy(), rows.mean(0), atol=1e-5)
     np.testing.assert_allclose(std.numpy(), rows.std(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("every_bag", [True, False])
+def test_statistics_leave_a_float32_cohort_untouched(every_bag):
+    """A CPU cohort is held in float32 (resident_dtype), where .float() is no copy: the statistics
+    once squared the cohort itself in place, and the final model trained on squared features."""
+    data = _data([5, 9, 3, 7])
+    data.features = data.features.float()
+    before = data.features.clone()
+    feature_statistics(data, np.arange(4) if every_bag else np.array([0, 2]), chunk=4)
+    fold_statistics(data, [np.array([0, 1]), np.array([2, 3])])
+    torch.testing.assert_close(data.features, before, rtol=0, atol=0)
+
+
+def test_a_cpu_cohort_of_a_float16_store_is_held_in_float32():
+    assert resident_dtype(torch.float16, torch.device("cpu"), 1000) == torch.float32
+    assert resident_dtype(torch.float32, torch.device("cpu"), 1000) == torch.float32
+    assert resident_dtype(torch.float16, torch.device("cuda", 0), 1000) == torch.float16
+    assert resident_dtype(torch.float16, torch.device("cpu"), 1 << 62) == torch.float16  # too big to widen
 
 
 def _padded(batch):

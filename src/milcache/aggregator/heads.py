@@ -118,6 +118,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def padded(h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Packed rows (T × …) laid out as padded bags (B × N × …) by ``slots``: index_select, whose
+    backward (index_add) is far cheaper on the CPU than advanced indexing's (index_put)."""
+    return torch.index_select(h, 0, slots.reshape(-1)).view(*slots.shape, *h.shape[1:])
+
+
+def packed_weighted_sum(weights: torch.Tensor, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Σₙ weights[b, n] · h[slots[b, n]] for every bag b (B × hidden), from packed h (T × hidden):
+    the weights are scattered into a B × T matrix (padding slots add their zero weight) and one
+    matmul sums. Never builds the padded B × N × hidden copy of h, nor its gradient."""
+    dense = weights.new_zeros(weights.shape[0], h.shape[0]).scatter_add(1, slots, weights)
+    return dense.to(h.dtype) @ h
+
+
 class Head(nn.Module):
     """Base of every head: an instance layer (Linear → ReLU, then ``instance_dropout``) shared by
     all heads, then the head's own ``aggregate``. ``dropout`` acts on bag-level vectors (before the
@@ -178,6 +192,12 @@ class Head(nn.Module):
     def aggregate(self, h: torch.Tensor, mask: torch.Tensor) -> HeadOutput:  # pragma: no cover
         """Bag logits (and instance scores) from instance embeddings ``h`` (B × N × hidden)."""
         raise NotImplementedError
+
+    def aggregate_packed(self, h: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
+        """``aggregate`` of packed instance embeddings (T × hidden, real instances only) that
+        ``slots`` (B × N, into h's rows) lays out as padded bags. Heads that work on instances one
+        by one until a weighted sum (attention) override this to skip the padded copy of h."""
+        return self.aggregate(padded(h, slots), mask)
 
     def combine_loss(
         self, bag_loss: torch.Tensor, output: HeadOutput, targets: torch.Tensor, bag_weight: torch.Tensor
@@ -327,6 +347,12 @@ class AttentionMIL(Head):
         pooled = torch.einsum("bn,bnd->bd", weights.to(h.dtype), h)
         return HeadOutput(self.classifier(pooled), weights, {"h": h})
 
+    def aggregate_packed(self, h, slots, mask):
+        """Attention scores on the real instances only, laid out as bags just for the softmax."""
+        weights = masked_softmax(padded(self.attention(h), slots), mask)
+        pooled = packed_weighted_sum(weights, h, slots)
+        return HeadOutput(self.classifier(pooled), weights, {"h": h, "slots": slots})
+
 
 @register_head("gated-attention")
 class GatedAttentionMIL(AttentionMIL):
@@ -455,9 +481,14 @@ class ClamSB(GatedAttentionMIL):
         if targets.dtype.is_floating_point and self.n_outputs > 1:
             return bag_loss  # regression with several outputs: no class to cluster
         w = self.instance_loss_weight
-        return (1 - w) * bag_loss + w * self.instance_loss(output.extra["h"], output.scores, targets, bag_weight)
+        extra = output.extra
+        return (1 - w) * bag_loss + w * self.instance_loss(
+            extra["h"], output.scores, targets, bag_weight, extra.get("slots")
+        )
 
-    def instance_loss(self, h, attention, targets, bag_weight):
+    def instance_loss(self, h, attention, targets, bag_weight, slots=None):
+        """``h`` as the bags' padded instance embeddings (B × N × hidden), or packed (T × hidden)
+        with the ``slots`` that lay them out (see ``aggregate_packed``)."""
         n_bags, width = attention.shape
         valid = attention > 0  # masked_softmax gives padding exactly 0 and real instances > 0
         n = valid.sum(1)
@@ -469,7 +500,10 @@ class ClamSB(GatedAttentionMIL):
         bottom = torch.gather(order, 1, (n.unsqueeze(1) - 1 - rank).clamp_min(0))  # least attended first
         used = rank < k.unsqueeze(1)  # (B, depth)
         chosen = torch.cat([top, bottom], 1)
-        feats = torch.gather(h, 1, chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        if slots is None:
+            feats = torch.gather(h, 1, chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        else:
+            feats = padded(h, torch.gather(slots, 1, chosen))
         logits = self.instance_classifiers(feats).float().view(n_bags, 2 * depth, self.n_classes, 2)
         cls = targets.round().long() if targets.dtype.is_floating_point else targets.long()
         pseudo = torch.cat([torch.ones_like(top), torch.zeros_like(bottom)], 1)

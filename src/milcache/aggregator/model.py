@@ -32,7 +32,7 @@ class MILModel(nn.Module):
         """``x``: padded bags (B × N × D), or with ``slots`` (B × N) packed real instances (T × D)
         laid out as padded bags only after the instance layer (see ``data.Batch``)."""
         h = self.head.embed(x, self.mean, self.std)
-        out = self.head.aggregate(h if slots is None else h[slots], mask)
+        out = self.head.aggregate(h, mask) if slots is None else self.head.aggregate_packed(h, slots, mask)
         if out.streams:
             out.logits = self.task.combine_streams(out.streams)
         return out

@@ -6,6 +6,13 @@ one ``vmap``-ed step trains all of them, each on a batch of its own training bag
 10-fold × 5 CV costs about one model's wall time on small cohorts. Every model keeps its own batch
 plan, step count, learning-rate schedule and early stopping: a model whose epoch has fewer steps,
 or that has stopped, is masked out of the update, so each fold trains as it would alone.
+
+A stacked step is as wide as its widest model's batch, so the models' epochs are aligned by size:
+each model's batches are ranked by size and spread over a grid of as many slots as the longest
+epoch has steps, and every model walks the grid in one shared random order. At each step all
+models hold batches of about the same rank, hence about the same width (unaligned, every step of
+a 50-model stack was as wide as the largest of 50 random batches). A model trained alone on the
+same grid visits its batches in the same order.
 Knows nothing of Optuna beyond ``report``.
 """
 
@@ -49,39 +56,27 @@ class StackedAdamW:
     axis, where each model has its own step count and learning rate and may sit a step out.
 
     torch's optimisers update whole tensors, so this one runs torch's fused AdamW kernel (the one
-    behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) on per-model
-    views, once per distinct learning rate among the models taking the step. The views are made
-    once: gradients are zeroed in place rather than freed, so backward accumulates into them."""
+    behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) once per group
+    of models that take the step with the same learning rate and step count: on the whole stacked
+    tensors when the group is every model (the usual case), else on per-model views. Gradients are
+    zeroed in place rather than freed: backward's weight gradients come out transposed, and adding
+    them into a zeroed gradient costs less than the copy torch makes to give a fresh one the
+    parameter's layout."""
 
     def __init__(self, params: list[torch.Tensor], n_models: int, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.weight_decay, self.betas, self.eps = params, weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
-        self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
+        self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule and grouping
         for p in params:
             p.grad = torch.zeros_like(p)
-        self._views = self._per_model_views()
-
-    def _per_model_views(self) -> list[tuple[list, list, list, list, list]]:
-        self._grads = [p.grad for p in self.params]
-        return [
-            (
-                [p[m] for p in self.params],
-                [g[m] for g in self._grads],
-                [v[m] for v in self.exp_avg],
-                [v[m] for v in self.exp_avg_sq],
-                [self.steps[m]] * len(self.params),
-            )
-            for m in range(len(self.steps))
-        ]
 
     @torch.no_grad()
     def step(self, lr: np.ndarray, active: np.ndarray) -> None:
         """``lr`` holds one value per model and ``active`` (bool) says which models take this step
         (both on the host: nothing here waits for the device)."""
-        if any(p.grad is not g for p, g in zip(self.params, self._grads, strict=True)):
-            self._views = self._per_model_views()  # something replaced a gradient tensor
+        grads = [p.grad for p in self.params]
         if active.all():
             self.steps.add_(1)
         else:
@@ -91,17 +86,26 @@ class StackedAdamW:
                 self.steps.new_ones(int(active.sum())),
             )
         self.host_steps += active
-        beta1, beta2 = self.betas
-        for rate in np.unique(lr[active]):
-            chosen = [self._views[m] for m in np.flatnonzero(active & (lr == rate))]
-            lists = [sum((views[i] for views in chosen), []) for i in range(5)]
+        chosen = np.flatnonzero(active)
+        groups = np.unique(np.stack([lr[chosen], self.host_steps[chosen]]), axis=1).T
+        for rate, count in groups:
+            members = chosen[(lr[chosen] == rate) & (self.host_steps[chosen] == count)]
+            if len(members) == len(self.steps):
+                lists = (self.params, grads, self.exp_avg, self.exp_avg_sq)
+                step_of = [self.steps[0]] * len(self.params)
+            else:
+                lists = tuple(
+                    sum(([t[m] for t in tensors] for m in members), [])
+                    for tensors in (self.params, grads, self.exp_avg, self.exp_avg_sq)
+                )
+                step_of = sum(([self.steps[m]] * len(self.params) for m in members), [])
             torch._fused_adamw_(
-                *lists[:4],
+                *lists,
                 [],
-                lists[4],
+                step_of,
                 lr=float(rate),
-                beta1=beta1,
-                beta2=beta2,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
                 weight_decay=self.weight_decay,
                 eps=self.eps,
                 amsgrad=False,
@@ -109,7 +113,7 @@ class StackedAdamW:
             )
 
     def zero_grad(self) -> None:
-        torch._foreach_zero_(self._grads)
+        torch._foreach_zero_([p.grad for p in self.params])
 
 
 class _Objective(nn.Module):
@@ -159,12 +163,15 @@ def fit_stacked(
     monitor: str = "auc",
     watch: list[np.ndarray] | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    step_grid: int | None = None,
 ) -> list[dict]:
     """Train ``models[m]`` on the bags ``trains[m]``, all at once; with ``vals[m]``, model m stops
     on its own when its validation loss has not improved for ``config.patience`` epochs and keeps
     its best epoch's weights. ``report(epoch, value)`` gets the ``monitor`` metric averaged over the
     models' validation sets (or the ``watch`` sets when there are none). ``on_epoch(n)`` is told
-    how many model-epochs finished. Returns each model's best epoch and history."""
+    how many model-epochs finished. ``step_grid`` (at least the longest epoch's steps, which is
+    the default) is the grid the epochs are aligned on (see the module's docstring). Returns each
+    model's best epoch, history and the step grid used."""
     from torch.func import functional_call, stack_module_state, vmap
 
     device, n_models = data.device, len(models)
@@ -204,6 +211,7 @@ def fit_stacked(
     )
     optimizer = StackedAdamW(list(params.values()), n_models, config.weight_decay)
     total_steps = np.array([float(config.epochs * s.steps_per_epoch) for s in states])
+    grid = max([s.steps_per_epoch for s in states] + [step_grid or 0])
 
     def one_model_loss(p, b, x, mask, slots, t, cw, bw):
         return functional_call(base, (p, b), (x, mask, slots, t, cw, bw))
@@ -223,8 +231,12 @@ def fit_stacked(
         active_models = [m for m, s in enumerate(states) if not s.stopped]
         if not active_models:
             break
-        plans = [[] if states[m].stopped else _epoch_batches(states[m], data, y, task, config) for m in range(n_models)]
-        steps = _stack_steps(plans, data.lengths)
+        order = np.random.default_rng([config.seed, epoch]).permutation(grid)  # shared by the stack
+        plans = [
+            [None] * grid if states[m].stopped else _on_grid(_epoch_batches(states[m], data, y, task, config), grid)
+            for m in range(n_models)
+        ]
+        steps = _stack_steps([[plan[slot] for slot in order] for plan in plans], data.lengths)
         epoch_loss = torch.zeros(n_models, device=device)
         epoch_bags = torch.zeros(n_models, device=device)
         base.train()
@@ -277,28 +289,44 @@ def fit_stacked(
             {
                 "best_epoch": state.best_epoch if state.best_state is not None else state.epochs_run,
                 "history": histories[m],
+                "step_grid": grid,
             }
         )
     return results
 
 
 def _epoch_batches(state: _ModelState, data: Bags, y: np.ndarray, task: Task, config: TrainConfig) -> list:
+    """A model's batches for one epoch, smallest (padded instances) first."""
     bags = state.train
     if config.balanced_sampling and task.kind != "regression":
         bags = _balanced(y, bags, state.rng)
-    return plan_batches(data.lengths, bags, config.batch_size, config.max_tokens, config.instances, state.rng)
+    batches = plan_batches(data.lengths, bags, config.batch_size, config.max_tokens, config.instances, state.rng, False)
+    capped = data.lengths if config.instances is None else np.minimum(data.lengths, config.instances)
+    widths = [len(b) * int(capped[b].max()) for b in batches]
+    return [batches[i] for i in np.argsort(widths, kind="stable")]
 
 
-def _stack_steps(plans: list[list[np.ndarray]], lengths: np.ndarray) -> list[tuple]:
-    """One step of the stack per batch index: every model's batch side by side, padded with
-    zero-weight copies of the step's shortest bag (which keep every value finite and the padded
-    width small) for models whose epoch has fewer steps or that have stopped."""
+def _on_grid(batches: list[np.ndarray], grid: int) -> list[np.ndarray | None]:
+    """Batches ranked by size spread evenly over ``grid`` slots (empty slots None): rank i of n
+    goes to slot i · grid // n, so the same rank of every model of a stack lands in about the same slot."""
+    slots: list[np.ndarray | None] = [None] * grid
+    for rank, batch in enumerate(batches):
+        slots[rank * grid // len(batches)] = batch
+    return slots
+
+
+def _stack_steps(plans: list[list[np.ndarray | None]], lengths: np.ndarray) -> list[tuple]:
+    """One step of the stack per grid slot that any model uses: every model's batch side by side,
+    padded with zero-weight copies of the step's shortest bag (which keep every value finite and
+    the padded width small) for models without a batch in that slot or that have stopped."""
     n_models = len(plans)
     n_steps = max((len(p) for p in plans), default=0)
     steps = []
     for s in range(n_steps):
         batches = [p[s] if s < len(p) else None for p in plans]
         present = [b for b in batches if b is not None]
+        if not present:
+            continue
         width = max(len(b) for b in present)
         pooled = np.concatenate(present)
         filler = pooled[np.argmin(lengths[pooled])]
@@ -364,10 +392,11 @@ def fit(
     report: Report | None = None,
     monitor: str = "auc",
     seed: int | None = None,
+    step_grid: int | None = None,
 ) -> dict:
     """Train one model (a stack of one); see ``fit_stacked``."""
     seeds = [config.seed if seed is None else seed]
-    return fit_stacked([model], data, task, y, [train], [val], config, seeds, report, monitor)[0]
+    return fit_stacked([model], data, task, y, [train], [val], config, seeds, report, monitor, step_grid=step_grid)[0]
 
 
 @torch.no_grad()
