@@ -107,3 +107,34 @@ def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count():
             references[m].step()
     for m in range(3):
         torch.testing.assert_close(stacked[m].detach(), alone[m].detach())
+
+
+def test_a_stack_of_many_folds_pads_its_steps_little(monkeypatch):
+    """A stacked step is as wide as its longest bag over every model: the models' epochs are
+    aligned by batch size, so a 20-fold stack pads about as little as one model would (unaligned,
+    every step held some model's batch of the longest bags)."""
+    import milcache.aggregator.trainer as trainer
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 41, 92)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = torch.from_numpy(rng.standard_normal((int(offsets[-1]), 4)).astype(np.float32))
+    data = BagTensor(features, torch.from_numpy(offsets), lengths, [f"b{i}" for i in range(92)], torch.device("cpu"))
+    y = rng.integers(0, 2, 92)
+    ratios = []
+    stack_steps = trainer._stack_steps
+
+    def recorded(plans, lengths):
+        steps = stack_steps(plans, lengths)
+        for flat, weight, _ in steps:
+            n = lengths[flat].reshape(weight.shape)
+            ratios.append(n.max() / ((n * weight).sum() / weight.sum()))
+        return steps
+
+    monkeypatch.setattr(trainer, "_stack_steps", recorded)
+    config = TrainConfig(head_options={"hidden": 8, "attention_dim": 4}, epochs=2, batch_size=3, instances=None)
+    trains = [rng.permutation(92)[:83] for _ in range(20)]
+    task = Task("binary", [0, 1])
+    models = [_model(config, task, 4, k) for k in range(20)]
+    fit_stacked(models, data, task, y, trains, [None] * 20, config, seeds=list(range(20)))
+    assert np.mean(ratios) < 1.5, np.mean(ratios)  # 1.23 aligned; 1.84 before, each model in its own order
