@@ -92,3 +92,19 @@ def test_batches_group_similar_sizes_and_cover_every_bag():
     assert {frozenset(b.tolist()) for b in batches} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}
     small = plan_batches(data.lengths, np.arange(8), batch_size=8, max_tokens=200)
     assert all(len(b) * data.lengths[b].max() <= 200 or len(b) == 1 for b in small)
+
+
+def test_batch_plans_are_the_greedy_plan_whether_or_not_max_tokens_binds():
+    """Chunks of batch_size when the token limit never binds, the bag-by-bag greedy plan when it does."""
+    from milcache.aggregator.data import _greedy_batches
+
+    rng = np.random.default_rng(3)
+    for max_tokens in (10_000, 200, 60):
+        lengths = rng.integers(1, 50, 97)
+        indices = rng.permutation(97)[:80]
+        plan = plan_batches(lengths, indices, 6, max_tokens, rng=np.random.default_rng(5), shuffle=False)
+        size = lengths[indices]
+        order = np.argsort(size * np.random.default_rng(5).uniform(0.85, 1.15, len(size)), kind="stable")
+        expected = _greedy_batches(indices, order, size, 6, max_tokens)
+        assert [b.tolist() for b in plan] == [b.tolist() for b in expected]
+        assert sorted(np.concatenate(plan).tolist()) == sorted(indices.tolist())

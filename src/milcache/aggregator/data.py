@@ -151,6 +151,19 @@ def plan_batches(
         order = np.argsort(size * rng.uniform(0.85, 1.15, len(size)), kind="stable")
     else:
         order = np.argsort(size, kind="stable")
+    # Bags are added in order while the batch has room: (bags so far + 1) × the new bag's size
+    # within max_tokens. When that never binds, the batches are plain chunks (no loop over bags).
+    position = np.arange(len(order)) % batch_size
+    if np.all((position == 0) | ((position + 1) * size[order] <= max_tokens)):
+        batches = np.split(indices[order], np.arange(batch_size, len(order), batch_size))
+    else:
+        batches = _greedy_batches(indices, order, size, batch_size, max_tokens)
+    if rng is not None and shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def _greedy_batches(indices, order, size, batch_size: int, max_tokens: int) -> list[np.ndarray]:
     batches, start = [], 0
     while start < len(order):
         end = start + 1
@@ -158,8 +171,6 @@ def plan_batches(
             end += 1
         batches.append(indices[order[start:end]])
         start = end
-    if rng is not None and shuffle:
-        rng.shuffle(batches)
     return batches
 
 
