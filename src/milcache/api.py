@@ -277,14 +277,16 @@ def predict(
     scores: PathLike | None = None,
     memory_budget: str | int | None = None,
     device: str = "auto",
+    ensemble: bool = False,
 ) -> pl.DataFrame:
     """Predict the bags of ``store`` (or ``bags``: ids, or a table with a bag_id column) with the
-    run ``model``; returns the predictions (and writes them to ``out`` when given)."""
+    run ``model`` (or, with ``ensemble``, its cross-validation's fold models averaged); returns the
+    predictions (and writes them to ``out`` when given)."""
     from milcache.aggregator.memory import parse_size
     from milcache.aggregator.predict import predict as run_prediction
 
     budget = None if memory_budget is None else parse_size(memory_budget)
-    return run_prediction(model, store, out, bag_list(bags), top_k, heatmaps, geojson, device, scores, budget)
+    return run_prediction(model, store, out, bag_list(bags), top_k, heatmaps, geojson, device, scores, budget, ensemble)
 
 
 def _refuse_unknown(options: dict, known: set[str], what: str) -> None:

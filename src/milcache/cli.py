@@ -525,9 +525,15 @@ def train_head_command(store_dir, labels, out, task_kind, regime, **options) -> 
 @click.option("--geojson", type=output_path, help="Folder for one QuPath-importable GeoJSON per bag.")
 @click.option("--scores", "scores_file", type=output_path, help="Parquet of every instance's score and coordinates.")
 @click.option("--memory-budget", help="Memory prediction may use, e.g. 8GiB [as train-head].")
+@click.option(
+    "--ensemble",
+    is_flag=True,
+    help="Average the run's cross-validation fold models (probabilities and instance scores) instead of "
+    "using its model refit on every bag.",
+)
 @device_option
 def predict_command(
-    model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, scores_file, memory_budget, device
+    model_dir, store_dir, out, bag_list, top_k, heatmaps, geojson, scores_file, memory_budget, ensemble, device
 ) -> None:
     """Predict bag probabilities with a trained head; list top instances; draw heatmaps."""
     from milcache.api import predict
@@ -543,8 +549,9 @@ def predict_command(
         scores=scores_file,
         memory_budget=memory_budget,
         device=device,
+        ensemble=ensemble,
     )
-    click.echo(f"predicted {table.height} bags → {out}")
+    click.echo(f"predicted {table.height} bags → {out}" + (" (fold ensemble)" if ensemble else ""))
     for folder in (heatmaps, geojson, scores_file):
         if folder:
             click.echo(f"  {folder}")

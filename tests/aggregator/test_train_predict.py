@@ -44,9 +44,63 @@ def test_learns_marked_instance_task_on_held_out_bags(cohort, run):
     assert roc_auc_score(held["label"].to_numpy(), table["prob_1"].to_numpy()) > 0.95
 
 
+def test_predict_ensemble_averages_the_fold_models(cohort, run):
+    """--ensemble: the three fold models predict together; the probabilities are the mean of each
+    fold model's, the instance scores the mean of theirs, and the held-out bags are still ranked right."""
+    import torch
+
+    from milcache.aggregator.data import load_bags
+    from milcache.aggregator.model import load_model
+    from milcache.aggregator.trainer import infer
+    from milcache.store import FeatureStore
+
+    root, labels = cohort
+    out, metrics = run
+    held = labels.tail(40)
+    ids = held["bag_id"].to_list()
+    table = predict(out, root / "store", bag_ids=ids, device="cpu", ensemble=True)
+    assert roc_auc_score(held["label"].to_numpy(), table["prob_1"].to_numpy()) > 0.95
+    ensemble, config, task = load_model(out, "cpu", ensemble=True)
+    assert len(ensemble.members) == metrics["fold_models"] == 3
+    with FeatureStore(root / "store") as store:
+        data = load_bags(store, ids, torch.device("cpu"))
+    train = TrainConfig(**config["train"])
+    each = [infer(member, data, np.arange(len(ids)), train, scores=True) for member in ensemble.members]
+    mean_p = np.mean([task.outputs(logits).numpy()[:, 1] for logits, _ in each], axis=0)
+    np.testing.assert_allclose(table["prob_1"].to_numpy(), mean_p, rtol=1e-4, atol=1e-5)
+    _, scores = infer(ensemble, data, np.arange(len(ids)), train, scores=True)
+    np.testing.assert_allclose(scores[0], np.mean([s[0] for _, s in each], axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_predict_ensemble_without_fold_models_says_so(cohort, run, tmp_path):
+    import shutil
+
+    root, _ = cohort
+    out, _ = run
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "folds.safetensors").unlink()
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            str(bare),
+            "--store",
+            str(root / "store"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--ensemble",
+        ],
+    )
+    assert result.exit_code == 2 and "fold models" in result.output and "without --ensemble" in result.output
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_run_directory_has_every_artefact(run):
     out, metrics = run
-    for name in ("model.safetensors", "config.json", "metrics.json", "oof.parquet", "roc.png", "settings.json"):
+    names = ("model.safetensors", "folds.safetensors", "config.json", "metrics.json", "oof.parquet", "roc.png")
+    for name in (*names, "settings.json"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert {"auc", "accuracy", "balanced_accuracy", "f1", "log_loss"} <= set(saved)

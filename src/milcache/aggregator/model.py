@@ -14,6 +14,7 @@ from milcache.aggregator.tasks import Task
 from milcache.errors import MilcacheError
 
 WEIGHTS_FILE = "model.safetensors"
+FOLDS_FILE = "folds.safetensors"  # the cross-validation's fold models, keys prefixed "fold<k>."
 CONFIG_FILE = "config.json"
 
 
@@ -53,6 +54,21 @@ class MILModel(nn.Module):
         return self.head.combine_loss(bag_loss, out, targets, bag_weight)
 
 
+class FoldEnsemble(nn.Module):
+    """The fold models of a cross-validation as one predictor: their outputs averaged as the task
+    averages a head's streams (probabilities, or values), their instance scores averaged."""
+
+    def __init__(self, models: list[MILModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.task, self.head = models[0].task, models[0].head
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> HeadOutput:
+        outs = [member(x, mask, slots) for member in self.members]
+        scores = None if outs[0].scores is None else torch.stack([o.scores.float() for o in outs]).mean(0)
+        return HeadOutput(self.task.combine_streams([o.logits for o in outs]), scores)
+
+
 def build_model(head: str, head_options: dict, dim: int, task: Task) -> MILModel:
     return MILModel(
         create_head(head, dim, task.n_outputs, n_classes=len(task.classes) or None, **head_options), dim, task
@@ -68,8 +84,23 @@ def save_model(model: MILModel, run_dir: Path, config: dict) -> None:
     (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
-def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[MILModel, dict, Task]:
-    """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``)."""
+def save_fold_models(models: list[MILModel], run_dir: Path) -> None:
+    """The fold models of a cross-validation in one safetensors file (for ``predict --ensemble``)."""
+    from safetensors.torch import save_file
+
+    state = {
+        f"fold{k}.{name}": v.detach().cpu().contiguous()
+        for k, model in enumerate(models)
+        for name, v in model.state_dict().items()
+    }
+    save_file(state, run_dir / FOLDS_FILE)
+
+
+def load_model(
+    run_dir: str | Path, device: torch.device | str = "cpu", ensemble: bool = False
+) -> tuple[MILModel | FoldEnsemble, dict, Task]:
+    """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``), or with
+    ``ensemble`` its cross-validation's fold models as one ``FoldEnsemble`` (``folds.safetensors``)."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -77,6 +108,22 @@ def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple
         raise MilcacheError(f"{run_dir} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     task = Task(config["task"]["kind"], config["task"]["classes"])
-    model = build_model(config["head"], config["head_options"], config["dim"], task)
-    model.load_state_dict(load_file(run_dir / WEIGHTS_FILE, device=str(device)))
-    return model.to(device).eval(), config, task
+
+    def rebuilt(state: dict) -> MILModel:
+        model = build_model(config["head"], config["head_options"], config["dim"], task)
+        model.load_state_dict(state)
+        return model
+
+    if not ensemble:
+        return rebuilt(load_file(run_dir / WEIGHTS_FILE, device=str(device))).to(device).eval(), config, task
+    if not (run_dir / FOLDS_FILE).is_file():
+        raise MilcacheError(
+            f"--ensemble needs the fold models of a cross-validation ({run_dir / FOLDS_FILE}); this run has "
+            "none (trained on a fixed split, or by an older milcache): predict without --ensemble"
+        )
+    states: dict[int, dict] = {}
+    for key, value in load_file(run_dir / FOLDS_FILE, device=str(device)).items():
+        fold, name = key.split(".", 1)
+        states.setdefault(int(fold.removeprefix("fold")), {})[name] = value
+    members = [rebuilt(states[k]) for k in sorted(states)]
+    return FoldEnsemble(members).to(device).eval(), config, task

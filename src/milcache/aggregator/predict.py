@@ -46,9 +46,12 @@ def predict(
     device: str = "auto",
     scores_file: str | Path | None = None,
     memory_budget: int | None = None,
+    ensemble: bool = False,
 ) -> pl.DataFrame:
     """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)
-    and, with ``scores_file``, every instance's score with its coordinates (parquet)."""
+    and, with ``scores_file``, every instance's score with its coordinates (parquet). With
+    ``ensemble``, the run's cross-validation fold models predict together (probabilities and
+    instance scores averaged) instead of its refit model."""
     model_dir = Path(model_dir)
     if out_file is not None:
         checks.output_file(out_file, "--out", (".csv", ".parquet", ".pq"))
@@ -59,7 +62,7 @@ def predict(
             checks.output_dir(folder, option)
     checks.at_least("--top-k", top_k, 0)
     torch_device = resolve_device(device)
-    model, config, task = load_model(model_dir, torch_device)
+    model, config, task = load_model(model_dir, torch_device, ensemble)
     if (heatmaps or geojson) and not model.head.has_instance_scores:
         raise MilcacheError(
             f"--heatmaps and --geojson draw instance scores, and the {config['head']!r} head of {model_dir} "

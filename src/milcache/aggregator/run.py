@@ -18,7 +18,7 @@ from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import Bags, load_bags
 from milcache.aggregator.heads import check_head, resolved_options
 from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
-from milcache.aggregator.model import MILModel, build_model, save_model
+from milcache.aggregator.model import MILModel, build_model, save_fold_models, save_model
 from milcache.aggregator.plots import plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
 from milcache.aggregator.tasks import Task
@@ -292,9 +292,12 @@ def train_head(
         "milcache_version": __version__,
     }
     save_model(model.cpu(), out, model_config)
+    if cohort.split is None:
+        save_fold_models(fold_models, out)
     metrics.update(
         {
             "final_model": final,
+            "fold_models": len(fold_models) if cohort.split is None else 0,  # in folds.safetensors: predict --ensemble
             "bags": len(cohort.y),
             "unlabelled_bags": cohort.unlabelled,
             "task": cohort.task.kind,
