@@ -40,7 +40,7 @@ from milcache.aggregator.data import BagTensor
 from milcache.aggregator.run import Cohort, cross_validate
 from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.tasks import Task
-from reference import GatedAttention, reference_optimizer, stacked_reference
+from reference import GatedAttention, reference_optimizer, stacked_reference, training_statistics
 
 MIL_SETS = ("birds_brown_creeper", "corel_dogs", "protein", "ucsb_breast_cancer", "web_recommendation_1")
 DATASETS = (*MIL_SETS, "mnist_bags")
@@ -116,9 +116,7 @@ def reference_fold(bags, y, train, test, seed: int, epochs: int = 40) -> np.ndar
     the training fold's statistics. Returns the test bags' probabilities."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    stacked = np.concatenate([bags[i] for i in train])
-    mean, std = stacked.mean(0), stacked.std(0)
-    std[std < 1e-6] = 1.0
+    mean, std = training_statistics(bags, train)
     tensors = [torch.from_numpy((b - mean) / std) for b in bags]
     model = GatedAttention(bags[0].shape[1])
     optimizer = reference_optimizer(model)

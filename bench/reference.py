@@ -31,6 +31,14 @@ def reference_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return reference_optimizer_of(list(model.parameters()))
 
 
+def training_statistics(bags: list[np.ndarray], train) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of a training fold's instances (std 1 for constant features)."""
+    stacked = np.concatenate([bags[i] for i in train])
+    mean, std = stacked.mean(0), stacked.std(0)
+    std[std < 1e-6] = 1.0
+    return mean, std
+
+
 def _stack(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     """The modules' parameters with a leading model axis, as leaf tensors for an optimiser."""
     names = [name for name, _ in modules[0].named_parameters()]
@@ -83,9 +91,7 @@ def stacked_reference(bags, y, folds, seeds, epochs: int = 40) -> list[np.ndarra
             torch.manual_seed(seeds[k])
             rngs.append(np.random.default_rng(seeds[k]))
             modules.append(GatedAttention(bags[0].shape[1]))
-            stacked = np.concatenate([bags[i] for i in train])
-            mean, std = stacked.mean(0), stacked.std(0)
-            std[std < 1e-6] = 1.0
+            mean, std = training_statistics(bags, train)
             means.append(torch.from_numpy(mean))
             stds.append(torch.from_numpy(std))
         mean, std = torch.stack(means), torch.stack(stds)

@@ -56,27 +56,42 @@ class StackedAdamW:
     axis, where each model has its own step count and learning rate and may sit a step out.
 
     torch's optimisers update whole tensors, so this one runs torch's fused AdamW kernel (the one
-    behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) once per group
-    of models that take the step with the same learning rate and step count: on the whole stacked
-    tensors when the group is every model (the usual case), else on per-model views. Gradients are
-    zeroed in place rather than freed: backward's weight gradients come out transposed, and adding
-    them into a zeroed gradient costs less than the copy torch makes to give a fresh one the
-    parameter's layout."""
+    behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) once per
+    distinct learning rate among the models taking the step: on the whole stacked tensors when
+    every model takes it with the same step count (the usual case), else on per-model views, made
+    once. Gradients are zeroed in place rather than freed, so the views stay valid (and backward's
+    weight gradients come out transposed: adding them into a zeroed gradient costs less than the
+    copy torch makes to give a fresh one the parameter's layout)."""
 
     def __init__(self, params: list[torch.Tensor], n_models: int, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.weight_decay, self.betas, self.eps = params, weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
-        self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule and grouping
+        self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
         for p in params:
             p.grad = torch.zeros_like(p)
+        self._views = self._per_model_views()
+
+    def _per_model_views(self) -> list[tuple[list, list, list, list, list]]:
+        self._grads = [p.grad for p in self.params]
+        return [
+            (
+                [p[m] for p in self.params],
+                [g[m] for g in self._grads],
+                [v[m] for v in self.exp_avg],
+                [v[m] for v in self.exp_avg_sq],
+                [self.steps[m]] * len(self.params),
+            )
+            for m in range(len(self.steps))
+        ]
 
     @torch.no_grad()
     def step(self, lr: np.ndarray, active: np.ndarray) -> None:
         """``lr`` holds one value per model and ``active`` (bool) says which models take this step
         (both on the host: nothing here waits for the device)."""
-        grads = [p.grad for p in self.params]
+        if any(p.grad is not g for p, g in zip(self.params, self._grads, strict=True)):
+            self._views = self._per_model_views()  # something replaced a gradient tensor
         if active.all():
             self.steps.add_(1)
         else:
@@ -86,23 +101,16 @@ class StackedAdamW:
                 self.steps.new_ones(int(active.sum())),
             )
         self.host_steps += active
-        chosen = np.flatnonzero(active)
-        groups = np.unique(np.stack([lr[chosen], self.host_steps[chosen]]), axis=1).T
-        for rate, count in groups:
-            members = chosen[(lr[chosen] == rate) & (self.host_steps[chosen] == count)]
-            if len(members) == len(self.steps):
-                lists = (self.params, grads, self.exp_avg, self.exp_avg_sq)
-                step_of = [self.steps[0]] * len(self.params)
+        for rate in np.unique(lr[active]):
+            members = np.flatnonzero(active & (lr == rate))
+            if len(members) == len(self.steps) and np.all(self.host_steps == self.host_steps[0]):
+                lists = [self.params, self._grads, self.exp_avg, self.exp_avg_sq, [self.steps[0]] * len(self.params)]
             else:
-                lists = tuple(
-                    sum(([t[m] for t in tensors] for m in members), [])
-                    for tensors in (self.params, grads, self.exp_avg, self.exp_avg_sq)
-                )
-                step_of = sum(([self.steps[m]] * len(self.params) for m in members), [])
+                lists = [sum((self._views[m][i] for m in members), []) for i in range(5)]
             torch._fused_adamw_(
-                *lists,
+                *lists[:4],
                 [],
-                step_of,
+                lists[4],
                 lr=float(rate),
                 beta1=self.betas[0],
                 beta2=self.betas[1],
@@ -113,7 +121,7 @@ class StackedAdamW:
             )
 
     def zero_grad(self) -> None:
-        torch._foreach_zero_([p.grad for p in self.params])
+        torch._foreach_zero_(self._grads)
 
 
 class _Objective(nn.Module):
