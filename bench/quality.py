@@ -13,8 +13,10 @@ scikit-learn's digits (a bag is positive when it holds a 9). Prints one table: a
     python bench/quality.py --config '{"lr": 1e-3}'   # try other settings for milcache's side
 
 The reference's scores come from the same loop run for all folds at once (``stacked_reference``
-in bench/reference.py: one bag per model per step, each model in its own loop's order, equal to
-the plain loop within float rounding, which every run checks on ``--loop-folds`` folds); its time
+in bench/reference.py: one bag per model per step, each model in its own loop's order: the same
+arithmetic, batched, so it rounds differently, and over thousands of Adam steps that can move a
+few near-boundary bags; every run prints the largest probability difference from the plain loop
+on ``--loop-folds`` folds); its time
 is the plain loop's on those folds, scaled to the whole CV. Results are cached in ``--cache``
 (keyed by data set, folds, repeats and seed), so trying defaults reruns only milcache's side.
 """

@@ -78,7 +78,8 @@ def stacked_reference(bags, y, folds, seeds, epochs: int = 40) -> list[np.ndarra
     seeded loop would take them. Adam is elementwise, so stacked it is each model's own Adam;
     folds with as many training bags share a stack so that every model steps at every step.
     ``folds`` holds (train, test) pairs; returns each fold's test probabilities, as ``reference_fold``
-    of bench/quality.py would (equal within float rounding: bench/quality.py checks it)."""
+    of bench/quality.py would, up to float rounding, which long runs can amplify on a few
+    near-boundary bags (bench/quality.py prints the largest difference)."""
     raw = [torch.from_numpy(b) for b in bags]
     targets = torch.from_numpy(np.asarray(y)).float()
     results: list[np.ndarray | None] = [None] * len(folds)
