@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--loop-folds", type=int, help="case b: time the peers on this many folds and scale up")
     parser.add_argument("--rounds", type=int, default=3, help="cases a and c: turns each side takes (fastest kept)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     device = resolve_device(args.device)
     if args.case == "a":
         case_epoch(200, 1000, 2000, 512, device, rounds=args.rounds)
