@@ -251,3 +251,59 @@ def test_study_never_sees_its_held_out_bags_and_scores_the_best_on_them(cohort, 
     study_bags, held_out = study_module.holdout_split(loaded, 0.25, 0)
     assert len(held_out) == 25 and not seen & set(held_out.tolist())  # the study trained on none of them
     assert json.loads((tmp_path / "study" / "best.json").read_text())["holdout"]["bags"] == 25
+
+
+def test_one_bar_over_the_trials_moves_with_every_fold_epoch(cohort, tmp_path, monkeypatch, capsys):
+    import milcache.tuning.study as study_module
+
+    real = study_module.cross_validate
+    seen: list[tuple[int, int]] = []  # (done, total) as the bar heard them
+    calls = []
+
+    def flaky(*args, on_epoch=None, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            on_epoch(2, 6)  # a third of the trial done, then it fails: the bar takes it back
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        def heard(done, total):
+            seen.append((done, total))
+            on_epoch(done, total)
+
+        return real(*args, on_epoch=heard, **kwargs)
+
+    monkeypatch.setattr(study_module, "cross_validate", flaky)
+    settings = TuneSettings(n_trials=3, folds=2, pruner="none", holdout=0.0)
+    tune(
+        cohort / "store",
+        cohort / "labels.csv",
+        tmp_path / "s",
+        settings,
+        fixed={**SMALL, "epochs": 3},
+        device="cpu",
+        progress=True,
+    )
+    # Each finished trial reported its 2 folds × 3 epochs, as they finished.
+    assert sum(done for done, _ in seen) == 3 * 6 and {total for _, total in seen} == {6}
+    assert len(seen) >= 3 * 3  # at least once per epoch of each trial: the bar moves inside a trial
+    err = capsys.readouterr().err
+    assert "tune" in err and "3.0/3 trials" in err and "best auc" in err
+    assert "4.0/3" not in err  # the failed trial was replaced, not counted
+
+
+def test_trial_bar_counts_a_pruned_trial_whole():
+    from types import SimpleNamespace
+
+    from milcache.tuning.study import TrialBar
+
+    bar = TrialBar(2, "auc", enabled=False)
+    study = SimpleNamespace(best_value=0.9)
+    bar.epochs(0, 3, 12)
+    bar.epochs(0, 3, 12)
+    assert bar.trials == pytest.approx(0.5)
+    bar.finished(study, SimpleNamespace(number=0, state=optuna.trial.TrialState.PRUNED))
+    assert bar.trials == pytest.approx(1.0)
+    bar.epochs(1, 20, 12)  # never more than the whole trial
+    assert bar.trials == pytest.approx(2.0)
+    bar.finished(study, SimpleNamespace(number=1, state=optuna.trial.TrialState.COMPLETE))
+    assert bar.trials == pytest.approx(2.0)

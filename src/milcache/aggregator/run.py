@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,13 +165,16 @@ def cross_validate(
     monitor: str = "auc",
     progress: bool = False,
     bags: np.ndarray | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, pl.DataFrame, list[int], list[MILModel]]:
     """Metrics per fold and their mean ± std, out-of-fold predictions, each fold's best epoch and
     each fold's trained model. The folds train together as stacked models.
 
     ``report(epoch, value)`` gets the ``monitor`` metric of each epoch, averaged over the folds
     (on their validation splits, or on their test folds when they have none). ``bags`` restricts
-    the CV to those bags (tune keeps a held-out part out of its study this way)."""
+    the CV to those bags (tune keeps a held-out part out of its study this way). ``on_epoch(done,
+    total)`` is told of the fold-epochs as they finish, out of ``total`` (tune's bar over its
+    trials); without it, ``progress`` shows this CV's own bar."""
     from tqdm import tqdm
 
     task, y, groups = cohort.task, cohort.y, cohort.groups
@@ -192,7 +196,10 @@ def cross_validate(
     config, step_tokens = fit_memory(config, cohort, models[0])
     results = []
     per_stack = _models_per_stack(config, cohort.data, step_tokens)
-    with tqdm(total=len(plans) * config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
+    total = len(plans) * config.epochs
+    disable = not progress or on_epoch is not None
+    with tqdm(total=total, desc="train", unit="epoch", disable=disable) as bar:
+        tick = bar.update if on_epoch is None else (lambda n: on_epoch(n, total))
         for start in range(0, len(plans), per_stack):
             chunk = range(start, min(start + per_stack, len(plans)))
             watch = [plans[k][1] for k in chunk] if report is not None else None
@@ -208,7 +215,7 @@ def cross_validate(
                 report=report,
                 monitor=monitor,
                 watch=watch,
-                on_epoch=bar.update,
+                on_epoch=tick,
             )
     fold_metrics, oof, best_epochs = [], [], []
     for k, ((_, test, _), model, result) in enumerate(zip(plans, models, results, strict=True)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -114,12 +115,58 @@ def _stop_after_failures(limit: int):
     return callback
 
 
-def make_objective(cohort: Cohort, space: dict, settings: TuneSettings, bags: np.ndarray | None = None):
+class TrialBar:
+    """One bar over the study's trials that moves with every fold-epoch a trial finishes, so its
+    rate and ETA are right long before the first trial ends; a pruned or failed trial jumps to
+    its end. Shows the best value so far. Safe with ``--jobs`` > 1 (trials run in threads)."""
+
+    def __init__(self, trials: int, metric: str, enabled: bool) -> None:
+        import threading
+
+        from tqdm import tqdm
+
+        bar_format = "{l_bar}{bar}| {n:.1f}/{total_fmt} trials [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        self._bar = tqdm(total=trials, desc="tune", unit="trial", disable=not enabled, bar_format=bar_format)
+        self._metric = metric
+        self._lock = threading.Lock()
+        self._done: dict[int, float] = {}  # trial number -> fraction of it reported
+        self.trials = 0.0  # trials' worth of work finished (tqdm counts nothing when disabled)
+
+    def epochs(self, trial: int, done: int, total: int) -> None:
+        with self._lock:
+            step = min(done / max(total, 1), 1.0 - self._done.get(trial, 0.0))
+            self._done[trial] = self._done.get(trial, 0.0) + step
+            self._advance(step)
+
+    def finished(self, study, trial) -> None:
+        """An optuna callback: the rest of the trial (a failed one is taken back: another trial
+        replaces it), and the best value in the bar's postfix."""
+        import optuna
+
+        with self._lock:
+            done = self._done.pop(trial.number, 0.0)
+            self._advance(-done if trial.state == optuna.trial.TrialState.FAIL else 1.0 - done)
+            with contextlib.suppress(ValueError):  # no trial completed yet
+                self._bar.set_postfix_str(f"best {self._metric} {study.best_value:.4f}", refresh=False)
+            self._bar.refresh()
+
+    def _advance(self, trials: float) -> None:
+        self.trials += trials
+        self._bar.update(trials)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def make_objective(
+    cohort: Cohort, space: dict, settings: TuneSettings, bags: np.ndarray | None = None, bar: TrialBar | None = None
+):
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
         config = sample_config(trial, space, settings.seed)
         trial.set_user_attr("config", {**config.to_dict()})
+        on_epoch = None if bar is None else (lambda done, total: bar.epochs(trial.number, done, total))
 
         def report(step: int, value: float) -> None:
             if np.isfinite(value):
@@ -129,7 +176,7 @@ def make_objective(cohort: Cohort, space: dict, settings: TuneSettings, bags: np
 
         try:
             metrics, _, best_epochs, _ = cross_validate(
-                cohort, config, settings.folds, 1, report, settings.metric, bags=bags
+                cohort, config, settings.folds, 1, report, settings.metric, bags=bags, on_epoch=on_epoch
             )
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -201,23 +248,28 @@ def tune(
         skip_duplicates=settings.skip_duplicates,
     )
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
-    if settings.n_trials - _finished(study) > 0:
+    remaining = settings.n_trials - _finished(study)
+    if remaining > 0:
+        bar = TrialBar(remaining, settings.metric, progress)
         # No trial count here: the callbacks stop once n_trials are finished, so a failed trial is
         # replaced by another, and a run of failures stops the study instead of looping.
-        study.optimize(
-            make_objective(cohort, space, settings, study_bags),
-            n_trials=None,
-            timeout=settings.timeout,
-            n_jobs=settings.jobs,
-            catch=(RuntimeError,),
-            show_progress_bar=progress,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(
-                    settings.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                ),
-                _stop_after_failures(_MAX_FAILURES_IN_A_ROW),
-            ],
-        )
+        try:
+            study.optimize(
+                make_objective(cohort, space, settings, study_bags, bar),
+                n_trials=None,
+                timeout=settings.timeout,
+                n_jobs=settings.jobs,
+                catch=(RuntimeError,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(
+                        settings.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                    ),
+                    _stop_after_failures(_MAX_FAILURES_IN_A_ROW),
+                    bar.finished,
+                ],
+            )
+        finally:
+            bar.close()
     summary = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
     summary["holdout"] = _holdout_estimate(study, cohort, study_bags, held_out, settings)
     (out / "best.json").write_text(json.dumps(summary, indent=2))
