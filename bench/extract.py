@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone on both sides")
     parser.add_argument(
+        "--decode", default="auto", help="comma-separated --decode modes to run (cpu, gpu, auto), e.g. cpu,gpu on CUDA"
+    )
+    parser.add_argument(
         "--mix",
         default="big,small",
         help="Bag-size mixes: big = --slides bags of --size; small = 4× the bags at half the size (many "
@@ -137,7 +140,7 @@ def main() -> None:
         bags, size = (args.slides, args.size) if mix == "big" else (4 * args.slides, args.size // 2)
         try:
             manifest, settings = COHORTS[kind](root, bags, size)
-            for backbone in args.backbones.split(","):
+            for backbone, decode in ((b, d) for b in args.backbones.split(",") for d in args.decode.split(",")):
                 if kind == "cam":
                     settings["backbone"] = backbone
                 input_size = (64, 64) if kind == "volume" else None
@@ -149,6 +152,7 @@ def main() -> None:
                     workers=args.workers,
                     precision=args.precision,
                     compile=args.compile,
+                    decode=decode,
                     overwrite=True,
                     preprocessing={"input_size": input_size} if input_size else {},
                 )
@@ -168,7 +172,8 @@ def main() -> None:
                 t = summary.timings
                 steady = summary.instances / max(summary.seconds - t["start_up"], 1e-9)
                 print(
-                    f"{kind:>6} {mix:>5} {backbone}: {bags} bags, {summary.instances} instances  end-to-end "
+                    f"{kind:>6} {mix:>5} {backbone} decode={decode} ({summary.decoded_on_device} on the device): "
+                    f"{bags} bags, {summary.instances} instances  end-to-end "
                     f"{e2e:8.1f}/s  bare {bare:8.1f}/s  ratio {e2e / bare:.2f}; after start-up "
                     f"({t['start_up']:.1f}s) {steady:8.1f}/s  ratio {steady / bare:.2f}"
                 )

@@ -21,7 +21,7 @@ for step in "$@"; do
     train-c) timeout 200 python3 bench/train_head.py --case c --device cuda 2>&1 | tee "$OUT/train_head_c.log" ;;
     profile) timeout 300 python3 -m cProfile -o "$OUT/extract.prof" bench/extract.py --sources tiles --mix big --slides 32 \
                --size 8192 --backbones resnet50 --precision bf16 --batch-size 256 --workers 14 2>&1 | tee "$OUT/profile.log" ;;
-    extract) for extra in "" --compile; do  # eager, then the compiled ceiling
+    extract) for extra in "--decode cpu,gpu" "--compile --decode cpu,gpu"; do  # eager, then the compiled ceiling; each decode
                timeout 300 python3 bench/extract.py --sources tiles --mix big --slides 32 --size 8192 --backbones resnet50 \
                  --precision bf16 --batch-size 256 --workers 14 $extra ${EXTRACT_ARGS:-}
              done 2>&1 | tee "$OUT/extract.log" ;;

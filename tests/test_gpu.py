@@ -1,6 +1,6 @@
 """The CUDA paths against the CPU ones: extraction (fp32, bf16, compiled, padded batches spanning
-bags), head training and prediction, stacked fold models, fine-tuning. Skipped without a GPU; run on
-one with `pytest -m gpu`."""
+bags, JPEG tiles decoded by nvjpeg), head training and prediction, stacked fold models,
+fine-tuning. Skipped without a GPU; run on one with `pytest -m gpu`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,41 @@ def test_cuda_extraction_matches_the_cpu(slides, tmp_path, precision, compile, b
     for bag, expected in reference.items():
         assert found[bag].shape == expected.shape
         assert _cosine(found[bag], expected).min() > least_cosine, bag
+
+
+def test_nvjpeg_tiles_equal_the_cpu_decoders_within_jpeg_tolerance(tmp_path):
+    """--decode gpu: file tiles decoded by nvjpeg, pasted across seams and edges on the device,
+    against the workers' pixels (libjpeg-turbo through tifffile). JPEG decoders may differ in the
+    IDCT and chroma upsampling by a few levels, not more."""
+    from milcache.extractor.jpeg import decode_tiles
+    from milcache.extractor.sources import create_source
+    from milcache.store.tables import BagSpec
+
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(300, 410), compression="jpeg", tile=64)
+    source = create_source("tiles", tile_size=48, tissue_threshold=0.0)
+    bag = BagSpec("b", [path])
+    plan = source.plan(bag)
+    indices = np.arange(len(plan))
+    cpu = source.read(bag, plan, indices)
+    gpu = decode_tiles(source.read_encoded(bag, plan, indices), torch.device("cuda")).cpu().numpy()
+    difference = np.abs(gpu.astype(int) - cpu.astype(int))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99.9) <= 8, (difference.mean(), difference.max())
+
+
+def test_cuda_extraction_with_gpu_decoding_matches_the_cpu(tmp_path):
+    root = tmp_path / "jpeg"
+    root.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_pyramid_tiff(root / f"{name}.tif", tissue_image(256, 320, seed=seed), compression="jpeg", tile=64)
+    pl.DataFrame({"bag_id": ["a", "b"], "path": ["a.tif", "b.tif"]}).write_csv(root / "slides.csv")
+    cpu = milcache.extract(root / "slides.csv", tmp_path / "cpu", backbone="test_resnet", device="cpu", **TILES)
+    gpu = milcache.extract(
+        root / "slides.csv", tmp_path / "gpu", backbone="test_resnet", device="cuda", decode="gpu", **TILES
+    )
+    assert gpu.bags == 2 and gpu.decoded_on_device == gpu.instances == cpu.instances
+    reference, found = _embeddings(tmp_path / "cpu"), _embeddings(tmp_path / "gpu")
+    for bag, expected in reference.items():
+        assert _cosine(found[bag], expected).min() > 0.999, bag
 
 
 def test_cuda_training_and_prediction_agree_with_the_cpu(tmp_path):

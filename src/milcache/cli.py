@@ -21,7 +21,7 @@ from milcache.aggregator.config import (
     FineTuneSettings,
     TrainConfig,
 )
-from milcache.devices import PRECISION_HELP, PRECISIONS
+from milcache.devices import DECODE_CHOICES, PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
 from milcache.tuning.settings import PRUNERS
 
@@ -698,6 +698,13 @@ def tune_command(
 )
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
 @click.option(
+    "--decode",
+    type=click.Choice(DECODE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Where JPEG tiles of tiled TIFFs are decoded: cpu (the workers) or gpu (nvjpeg, batched); auto: gpu on CUDA.",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["float16", "float32"]),
     default="float16",
@@ -734,7 +741,10 @@ def extract_command(manifest, source_kind, out, compile_model, **options) -> Non
         f"{summary.bags} bags, {summary.instances} instances in {summary.seconds:.1f}s "
         f"({summary.instances_per_second:.1f} instances/s); {summary.skipped} already done; "
         f"{len(summary.failures)} failed"
+        + (f"; {summary.decoded_on_device} decoded on the GPU" if summary.decoded_on_device else "")
     )
+    if options.get("decode") == "gpu" and summary.instances and not summary.decoded_on_device:
+        click.echo("note: --decode gpu: no slide had JPEG-tiled TIFF levels to decode there; the workers decoded all")
     for bag_id, reason in summary.failures.items():
         click.echo(f"  FAILED {bag_id}: {reason}")
     if summary.failures:

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Where extraction decodes JPEG tiles (extractor/jpeg.py says what each means).
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 PRECISION_HELP = "auto: bf16 on CUDA, fp32 on the CPU."
 
 

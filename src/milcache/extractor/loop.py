@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from milcache import checks
-from milcache.devices import PRECISIONS, autocast, resolve_device
+from milcache.devices import DECODE_CHOICES, PRECISIONS, autocast, resolve_device
 from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
+from milcache.extractor.jpeg import decode_on_device, decode_tiles
 from milcache.extractor.sources import BagPlan, Source
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
 from milcache.store.lmdb_store import shard_path
@@ -35,6 +36,7 @@ class ExtractConfig:
     workers: int = 4
     precision: str = "auto"  # one of devices.PRECISIONS
     compile: bool = False
+    decode: str = "auto"  # JPEG tiles: in the workers (cpu), on the device (gpu), auto: gpu on CUDA
     dtype: str = "float16"  # of the stored embeddings
     shard: tuple[int, int] | None = None  # (index, count); default from torchrun's RANK / WORLD_SIZE
     overwrite: bool = False
@@ -47,6 +49,7 @@ class ExtractConfig:
         checks.at_least("--workers", self.workers, 0)
         checks.one_of("--precision", self.precision, PRECISIONS)
         checks.one_of("--dtype", self.dtype, ("float16", "float32"))
+        checks.one_of("--decode", self.decode, DECODE_CHOICES)
         size = self.preprocessing.get("input_size")
         for side in size or ():
             checks.at_least("--input-size", side, 16)
@@ -59,6 +62,7 @@ class ExtractSummary:
     bags: int = 0  # written in this run
     skipped: int = 0  # already complete from an earlier run
     instances: int = 0
+    decoded_on_device: int = 0  # instances whose JPEG tiles the compute device decoded
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # where the time went (main thread)
@@ -162,8 +166,12 @@ class _Batches:
     def _buffer(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.staging:
             shape = (self.batch_size, *pixels.shape[1:])
+            # Staged where the first chunk is: pinned host memory for pixels from the workers, the
+            # device for JPEG tiles decoded there (a chunk from the other side is copied across).
+            pin = self.cuda and pixels.device.type == "cpu"
             self.staging = [
-                torch.empty(shape, dtype=pixels.dtype, pin_memory=self.cuda) for _ in range(self._IN_FLIGHT + 1)
+                torch.empty(shape, dtype=pixels.dtype, device=pixels.device, pin_memory=pin)
+                for _ in range(self._IN_FLIGHT + 1)
             ]
         buffer = self.staging[self.turn]
         if pixels.shape[1:] != buffer.shape[1:] or pixels.dtype != buffer.dtype:
@@ -203,10 +211,11 @@ class _Batches:
 
 class _BagStream(IterableDataset):
     """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why);
-    for sources that plan on the device: ("prepared", i, decoded images)."""
+    for sources that plan on the device: ("prepared", i, decoded images). With ``encoded``, batches
+    the source can give as JPEG tiles come as ("encoded", i, start, jpeg.EncodedTiles)."""
 
-    def __init__(self, bags: list[tuple[int, BagSpec]], source: Source, batch_size: int) -> None:
-        self.bags, self.source, self.batch_size = bags, source, batch_size
+    def __init__(self, bags: list[tuple[int, BagSpec]], source: Source, batch_size: int, encoded: bool = False):
+        self.bags, self.source, self.batch_size, self.encoded = bags, source, batch_size, encoded
 
     def __iter__(self):
         info = get_worker_info()
@@ -233,11 +242,15 @@ class _BagStream(IterableDataset):
         for start in range(0, len(plan), self.batch_size):
             indices = np.arange(start, min(start + self.batch_size, len(plan)))
             try:
-                pixels = self.source.read(bag, plan, indices)
+                encoded = self.source.read_encoded(bag, plan, indices) if self.encoded else None
+                pixels = self.source.read(bag, plan, indices) if encoded is None else None
             except Exception as exc:
                 yield ("fail", index, f"reading instances {start}..{indices[-1]}: {type(exc).__name__}: {exc}")
                 return
-            yield ("pixels", index, start, torch.from_numpy(pixels))
+            if encoded is not None:
+                yield ("encoded", index, start, encoded)
+            else:
+                yield ("pixels", index, start, torch.from_numpy(pixels))
 
 
 def failure_reason(exc: Exception) -> str:
@@ -362,6 +375,7 @@ def extract(
     device = resolve_device(config.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    on_device = decode_on_device(config.decode, device)  # a CUDA-less --decode gpu is refused before any work
     bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
     backbone = create_backbone(
         config.backbone, config.weights, config.pretrained, **config.preprocessing, **source.backbone_options(bags)
@@ -393,7 +407,7 @@ def extract(
     writer = _Writer(store_writer)
     writer.start()
     loader = DataLoader(
-        _BagStream(todo, source, config.batch_size),
+        _BagStream(todo, source, config.batch_size, encoded=on_device),
         batch_size=None,
         num_workers=config.workers,
         pin_memory=False,  # chunks are copied into _Batches' pinned staging buffers: pinning them first copies twice
@@ -460,6 +474,13 @@ def extract(
                     kind, item, pixels = "fail", ("fail", index, failure_reason(exc)), None
             else:
                 pixels = None
+            if kind == "encoded" and index in pending:  # JPEG tiles: decoded here, on the device
+                try:
+                    kind, item = "pixels", (*item[:3], decode_tiles(item[3], device))
+                    summary.decoded_on_device += len(item[3])
+                except RuntimeError as exc:  # a corrupt JPEG tile: the bag's failure, named
+                    why = f"decoding instances {item[2]}.. on {device}: {str(exc).splitlines()[0]}"
+                    kind, item = "fail", ("fail", index, why)
             if kind == "plan" and len(item[2]) == 0:
                 kind, item = "fail", ("fail", index, "the source found no instances in this bag")
             if kind == "fail":
@@ -473,7 +494,7 @@ def extract(
                 bar.refresh()
                 if pixels is not None:
                     batches.add(index, 0, torch.from_numpy(pixels))
-            else:
+            elif kind == "pixels" and index in pending:  # not a bag that already failed
                 batches.add(index, item[2], item[3])
             mark = time.perf_counter()
             compute += mark - now

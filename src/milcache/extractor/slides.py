@@ -31,6 +31,16 @@ class SlideReader:
         """RGB uint8 (height × width × 3) of level ``level`` whose top-left is level-0 (x, y)."""
         raise NotImplementedError
 
+    def encoded_region(self, x: int, y: int, level: int, width: int, height: int) -> list[tuple] | None:
+        """``read_region``'s window as compressed file tiles, for decoding on the device: pieces
+        (stream key, source y, source x, window y, window x, height, width), white elsewhere; None
+        when the level is not stored as JPEG tiles that decode to its RGB pixels."""
+        return None
+
+    def jpeg_stream(self, key) -> bytes:
+        """The complete JPEG stream of the file tile ``key`` of ``encoded_region``."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -158,6 +168,38 @@ class TiffReader(SlideReader):
                 out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[ya - top : yb - top, xa - left : xb - left]
         return out if out.shape[-1] != 1 else out[..., 0]
 
+    def encoded_region(self, x, y, level, width, height):
+        page = self._tiled[level]
+        if page is None or not _rgb_jpeg_tiles(page):
+            return None
+        d = self.downsamples[level]
+        lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
+        w, h = self.dimensions[level]
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + int(width), w), min(ly + int(height), h)
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        pieces = []
+        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
+                index = ty * across + tx
+                if not page.databytecounts[index]:  # a tile missing from the file: the CPU path fills it
+                    return None
+                top, left = ty * th, tx * tw
+                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
+                pieces.append(((level, index), ya - top, xa - left, ya - ly, xa - lx, yb - ya, xb - xa))
+        return pieces
+
+    def jpeg_stream(self, key) -> bytes:
+        from milcache.extractor.jpeg import complete_stream
+
+        level, index = key
+        page = self._tiled[level]
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        return complete_stream(data, page.jpegtables)
+
     def _file_tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)
         if key in self._cache:
@@ -185,6 +227,17 @@ def _plain_tiled_page(level):
     page = level.keyframe
     simple = len(level.pages) == 1 and page.is_tiled and page.tiledepth == 1 and page.imagedepth == 1
     return page if simple and (page.samplesperpixel == 1 or page.planarconfig == 1) else None
+
+
+def _rgb_jpeg_tiles(page) -> bool:
+    """8-bit JPEG tiles that any JPEG decoder turns into the level's RGB (YCbCr colour, as
+    libjpeg assumes for three components) or grey pixels; JPEG tiles stored as RGB or CMYK are
+    left to tifffile, which knows the TIFF tags that say so."""
+    if page.compression != 7 or page.bitspersample != 8:
+        return False
+    return (page.samplesperpixel == 3 and page.photometric == 6) or (
+        page.samplesperpixel == 1 and page.photometric == 1
+    )
 
 
 def _tiff_mpp(page) -> float | None:

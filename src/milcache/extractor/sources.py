@@ -76,6 +76,11 @@ class Source:
         """Pixels of the instances ``indices`` of ``plan``: uint8 (b × H × W × C)."""
         raise NotImplementedError
 
+    def read_encoded(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray):
+        """The same instances as compressed JPEG tiles (``jpeg.EncodedTiles``) for decoding on the
+        compute device, or None where the source cannot (then ``read`` is used)."""
+        return None
+
     def close(self) -> None:
         """Release file handles (end of a worker)."""
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from milcache import checks
 from milcache.errors import ExtractionError
+from milcache.extractor.jpeg import EncodedTiles
 from milcache.extractor.slides import SlideReader, open_slide
 from milcache.extractor.sources import BagPlan, Source, register_source
 from milcache.store.tables import BagSpec
@@ -220,20 +221,44 @@ class TileSource(Source):
         attrs = {"tissue": tissue[order], "offset_grid": offset[order], "image": image[order]}
         return BagPlan(coords, attrs, extras, meta)
 
+    def _window(self, plan: BagPlan, i: int) -> tuple[SlideReader, int, int, int, int]:
+        """Where instance ``i`` is read: (reader, level-0 x, y, level, window side in level pixels)."""
+        x, y, level = (int(v) for v in plan.coords[i])
+        info = plan.meta["images"][int(plan.attrs["image"][i])]
+        reader = self.reader(info["path"])
+        return reader, x, y, level, math.ceil(info["tile_size_level0"] / reader.downsamples[level])
+
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
         from PIL import Image
 
         out = np.empty((len(indices), self.tile_size, self.tile_size, 3), np.uint8)
         for row, i in enumerate(indices):
-            x, y, level = (int(v) for v in plan.coords[i])
-            info = plan.meta["images"][int(plan.attrs["image"][i])]
-            reader = self.reader(info["path"])
-            side = math.ceil(info["tile_size_level0"] / reader.downsamples[level])
+            reader, x, y, level, side = self._window(plan, i)
             tile = reader.read_region(x, y, level, side, side)
             if side != self.tile_size:
                 tile = np.asarray(Image.fromarray(tile).resize((self.tile_size, self.tile_size), Image.BILINEAR))
             out[row] = tile
         return out
+
+    def read_encoded(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> EncodedTiles | None:
+        """The tiles ``read`` gives, as their slides' JPEG file tiles (each once per batch), or None
+        when one of them lies on a level that is not JPEG-tiled."""
+        streams: list[np.ndarray] = []
+        where: dict[tuple, int] = {}
+        pieces, sides = [], []
+        for row, i in enumerate(indices):
+            reader, x, y, level, side = self._window(plan, i)
+            found = reader.encoded_region(x, y, level, side, side)
+            if found is None:
+                return None
+            for key, *placement in found:
+                key = (str(reader.path), key)
+                if key not in where:
+                    where[key] = len(streams)
+                    streams.append(np.frombuffer(bytearray(reader.jpeg_stream(key[1])), np.uint8))
+                pieces.append((row, where[key], *placement))
+            sides.append(side)
+        return EncodedTiles(streams, np.array(pieces, np.int64).reshape(-1, 8), np.array(sides), self.tile_size)
 
 
 def _shrink(image: np.ndarray, downsample: float, side: int) -> tuple[np.ndarray, float]:

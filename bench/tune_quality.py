@@ -1,0 +1,109 @@
+"""Does `milcache tune` beat the defaults? Nested cross-validation on the calibration sets of
+bench/quality.py: in each outer fold, a study of ``--trials`` trials (the default search space,
+TPE, median pruning, 5 inner folds, exactly what `milcache tune` runs) sees only the outer
+training bags; its best configuration, refit on them as tune refits it, is scored on the outer
+test bags, and so is the model `milcache train-head` makes with its defaults from the same bags
+(a CV for the epochs, then a refit). No score of a study's choice is ever computed on bags the
+study saw, so the comparison is unbiased; the study's own best inner-CV score is printed beside it
+to show how optimistic it is.
+
+    python bench/tune_quality.py --datasets mnist_bags,ucsb_breast_cancer --trials 50
+    python bench/tune_quality.py --datasets protein --outer 3 --trials 20     # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.run import cross_validate, refit
+from milcache.aggregator.splits import cv_splits
+from milcache.aggregator.trainer import infer
+from milcache.tuning.space import load_space
+from milcache.tuning.study import TuneSettings, _pruner, make_objective
+from quality import DATASETS, _metrics, cohort_of, load_dataset
+
+
+def _scores(cohort, model, config: TrainConfig, test: np.ndarray) -> dict:
+    logits, _ = infer(model, cohort.data, test, config)
+    p = cohort.task.outputs(logits).cpu().numpy()[:, 1]
+    return _metrics(cohort.y[test], p)
+
+
+def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
+    """What `milcache train-head --head gated-attention` makes from ``train``: a 5-fold CV for the
+    epochs, a refit on every training bag for their median."""
+    config = TrainConfig(head="gated-attention", seed=seed)
+    _, _, best_epochs, _ = cross_validate(cohort, config, 5, 1, bags=train)
+    model = refit(cohort, config, int(np.median(best_epochs)), bags=train)
+    return _scores(cohort, model, config, test)
+
+
+def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int) -> dict:
+    """What `milcache tune --n-trials N` makes from ``train``: the study, then its best refit."""
+    settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(settings.pruner)
+    )
+    study.optimize(make_objective(cohort, load_space(None), settings, train), n_trials=trials, catch=(RuntimeError,))
+    best = study.best_trial
+    config = TrainConfig(**best.user_attrs["config"])
+    model = refit(cohort, config, int(best.user_attrs["epochs"]), bags=train)
+    return {**_scores(cohort, model, config, test), "inner_auc": best.value, "head": config.head}
+
+
+def _mean_se(values) -> str:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return f"{values.mean():.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--outer", type=int, default=5, help="outer folds")
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--json", type=Path, help="also write every fold's scores here")
+    args = parser.parse_args()
+    if args.outer < 2 or args.trials < 1:
+        parser.error("--outer takes 2 or more, --trials 1 or more")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"nested CV, {args.outer} outer folds, {args.trials} trials a study, CPU ({torch.get_num_threads()} threads)")
+    header = f"{'data set':22s} | {'defaults acc':>13s} {'AUC':>13s} | {'tuned acc':>13s} {'AUC':>13s} "
+    header += f"{'inner AUC':>13s} | {'tuned wins':>10s} {'s':>6s}"
+    print(header)
+    print("-" * len(header))
+    everything = {}
+    for name in args.datasets.split(","):
+        bags, y = load_dataset(name, args.cache)
+        cohort = cohort_of(bags, y)
+        splits = cv_splits(y, np.arange(len(y)).astype(object), True, args.outer, 1, args.seed)
+        start = time.perf_counter()
+        ours, tuned = [], []
+        for k, (train, test) in enumerate(splits):
+            ours.append(defaults_fold(cohort, train, test, args.seed + k))
+            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k))
+            print(f"  {name} fold {k}: defaults {ours[-1]}, tuned {tuned[-1]}", flush=True)
+        seconds = time.perf_counter() - start
+        wins = sum(t["auc"] > d["auc"] for t, d in zip(tuned, ours, strict=True))
+        row = f"{name:22s} | {_mean_se([d['accuracy'] for d in ours]):>13s} "
+        row += f"{_mean_se([d['auc'] for d in ours]):>13s} | "
+        row += f"{_mean_se([t['accuracy'] for t in tuned]):>13s} {_mean_se([t['auc'] for t in tuned]):>13s} "
+        row += f"{_mean_se([t['inner_auc'] for t in tuned]):>13s} | {wins:>4d} of {len(splits):<3d} {seconds:6.0f}"
+        print(row, flush=True)
+        everything[name] = {"defaults": ours, "tuned": tuned, "seconds": seconds}
+        if args.json:
+            args.json.write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
