@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--decode", default="auto", help="comma-separated --decode modes to run (cpu, gpu, auto), e.g. cpu,gpu on CUDA"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each side's fastest is kept")
     parser.add_argument(
         "--mix",
         default="big,small",
@@ -132,6 +133,8 @@ def main() -> None:
         "small bags: the case where per-bag batching used to leave ragged batches)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds takes 1 or more")
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}")
@@ -156,31 +159,42 @@ def main() -> None:
                     overwrite=True,
                     preprocessing={"input_size": input_size} if input_size else {},
                 )
-                summary = extract(manifest, root / "store", source, config, progress=False)
-                bare = bare_throughput(
-                    backbone,
-                    source,
-                    manifest,
-                    device,
-                    args.batch_size,
-                    args.precision,
-                    max(3, summary.instances // args.batch_size),
-                    input_size,
-                    args.compile,
-                )
-                e2e = summary.instances_per_second
-                t = summary.timings
-                steady = summary.instances / max(summary.seconds - t["start_up"], 1e-9)
+                # Interleaved rounds, each side's fastest kept: single runs on a shared VM vary by ±10 %.
+                best: dict = {}
+                for _ in range(args.rounds):
+                    summary = extract(manifest, root / "store", source, config, progress=False)
+                    bare = bare_throughput(
+                        backbone,
+                        source,
+                        manifest,
+                        device,
+                        args.batch_size,
+                        args.precision,
+                        max(3, summary.instances // args.batch_size),
+                        input_size,
+                        args.compile,
+                    )
+                    t = summary.timings
+                    steady = summary.instances / max(summary.seconds - t["start_up"], 1e-9)
+                    if summary.instances_per_second > best.get("e2e", 0):
+                        best.update(e2e=summary.instances_per_second, summary=summary)
+                    best["steady"] = max(best.get("steady", 0), steady)
+                    best["bare"] = max(best.get("bare", 0), bare)
+                summary, t = best["summary"], best["summary"].timings
+                e2e, steady, bare = best["e2e"], best["steady"], best["bare"]
                 print(
                     f"{kind:>6} {mix:>5} {backbone} decode={decode} ({summary.decoded_on_device} on the device): "
                     f"{bags} bags, {summary.instances} instances  end-to-end "
                     f"{e2e:8.1f}/s  bare {bare:8.1f}/s  ratio {e2e / bare:.2f}; after start-up "
                     f"({t['start_up']:.1f}s) {steady:8.1f}/s  ratio {steady / bare:.2f}"
+                    + (f"  (fastest of {args.rounds} rounds each)" if args.rounds > 1 else ""),
+                    flush=True,
                 )
                 print(
                     f"         main thread: waiting for pixels {t['waiting_for_pixels']:.1f}s, model+transfer "
                     f"{t['model_and_transfer']:.1f}s; writer busy {t['store_writes']:.1f}s; "
-                    f"total {summary.seconds:.1f}s"
+                    f"total {summary.seconds:.1f}s",
+                    flush=True,
                 )
         finally:
             shutil.rmtree(root)

@@ -53,6 +53,26 @@ def test_device_decoded_tiles_resized_like_the_workers(tmp_path):
     assert difference.max() <= 2 and difference.mean() < 0.3
 
 
+@pytest.mark.parametrize(
+    ("settings", "tolerance"), [({"tile_size": 48}, 0), ({"tile_size": 64, "level": 1}, 0), ({"mpp": 0.5}, 2)]
+)
+def test_aperio_svs_tiles_decoded_on_the_device_equal_openslides(tmp_path, settings, tolerance):
+    """Aperio SVS, read through OpenSlide: its levels' JPEG tiles go to the device as they are
+    (level 0; level 1; --mpp 0.5 on a 0.499 scan, 225-pixel windows resized to 224) and decode to
+    OpenSlide's pixels. A window that would start between a level's pixels (OpenSlide renders
+    it at a sub-pixel offset) stays with the workers."""
+    from milcache.extractor.slides import OpenSlideReader
+    from tests.extractor.test_tiles import _aperio_svs
+
+    path = _aperio_svs(tmp_path / "s.svs", tissue_image(512, 768, box=(0, 0, 256, 384)))
+    source = create_source("tiles", tissue_threshold=0.0, **settings)
+    cpu, device, encoded = _both_ways(source, path)
+    reader = source.reader(path)
+    assert isinstance(reader, OpenSlideReader) and len(encoded.streams) > 0
+    assert np.abs(device.astype(int) - cpu.astype(int)).max() <= tolerance
+    assert reader.encoded_region(2, 0, 1, 64, 64) is None  # level 1 pixel 0.5: sub-pixel in OpenSlide
+
+
 def test_tables_spliced_into_abbreviated_tiles():
     """Slides written by vips or scanners keep one JPEGTables for all tiles; a tile is then an
     abbreviated stream. Spliced together they decode to the full stream's pixels."""

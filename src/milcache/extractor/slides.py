@@ -35,11 +35,41 @@ class SlideReader:
         """``read_region``'s window as compressed file tiles, for decoding on the device: pieces
         (stream key, source y, source x, window y, window x, height, width), white elsewhere; None
         when the level is not stored as JPEG tiles that decode to its RGB pixels."""
-        return None
+        page = self._jpeg_page(level)
+        if page is None:
+            return None
+        d = self.downsamples[level]
+        lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
+        w, h = self.dimensions[level]
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + int(width), w), min(ly + int(height), h)
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        pieces = []
+        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
+                index = ty * across + tx
+                if not page.databytecounts[index]:  # a tile missing from the file: the CPU path fills it
+                    return None
+                top, left = ty * th, tx * tw
+                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
+                pieces.append(((level, index), ya - top, xa - left, ya - ly, xa - lx, yb - ya, xb - xa))
+        return pieces
 
     def jpeg_stream(self, key) -> bytes:
         """The complete JPEG stream of the file tile ``key`` of ``encoded_region``."""
-        raise NotImplementedError
+        from milcache.extractor.jpeg import complete_stream
+
+        level, index = key
+        page = self._jpeg_page(level)
+        fh = page.parent.filehandle
+        with fh.lock:
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        return complete_stream(data, page.jpegtables)
+
+    def _jpeg_page(self, level: int):
+        """The level's tifffile page when its tiles are JPEG streams of its RGB pixels, else None."""
+        return None
 
     def close(self) -> None:
         pass
@@ -101,13 +131,47 @@ class OpenSlideReader(SlideReader):
         self.downsamples = [float(d) for d in self._slide.level_downsamples]
         mpp = self._slide.properties.get("openslide.mpp-x")
         self.mpp = float(mpp) if mpp else None
+        self._pages: list | None = None  # tifffile pages of the levels (Aperio), opened on first use
+        self._tif = None
 
     def read_region(self, x, y, level, width, height):
         region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         return _rgb(np.asarray(region))  # transparent (outside the scan) becomes white
 
+    def encoded_region(self, x, y, level, width, height):
+        d = self.downsamples[level]
+        if (x / d) % 1 or (y / d) % 1:  # OpenSlide renders such a window at a sub-pixel offset
+            return None
+        return super().encoded_region(x, y, level, width, height)
+
+    def _jpeg_page(self, level: int):
+        """Aperio SVS (the common scanner format) is a TIFF whose levels are its tiled pages, in
+        order: their JPEG tiles go to the device as they are. Other vendors' files stay with
+        OpenSlide."""
+        if self._pages is None:
+            self._pages = self._aperio_pages()
+        return self._pages[level] if level < len(self._pages) else None
+
+    def _aperio_pages(self) -> list:
+        import openslide
+        import tifffile
+
+        if openslide.OpenSlide.detect_format(str(self.path)) != "aperio":
+            return []
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except (tifffile.TiffFileError, OSError):
+            return []
+        tiled = [p for p in self._tif.pages if p.is_tiled]
+        sizes = [(int(p.imagewidth), int(p.imagelength)) for p in tiled]
+        if sizes[: len(self.dimensions)] != self.dimensions:  # not the layout OpenSlide reads: leave it
+            return []
+        return [p if _rgb_jpeg_tiles(p) and p.planarconfig == 1 else None for p in tiled[: len(self.dimensions)]]
+
     def close(self):
         self._slide.close()
+        if self._tif is not None:
+            self._tif.close()
 
 
 class TiffReader(SlideReader):
@@ -168,37 +232,9 @@ class TiffReader(SlideReader):
                 out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[ya - top : yb - top, xa - left : xb - left]
         return out if out.shape[-1] != 1 else out[..., 0]
 
-    def encoded_region(self, x, y, level, width, height):
+    def _jpeg_page(self, level: int):
         page = self._tiled[level]
-        if page is None or not _rgb_jpeg_tiles(page):
-            return None
-        d = self.downsamples[level]
-        lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
-        w, h = self.dimensions[level]
-        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + int(width), w), min(ly + int(height), h)
-        th, tw = page.tilelength, page.tilewidth
-        across = -(-page.imagewidth // tw)
-        pieces = []
-        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
-                index = ty * across + tx
-                if not page.databytecounts[index]:  # a tile missing from the file: the CPU path fills it
-                    return None
-                top, left = ty * th, tx * tw
-                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
-                pieces.append(((level, index), ya - top, xa - left, ya - ly, xa - lx, yb - ya, xb - xa))
-        return pieces
-
-    def jpeg_stream(self, key) -> bytes:
-        from milcache.extractor.jpeg import complete_stream
-
-        level, index = key
-        page = self._tiled[level]
-        fh = self._tif.filehandle
-        with fh.lock:
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-        return complete_stream(data, page.jpegtables)
+        return page if page is not None and _rgb_jpeg_tiles(page) else None
 
     def _file_tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)
