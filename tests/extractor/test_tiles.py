@@ -403,3 +403,15 @@ def test_padded_batches_have_one_shape_and_deliver_only_real_rows():
     positions = {i: np.concatenate([p for p, _ in parts]).tolist() for i, parts in got.items()}
     values = {i: np.concatenate([r for _, r in parts])[:, 0].tolist() for i, parts in got.items()}
     assert positions == {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5]} and values == {0: [2.0] * 3, 1: [4.0] * 6}
+
+
+def test_tissue_closing_equals_scipys():
+    from scipy import ndimage
+
+    from milcache.extractor.tiles import _closing
+
+    rng = np.random.default_rng(0)
+    for _ in range(25):  # shapes down to one pixel, sparse to dense masks, tissue touching the edges
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        mask = rng.random((h, w)) < rng.random()
+        np.testing.assert_array_equal(_closing(mask, 2), ndimage.binary_closing(mask, iterations=2))

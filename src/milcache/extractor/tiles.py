@@ -27,13 +27,29 @@ def tissue_mask(thumbnail: np.ndarray, min_saturation: int = 20, min_object_frac
 
     saturation = np.asarray(Image.fromarray(thumbnail).convert("HSV"))[..., 1]
     threshold = max(_otsu(saturation), min_saturation)
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(saturation > threshold, iterations=2))
+    mask = ndimage.binary_fill_holes(_closing(saturation > threshold, iterations=2))
     labels, count = ndimage.label(mask)
     if count:
         sizes = np.bincount(labels.ravel())
         keep = sizes >= max(16, min_object_fraction * mask.size)
         keep[0] = False
         mask = keep[labels]
+    return mask
+
+
+def _closing(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``scipy.ndimage.binary_closing(mask, iterations=iterations)`` (a 3 × 3 cross, outside
+    counted as background), exactly, from shifted copies: 7× faster on a 2048² thumbnail, where
+    scipy's closing was a third of planning a slide."""
+
+    def step(m: np.ndarray, combine) -> np.ndarray:
+        p = np.pad(m, 1)
+        return combine.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+
+    for _ in range(iterations):
+        mask = step(mask, np.logical_or)
+    for _ in range(iterations):
+        mask = step(mask, np.logical_and)
     return mask
 
 
@@ -76,7 +92,8 @@ def make_grid(width: int, height: int, footprint: float, step: float, offset_gri
 def tissue_fractions(mask: np.ndarray, downsample: float, grid: Grid, footprint: float) -> np.ndarray:
     """Fraction of each tile covered by tissue (outside the image counts as none), from a
     summed-area table of the mask: one vectorised lookup for all tiles."""
-    table = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = np.int32 if mask.size < 2**31 else np.int64  # int32 sums twice as fast, exactly, when they fit
+    table = np.pad(mask.astype(counts).cumsum(0, dtype=counts).cumsum(1, dtype=counts), ((1, 0), (1, 0)))
     h, w = mask.shape
     x0 = np.clip(np.floor(grid.x / downsample).astype(np.int64), 0, w)
     y0 = np.clip(np.floor(grid.y / downsample).astype(np.int64), 0, h)
