@@ -165,3 +165,19 @@ def test_decode_gpu_without_cuda_is_refused_before_any_work(tmp_path):
     assert result.exit_code == 2, result.output
     assert "--decode gpu needs a CUDA device" in result.output and "--decode cpu" in result.output
     assert not (tmp_path / "store").exists()
+
+
+def test_auto_falls_back_to_the_workers_when_the_device_cannot_decode(monkeypatch):
+    import milcache.extractor.jpeg as jpeg
+    from milcache.errors import OptionError
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(jpeg, "decoder_problem", lambda device: "RuntimeError: built without nvjpeg")
+    assert jpeg.decode_on_device("auto", cuda) is False
+    with pytest.raises(OptionError, match="built without nvjpeg.*--decode cpu"):
+        jpeg.decode_on_device("gpu", cuda)
+    monkeypatch.setattr(jpeg, "decoder_problem", lambda device: None)
+    assert jpeg.decode_on_device("auto", cuda) is True and jpeg.decode_on_device("cpu", cuda) is False
+    assert jpeg.decode_on_device("auto", CPU) is False
+    monkeypatch.undo()
+    assert jpeg.decoder_problem(CPU) is None  # the real probe, where torchvision decodes

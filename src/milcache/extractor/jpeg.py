@@ -83,9 +83,33 @@ def decode_tiles(encoded: EncodedTiles, device: torch.device) -> torch.Tensor:
 
 def decode_on_device(choice: str, device: torch.device) -> bool:
     """Whether JPEG tiles are decoded on the compute device: ``auto`` does on CUDA, where the
-    workers' CPU decoding is the bottleneck; ``gpu`` insists (and needs CUDA); ``cpu`` never."""
+    workers' CPU decoding is the bottleneck, when torchvision can decode there; ``gpu`` insists
+    (and needs CUDA and that decoder); ``cpu`` never."""
     from milcache.errors import OptionError
 
-    if choice == "gpu" and device.type != "cuda":
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return False
+    if device.type != "cuda":
         raise OptionError(f"--decode gpu needs a CUDA device; this run computes on {device} (use --decode cpu)")
-    return choice == "gpu" or (choice == "auto" and device.type == "cuda")
+    problem = decoder_problem(device)
+    if problem and choice == "gpu":
+        raise OptionError(f"--decode gpu: torchvision cannot decode JPEG on {device} ({problem}); use --decode cpu")
+    return problem is None
+
+
+def decoder_problem(device: torch.device) -> str | None:
+    """Why torchvision cannot decode JPEG on ``device`` (a build without nvjpeg, say), or None:
+    tried on a tiny image before any work, so that ``auto`` falls back to the workers instead of
+    failing every bag."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(buffer, "JPEG")
+    stream = np.frombuffer(bytearray(buffer.getvalue()), np.uint8)
+    try:
+        _decode([stream], device)
+    except Exception as exc:  # any failure of the decoder itself
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
