@@ -39,8 +39,24 @@ def test_device_decoded_tiles_equal_the_workers_pixels(tmp_path):
     cpu, device, encoded = _both_ways(create_source("tiles", tile_size=48, tissue_threshold=0.0), path)
     assert cpu.shape == device.shape and device.dtype == np.uint8
     np.testing.assert_array_equal(device, cpu)
-    assert len(encoded.streams) == len({(p[1]) for p in encoded.pieces}) <= 5 * 7  # each file tile once
+    used = encoded.cells[encoded.cells >= 0]
+    assert len(encoded.streams) == len(np.unique(used)) <= 5 * 7  # each file tile sent once per batch
+    assert encoded.cells.shape[1:] == (2, 2)  # a 48-pixel window spans at most 2 × 2 file tiles of 64
     assert (cpu[-1] == 255).any()  # the last tile reaches past the slide: white there in both
+
+
+def test_one_batch_from_images_with_other_tile_sizes(tmp_path):
+    """A bag of two images whose files are tiled at 64 and 128 pixels: one batch, file tiles of
+    both sizes stacked together, the same pixels as the workers'."""
+    a = write_pyramid_tiff(tmp_path / "a.tif", tissue_image(200, 260, seed=1), compression="jpeg", tile=64)
+    b = write_pyramid_tiff(tmp_path / "b.tif", tissue_image(300, 220, seed=2), compression="jpeg", tile=128)
+    source = create_source("tiles", tile_size=48, tissue_threshold=0.0)
+    bag = BagSpec("b", [a, b])
+    plan = source.plan(bag)
+    indices = np.arange(len(plan))
+    encoded = source.read_encoded(bag, plan, indices)
+    assert set(map(tuple, encoded.tile_shapes)) == {(64, 64), (128, 128)}
+    np.testing.assert_array_equal(decode_tiles(encoded, CPU).numpy(), source.read(bag, plan, indices))
 
 
 def test_device_decoded_tiles_resized_like_the_workers(tmp_path):
@@ -94,9 +110,12 @@ def test_tables_spliced_into_abbreviated_tiles():
     abbreviated = b"\xff\xd8" + b"".join(others) + full[position:]
     stream = np.frombuffer(bytearray(complete_stream(abbreviated, jpegtables)), np.uint8)
     whole = np.frombuffer(bytearray(full), np.uint8)
-    pieces = np.array([[0, 0, 0, 0, 0, 0, 64, 64]])
-    spliced = decode_tiles(EncodedTiles([stream], pieces, np.array([64]), 64), CPU)
-    reference = decode_tiles(EncodedTiles([whole], pieces, np.array([64]), 64), CPU)
+
+    def one_tile(s):  # a 64-pixel window on a 64 × 64 level of one file tile
+        at, shape = np.array([[0, 0]]), np.array([[64, 64]])
+        return EncodedTiles([s], np.zeros((1, 1, 1), np.int64), at, shape, shape, np.array([64]), 64)
+
+    spliced, reference = decode_tiles(one_tile(stream), CPU), decode_tiles(one_tile(whole), CPU)
     torch.testing.assert_close(spliced, reference, atol=0, rtol=0)
     assert complete_stream(full, None) == full
     with pytest.raises(ValueError, match="JPEG tables"):

@@ -16,20 +16,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
 
 @dataclass
 class EncodedTiles:
-    """A batch of output tiles as compressed file tiles. ``pieces`` rows are (output row, stream,
-    source y, source x, output y, output x, height, width) in the pixels of the window read
-    (``sides[row]`` square, white where no piece lands), which is then resized to ``size``."""
+    """A batch of output tiles as compressed file tiles. Row r's window (``sides[r]`` square, top
+    left at (``origins[r]``) in its level's pixels, white outside the level's ``bounds[r]``) lies
+    on a grid of file tiles of ``tile_shapes[r]``; ``cells[r, i, j]`` is the stream of the grid
+    cell i, j counted from the cell holding the window's corner (-1: none). Windows are then
+    resized to ``size``."""
 
-    streams: list[np.ndarray]  # complete JPEG streams (uint8), each file tile once
-    pieces: np.ndarray  # P × 8 int64
-    sides: np.ndarray  # per output row: the side of the window read from the level
-    size: int  # output tile side
+    streams: list[np.ndarray]  # complete JPEG streams (uint8), each file tile once per batch
+    cells: np.ndarray  # n × k × k int64
+    origins: np.ndarray  # n × 2 (y, x)
+    bounds: np.ndarray  # n × 2 (level height, width)
+    tile_shapes: np.ndarray  # n × 2 (tile height, width)
+    sides: np.ndarray  # n
+    size: int
 
     def __len__(self) -> int:
         return len(self.sides)
@@ -61,24 +67,44 @@ def _decode(streams: list[np.ndarray], device: torch.device) -> list[torch.Tenso
 
 
 def decode_tiles(encoded: EncodedTiles, device: torch.device) -> torch.Tensor:
-    """The batch's tiles as uint8 n × size × size × 3 on ``device`` (``TileSource.read``'s layout)."""
-    import torch.nn.functional as F
-
-    decoded = _decode(encoded.streams, device)
+    """The batch's tiles as uint8 n × size × size × 3 on ``device`` (``TileSource.read``'s layout):
+    one batched decode, then every pixel of every tile gathered at once from the stacked file
+    tiles (a few kernels a batch, whatever its size; the per-tile bookkeeping was done in the
+    workers)."""
+    decoded = _stacked(_decode(encoded.streams, device))  # U × H × W × 3
     size, n = encoded.size, len(encoded)
-    out = torch.full((n, 3, size, size), 255, dtype=torch.uint8, device=device)
-    pieces = encoded.pieces
-    for row in range(n):
-        side = int(encoded.sides[row])
-        canvas = out[row] if side == size else torch.full((3, side, side), 255, dtype=torch.uint8, device=device)
-        for _, stream, sy, sx, dy, dx, h, w in pieces[pieces[:, 0] == row].tolist():
-            canvas[:, dy : dy + h, dx : dx + w] = decoded[stream][:, sy : sy + h, sx : sx + w]
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8, device=device)
+    cells = torch.from_numpy(encoded.cells).to(device)
+    for side in np.unique(encoded.sides):  # one side a batch, unless a bag's images differ in scale
+        rows = np.flatnonzero(encoded.sides == side)
+        r = torch.from_numpy(rows).to(device)
+        per_row = (encoded.origins, encoded.bounds, encoded.tile_shapes)
+        (y, x), (h, w), (th, tw) = (torch.from_numpy(a[rows].T.copy()).to(device)[..., None] for a in per_row)
+        step = torch.arange(int(side), device=device)
+        ys, xs = y + step, x + step  # level pixels of the windows' rows and columns (m × side)
+        inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+        cy, cx = ys.div(th, rounding_mode="floor"), xs.div(tw, rounding_mode="floor")
+        stream = cells[r[:, None, None], (cy - cy[:, :1])[:, :, None], (cx - cx[:, :1])[:, None, :]]
+        pixels = decoded[stream.clamp(min=0), (ys - cy * th)[:, :, None], (xs - cx * tw)[:, None, :]]
+        pixels = torch.where((inside & (stream >= 0))[..., None], pixels, 255)
         if side != size:  # the window is another size than the tile: resized as the CPU path does (bilinear)
-            resized = F.interpolate(
-                canvas[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-            out[row] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    return out.permute(0, 2, 3, 1)
+            channels_first = pixels.permute(0, 3, 1, 2).float()
+            resized = F.interpolate(channels_first, (size, size), mode="bilinear", antialias=True, align_corners=False)
+            pixels = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out[r] = pixels
+    return out
+
+
+def _stacked(tiles: list[torch.Tensor]) -> torch.Tensor:
+    """Decoded file tiles (3 × H × W each) as one U × H × W × 3 tensor; tiles of different sizes
+    (levels or images with other tile sizes in one batch) are padded to the largest."""
+    if len({tuple(t.shape) for t in tiles}) == 1:
+        return torch.stack(tiles).permute(0, 2, 3, 1)
+    height, width = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+    out = torch.full((len(tiles), height, width, 3), 255, dtype=torch.uint8, device=tiles[0].device)
+    for i, tile in enumerate(tiles):
+        out[i, : tile.shape[1], : tile.shape[2]] = tile.permute(1, 2, 0)
+    return out
 
 
 def decode_on_device(choice: str, device: torch.device) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,22 @@ _PIL_LIMIT_HINT = (
     "it is larger than Pillow's pixel limit; save it as a tiled pyramidal TIFF "
     "(e.g. `vips tiffsave in.png out.tif --tile --pyramid`) and list that file instead"
 )
+
+
+@dataclass
+class EncodedWindow:
+    """A window of a JPEG-tiled level as the file tiles it needs: its top-left (``y``, ``x``) in
+    the level's pixels, the level's size, its tile grid, and the tile indices (row-major)."""
+
+    level: int
+    y: int
+    x: int
+    level_height: int
+    level_width: int
+    tile_height: int
+    tile_width: int
+    across: int  # tiles per row of the level
+    indices: list[int]
 
 
 class SlideReader:
@@ -31,10 +48,10 @@ class SlideReader:
         """RGB uint8 (height × width × 3) of level ``level`` whose top-left is level-0 (x, y)."""
         raise NotImplementedError
 
-    def encoded_region(self, x: int, y: int, level: int, width: int, height: int) -> list[tuple] | None:
-        """``read_region``'s window as compressed file tiles, for decoding on the device: pieces
-        (stream key, source y, source x, window y, window x, height, width), white elsewhere; None
-        when the level is not stored as JPEG tiles that decode to its RGB pixels."""
+    def encoded_region(self, x: int, y: int, level: int, width: int, height: int) -> EncodedWindow | None:
+        """``read_region``'s window as compressed file tiles, for decoding on the device (white
+        outside the level); None when the level is not stored as JPEG tiles that decode to its
+        RGB pixels, or a tile the window needs is missing from the file."""
         page = self._jpeg_page(level)
         if page is None:
             return None
@@ -44,16 +61,14 @@ class SlideReader:
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + int(width), w), min(ly + int(height), h)
         th, tw = page.tilelength, page.tilewidth
         across = -(-page.imagewidth // tw)
-        pieces = []
-        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
-                index = ty * across + tx
-                if not page.databytecounts[index]:  # a tile missing from the file: the CPU path fills it
-                    return None
-                top, left = ty * th, tx * tw
-                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
-                pieces.append(((level, index), ya - top, xa - left, ya - ly, xa - lx, yb - ya, xb - xa))
-        return pieces
+        indices = [
+            ty * across + tx
+            for ty in (range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ())
+            for tx in (range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ())
+        ]
+        if any(not page.databytecounts[i] for i in indices):  # the CPU path fills missing tiles
+            return None
+        return EncodedWindow(level, ly, lx, h, w, th, tw, across, indices)
 
     def jpeg_stream(self, key) -> bytes:
         """The complete JPEG stream of the file tile ``key`` of ``encoded_region``."""

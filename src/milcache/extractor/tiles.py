@@ -258,24 +258,41 @@ class TileSource(Source):
         return out
 
     def read_encoded(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> EncodedTiles | None:
-        """The tiles ``read`` gives, as their slides' JPEG file tiles (each once per batch), or None
-        when one of them lies on a level that is not JPEG-tiled."""
+        """The tiles ``read`` gives, as their slides' JPEG file tiles (each once per batch) and
+        where each lands, or None when one of them lies on a level that is not JPEG-tiled."""
         streams: list[np.ndarray] = []
         where: dict[tuple, int] = {}
-        pieces, sides = [], []
-        for row, i in enumerate(indices):
+        windows, cells = [], []
+        for i in indices:
             reader, x, y, level, side = self._window(plan, i)
-            found = reader.encoded_region(x, y, level, side, side)
-            if found is None:
+            window = reader.encoded_region(x, y, level, side, side)
+            if window is None:
                 return None
-            for key, *placement in found:
-                key = (str(reader.path), key)
+            corner = (window.y // window.tile_height, window.x // window.tile_width)
+            placed = {}
+            for index in window.indices:
+                key = (str(reader.path), level, index)
                 if key not in where:
                     where[key] = len(streams)
-                    streams.append(np.frombuffer(bytearray(reader.jpeg_stream(key[1])), np.uint8))
-                pieces.append((row, where[key], *placement))
-            sides.append(side)
-        return EncodedTiles(streams, np.array(pieces, np.int64).reshape(-1, 8), np.array(sides), self.tile_size)
+                    streams.append(np.frombuffer(bytearray(reader.jpeg_stream((level, index))), np.uint8))
+                ty, tx = divmod(index, window.across)
+                placed[(ty - corner[0], tx - corner[1])] = where[key]
+            windows.append((window, side))
+            cells.append(placed)
+        k = max((max(max(c) for c in placed) + 1 for placed in cells if placed), default=1)
+        grid = np.full((len(cells), k, k), -1, np.int64)
+        for row, placed in enumerate(cells):
+            for (cy, cx), stream in placed.items():
+                grid[row, cy, cx] = stream
+        return EncodedTiles(
+            streams,
+            grid,
+            np.array([(w.y, w.x) for w, _ in windows], np.int64),
+            np.array([(w.level_height, w.level_width) for w, _ in windows], np.int64),
+            np.array([(w.tile_height, w.tile_width) for w, _ in windows], np.int64),
+            np.array([side for _, side in windows], np.int64),
+            self.tile_size,
+        )
 
 
 def _shrink(image: np.ndarray, downsample: float, side: int) -> tuple[np.ndarray, float]:
