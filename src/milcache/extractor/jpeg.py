@@ -54,16 +54,16 @@ def complete_stream(tile: bytes, tables: bytes | None) -> bytes:
 
 def _decode(streams: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """Each stream as an RGB 3 × H × W uint8 tensor on ``device``: one batched call (nvjpeg on
-    CUDA); per stream on torchvision versions that take a single tensor only."""
+    CUDA) on torchvision ≥ 0.20, which added batch decoding; one call a stream before that."""
     inputs = [torch.from_numpy(s) for s in streams]
     with warnings.catch_warnings():  # torchvision ≥ 0.29 points to TorchCodec for its image decoders
         warnings.simplefilter("ignore", DeprecationWarning)
+        import torchvision
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
+        if tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) >= (0, 20):
             return list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
-        except (TypeError, ValueError):  # torchvision < 0.19: one tensor a call
-            return [decode_jpeg(t, mode=ImageReadMode.RGB, device=device) for t in inputs]
+        return [decode_jpeg(t, mode=ImageReadMode.RGB, device=device) for t in inputs]
 
 
 def decode_tiles(encoded: EncodedTiles, device: torch.device) -> torch.Tensor:
