@@ -28,13 +28,13 @@ from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.trainer import infer
 from milcache.tuning.space import load_space
 from milcache.tuning.study import TuneSettings, _pruner, make_objective
-from quality import DATASETS, _metrics, cohort_of, load_dataset
+from quality import DATASETS, cohort_of, load_dataset
 
 
 def _scores(cohort, model, config: TrainConfig, test: np.ndarray) -> dict:
     logits, _ = infer(model, cohort.data, test, config)
-    p = cohort.task.outputs(logits).cpu().numpy()[:, 1]
-    return _metrics(cohort.y[test], p)
+    metrics = cohort.task.metrics(cohort.y[test], cohort.task.outputs(logits).cpu().numpy())
+    return {k: metrics[k] for k in ("accuracy", "auc")}
 
 
 def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
