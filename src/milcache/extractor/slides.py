@@ -25,7 +25,6 @@ class EncodedWindow:
     """A window of a JPEG-tiled level as the file tiles it needs: its top-left (``y``, ``x``) in
     the level's pixels, the level's size, its tile grid, and the tile indices (row-major)."""
 
-    level: int
     y: int
     x: int
     level_height: int
@@ -59,16 +58,10 @@ class SlideReader:
         lx, ly = int(math.floor(x / d)), int(math.floor(y / d))
         w, h = self.dimensions[level]
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + int(width), w), min(ly + int(height), h)
-        th, tw = page.tilelength, page.tilewidth
-        across = -(-page.imagewidth // tw)
-        indices = [
-            ty * across + tx
-            for ty in (range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ())
-            for tx in (range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ())
-        ]
+        indices = [index for index, _, _ in _tiles_overlapping(page, x0, y0, x1, y1)]
         if any(not page.databytecounts[i] for i in indices):  # the CPU path fills missing tiles
             return None
-        return EncodedWindow(level, ly, lx, h, w, th, tw, across, indices)
+        return EncodedWindow(ly, lx, h, w, page.tilelength, page.tilewidth, _tiles_across(page), indices)
 
     def jpeg_stream(self, key) -> bytes:
         """The complete JPEG stream of the file tile ``key`` of ``encoded_region``."""
@@ -76,11 +69,7 @@ class SlideReader:
 
         level, index = key
         page = self._jpeg_page(level)
-        fh = page.parent.filehandle
-        with fh.lock:
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-        return complete_stream(data, page.jpegtables)
+        return complete_stream(_raw_tile(page, index), page.jpegtables)
 
     def _jpeg_page(self, level: int):
         """The level's tifffile page when its tiles are JPEG streams of its RGB pixels, else None."""
@@ -235,16 +224,13 @@ class TiffReader(SlideReader):
         """The window [y0:y1, x0:x1] of a tiled level, pasted from the file tiles it overlaps."""
         page = self._tiled[level]
         th, tw = page.tilelength, page.tilewidth
-        across = -(-page.imagewidth // tw)
         out = None
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self._file_tile(level, ty * across + tx)
-                if out is None:
-                    out = np.empty((y1 - y0, x1 - x0, *tile.shape[2:]), tile.dtype)
-                top, left = ty * th, tx * tw  # the file tile's corner
-                ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
-                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[ya - top : yb - top, xa - left : xb - left]
+        for index, top, left in _tiles_overlapping(page, x0, y0, x1, y1):
+            tile = self._file_tile(level, index)
+            if out is None:
+                out = np.empty((y1 - y0, x1 - x0, *tile.shape[2:]), tile.dtype)
+            ya, yb, xa, xb = max(y0, top), min(y1, top + th), max(x0, left), min(x1, left + tw)
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[ya - top : yb - top, xa - left : xb - left]
         return out if out.shape[-1] != 1 else out[..., 0]
 
     def _jpeg_page(self, level: int):
@@ -257,12 +243,8 @@ class TiffReader(SlideReader):
             self._cache.move_to_end(key)
             return self._cache[key]
         page = self._tiled[level]
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        fh = self._tif.filehandle
-        with fh.lock:
-            fh.seek(offset)
-            data = fh.read(count)
-        segment, _, _ = page.decode(data if count else None, index, jpegtables=page.jpegtables)
+        data = _raw_tile(page, index) if page.databytecounts[index] else None
+        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         tile = segment.reshape(page.tilelength, page.tilewidth, -1)
         self._cache[key] = tile
         if len(self._cache) > self._CACHED_TILES:
@@ -271,6 +253,28 @@ class TiffReader(SlideReader):
 
     def close(self):
         self._tif.close()
+
+
+def _tiles_across(page) -> int:
+    return -(-page.imagewidth // page.tilewidth)
+
+
+def _tiles_overlapping(page, x0: int, y0: int, x1: int, y1: int):
+    """(index, top, left) of the file tiles of a tiled page that overlap [y0:y1, x0:x1]."""
+    if y1 <= y0 or x1 <= x0:
+        return
+    th, tw, across = page.tilelength, page.tilewidth, _tiles_across(page)
+    for ty in range(y0 // th, (y1 - 1) // th + 1):
+        for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+            yield ty * across + tx, ty * th, tx * tw
+
+
+def _raw_tile(page, index: int) -> bytes:
+    """The file tile's bytes as stored (compressed), read under the file's lock."""
+    fh = page.parent.filehandle
+    with fh.lock:
+        fh.seek(page.dataoffsets[index])
+        return fh.read(page.databytecounts[index])
 
 
 def _plain_tiled_page(level):
