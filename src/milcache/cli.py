@@ -702,7 +702,8 @@ def tune_command(
     type=click.Choice(DECODE_CHOICES),
     default="auto",
     show_default=True,
-    help="Where JPEG tiles of tiled TIFFs are decoded: cpu (the workers) or gpu (nvjpeg, batched); auto: gpu on CUDA.",
+    help="Where JPEG tiles of pyramidal TIFFs and Aperio SVS are decoded: cpu (the workers) or gpu "
+    "(nvjpeg, batched); auto: gpu on CUDA.",
 )
 @click.option(
     "--dtype",
@@ -744,7 +745,7 @@ def extract_command(manifest, source_kind, out, compile_model, **options) -> Non
         + (f"; {summary.decoded_on_device} decoded on the GPU" if summary.decoded_on_device else "")
     )
     if options.get("decode") == "gpu" and summary.instances and not summary.decoded_on_device:
-        click.echo("note: --decode gpu: no slide had JPEG-tiled TIFF levels to decode there; the workers decoded all")
+        click.echo("note: --decode gpu: no slide had JPEG-tiled levels (pyramidal TIFF, SVS); the workers decoded all")
     for bag_id, reason in summary.failures.items():
         click.echo(f"  FAILED {bag_id}: {reason}")
     if summary.failures:
