@@ -4,6 +4,7 @@ import torch
 
 from milcache.aggregator.data import (
     BagTensor,
+    RowBuffer,
     feature_statistics,
     fold_statistics,
     gather_batch,
@@ -82,6 +83,20 @@ def test_gather_in_groups_packs_each_group_apart():
             x[1, :n_second], data.features[data.offsets[second] : data.offsets[second] + n_second]
         )
         assert batch.mask[g].sum(1).tolist() == [n_first, n_second]
+
+
+def test_a_batch_gathered_into_a_reused_buffer_equals_a_fresh_one():
+    """The trainer gathers each step into the previous step's rows: same values, shapes and
+    masks as a fresh gather, whether the buffer has room or must grow."""
+    data = _data([5, 2, 8, 1, 30])
+    data.features = data.features.float()
+    buffer = RowBuffer()
+    for bags, groups in [([0, 1], 1), ([2, 3], 2), ([4, 0], 2), ([1, 3], 1)]:  # grows at the third
+        fresh = gather_batch(data, np.array(bags), groups=groups)
+        reused = gather_batch(data, np.array(bags), groups=groups, buffer=buffer)
+        torch.testing.assert_close(reused.x, fresh.x, rtol=0, atol=0)
+        assert torch.equal(reused.mask, fresh.mask) and torch.equal(reused.slots, fresh.slots)
+        assert reused.x.data_ptr() == buffer.rows(1, data.features).data_ptr()  # in the buffer
 
 
 def test_batches_group_similar_sizes_and_cover_every_bag():

@@ -82,16 +82,21 @@ def test_stacked_adamw_matches_torch_adamw():
     assert torch.equal(b[1].detach(), initial)
 
 
-def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count(transposed):
     """Models with different learning rates (a cosine schedule over folds of different sizes) and
-    one that sits some steps out: each follows torch's AdamW run on its own; gradients written by
-    backward (accumulated in place into the optimiser's zeroed tensors) are the ones used."""
-    from milcache.aggregator.trainer import StackedAdamW
+    one that sits some steps out: each follows torch's AdamW run on its own; the gradients that
+    backward writes are the ones used, also for weights stored transposed (as the trainer stores
+    stacked weight matrices, in the layout of their gradients)."""
+    from milcache.aggregator.trainer import StackedAdamW, _in_gradient_layout
 
     torch.manual_seed(0)
     rates = np.array([1e-2, 3e-3, 1e-2])
     start = torch.randn(3, 4, 2)
-    stacked = start.clone().requires_grad_(True)
+    stacked = (
+        _in_gradient_layout(start.clone().requires_grad_(True)) if transposed else start.clone().requires_grad_(True)
+    )
+    assert stacked.is_contiguous() != transposed
     alone = [start[m].clone().requires_grad_(True) for m in range(3)]
     references = [torch.optim.AdamW([p], lr=float(r), weight_decay=0.05) for p, r in zip(alone, rates, strict=True)]
     ours = StackedAdamW([stacked], 3, weight_decay=0.05)

@@ -194,17 +194,38 @@ class Batch:
         return Batch(self.x, mask, self.slots.view(groups, -1, self.slots.shape[-1]))  # x has its group axis
 
 
+class RowBuffer:
+    """One growing tensor that successive batches' instances are gathered into, for a training
+    loop whose batch is used up (backward done) before the next is gathered. A fresh tensor per
+    step was a fresh mapping of 12 MB on the CPU (200 bags × 1,024 × 512-d, 6 bags a step), whose
+    page faults made the gather take 1.5-1.9x as long (bench/train_head.py --case a)."""
+
+    def __init__(self) -> None:
+        self._rows: torch.Tensor | None = None
+
+    def rows(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The first ``n`` rows, shaped and typed as rows of ``like``, on its device."""
+        rows = self._rows
+        if rows is None or rows.shape[0] < n or rows.shape[1:] != like.shape[1:] or rows.dtype != like.dtype:
+            rows = self._rows = like.new_empty(
+                (max(n, 2 * (rows.shape[0] if rows is not None else 0)), *like.shape[1:])
+            )
+        return rows[:n]
+
+
 def gather_batch(
     data: Bags,
     batch: np.ndarray,
     cap: int | None = None,
     generator: torch.Generator | None = None,
     groups: int | None = None,
+    buffer: RowBuffer | None = None,
 ) -> Batch:
     """The given bags' instances on the compute device (see ``Batch``); with ``groups``, packed
     in that many equal consecutive groups of bags (``x`` then has a leading group axis).
 
     With ``cap``, bags longer than ``cap`` contribute ``cap`` random instances (in stored order).
+    With ``buffer``, the instances are gathered into it (overwriting the previous batch's).
     """
     if isinstance(data, StreamedBags):
         x, mask = _gather_streamed(data, batch, cap, generator)
@@ -238,6 +259,8 @@ def gather_batch(
     if data.features.device.type != device.type:  # host-resident features (too big for the device)
         gathered = torch.index_select(data.features, 0, packed.view(-1).cpu())
         x = gathered.pin_memory().to(device, non_blocking=True)
+    elif buffer is not None:
+        x = torch.index_select(data.features, 0, packed.view(-1), out=buffer.rows(packed.numel(), data.features))
     else:
         x = torch.index_select(data.features, 0, packed.view(-1))
     x = x.view(groups, width, data.dim)
@@ -298,11 +321,19 @@ def instance_rows(data: BagTensor, bag_indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.repeat(flags, data.lengths)).to(data.features.device)
 
 
-def feature_statistics(data: Bags, bag_indices: np.ndarray, chunk: int = 1 << 16) -> tuple[torch.Tensor, ...]:
+def _row_chunk(features: torch.Tensor) -> int:
+    """Rows a pass over the cohort takes at a time: on the CPU about 4 MB, so that each chunk's
+    temporaries stay in cache and in the allocator's reused memory (65,536 rows of 512-d made
+    every temporary a fresh 128 MB mapping: its page faults tripled the cost of the pass); on a GPU
+    65,536 rows, few enough kernel launches."""
+    return 1 << 16 if features.device.type == "cuda" else max(256, (1 << 20) // max(features.shape[1], 1))
+
+
+def feature_statistics(data: Bags, bag_indices: np.ndarray, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
     """Per-feature mean and std over the instances of the given bags (the training split only).
 
-    Sums run in float32 over chunks of 65,536 rows and accumulate in float64 across chunks. Streamed
-    cohorts use up to 256 of the bags, which estimates these statistics well.
+    Sums run in float32 over chunks of ``chunk`` rows (default ``_row_chunk``) and accumulate in float64 across
+    chunks. Streamed cohorts use up to 256 of the bags, which estimates these statistics well.
     """
     if isinstance(data, StreamedBags):
         chosen = np.random.default_rng(0).permutation(np.unique(bag_indices))[:256]
@@ -319,7 +350,7 @@ def feature_statistics(data: Bags, bag_indices: np.ndarray, chunk: int = 1 << 16
     rows = None if every_bag else instance_rows(data, bag_indices)
     total = torch.zeros(data.dim, dtype=torch.float64, device=data.features.device)
     squares = torch.zeros_like(total)
-    count = 0
+    count, chunk = 0, chunk or _row_chunk(data.features)
     for start in range(0, data.features.shape[0], chunk):
         x = data.features[start : start + chunk]
         if rows is not None:
@@ -350,12 +381,12 @@ def fold_statistics(data: Bags, folds: list[np.ndarray]) -> list[tuple[torch.Ten
     return [(mean[k].float().to(data.device), std[k].float().to(data.device)) for k in range(len(folds))]
 
 
-def _bag_moments(data: BagTensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _bag_moments(data: BagTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each bag's column sums and sums of squares (bags × D, float64)."""
     device = data.features.device
     owner = torch.from_numpy(np.repeat(np.arange(len(data)), data.lengths)).to(device)
     sums = torch.zeros((len(data), data.dim), dtype=torch.float64, device=device)
-    squares = torch.zeros_like(sums)
+    squares, chunk = torch.zeros_like(sums), _row_chunk(data.features)
     for start in range(0, data.features.shape[0], chunk):
         x = data.features[start : start + chunk].double()
         rows = owner[start : start + chunk]

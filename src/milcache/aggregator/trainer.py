@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from milcache.aggregator.config import BATCH_RANGE, TrainConfig
-from milcache.aggregator.data import Bags, fold_statistics, gather_batch, plan_batches, prefetched
+from milcache.aggregator.data import Bags, RowBuffer, fold_statistics, gather_batch, plan_batches, prefetched
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
 from milcache.devices import autocast
@@ -51,6 +51,22 @@ def _balanced(y: np.ndarray, indices: np.ndarray, rng: np.random.Generator) -> n
     return rng.choice(indices, size=len(indices), replace=True, p=p / p.sum())
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor over the same memory: stacked weight matrices are stored
+    transposed (see ``_in_gradient_layout``), and an element-wise update may run on either view."""
+    return t.transpose(1, 2) if t.ndim == 3 and not t.is_contiguous() else t
+
+
+def _in_gradient_layout(p: torch.Tensor) -> torch.Tensor:
+    """A stacked weight matrix (models × out × in) stored as models × in × out, the layout that
+    backward's weight gradient of ``F.linear`` comes in, so that autograd hands the gradient over
+    instead of adding it into the parameter's layout: that transposing add took as long as the
+    optimizer step (10 % of a 50-model CV step on 92 MUSK-sized bags, bench/train_head.py --case b)."""
+    if p.ndim != 3:
+        return p
+    return p.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(p.requires_grad)
+
+
 class StackedAdamW:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) over parameters with a leading model
     axis, where each model has its own step count and learning rate and may sit a step out.
@@ -58,40 +74,21 @@ class StackedAdamW:
     torch's optimisers update whole tensors, so this one runs torch's fused AdamW kernel (the one
     behind ``AdamW(fused=True)``: one pass over parameters, gradients and moments) once per
     distinct learning rate among the models taking the step: on the whole stacked tensors when
-    every model takes it with the same step count (the usual case), else on per-model views, made
-    once. Gradients are zeroed in place rather than freed, so the views stay valid (and backward's
-    weight gradients come out transposed: adding them into a zeroed gradient costs less than the
-    copy torch makes to give a fresh one the parameter's layout)."""
+    every model takes it with the same step count (the usual case), else on per-model views.
+    Gradients are freed after each step; a parameter that got none is updated with a zero
+    gradient (decay and moments move on, as torch's AdamW does with a zeroed gradient)."""
 
     def __init__(self, params: list[torch.Tensor], n_models: int, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.weight_decay, self.betas, self.eps = params, weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg = [torch.zeros_like(p) for p in params]  # zeros_like keeps p's (transposed) layout
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
         self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        self._views = self._per_model_views()
-
-    def _per_model_views(self) -> list[tuple[list, list, list, list, list]]:
-        self._grads = [p.grad for p in self.params]
-        return [
-            (
-                [p[m] for p in self.params],
-                [g[m] for g in self._grads],
-                [v[m] for v in self.exp_avg],
-                [v[m] for v in self.exp_avg_sq],
-                [self.steps[m]] * len(self.params),
-            )
-            for m in range(len(self.steps))
-        ]
 
     @torch.no_grad()
     def step(self, lr: np.ndarray, active: np.ndarray) -> None:
         """``lr`` holds one value per model and ``active`` (bool) says which models take this step
         (both on the host: nothing here waits for the device)."""
-        if any(p.grad is not g for p, g in zip(self.params, self._grads, strict=True)):
-            self._views = self._per_model_views()  # something replaced a gradient tensor
         if active.all():
             self.steps.add_(1)
         else:
@@ -101,12 +98,15 @@ class StackedAdamW:
                 self.steps.new_ones(int(active.sum())),
             )
         self.host_steps += active
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        whole = [[_dense(t) for t in ts] for ts in (self.params, grads, self.exp_avg, self.exp_avg_sq)]
         for rate in np.unique(lr[active]):
             members = np.flatnonzero(active & (lr == rate))
             if len(members) == len(self.steps) and np.all(self.host_steps == self.host_steps[0]):
-                lists = [self.params, self._grads, self.exp_avg, self.exp_avg_sq, [self.steps[0]] * len(self.params)]
-            else:
-                lists = [sum((self._views[m][i] for m in members), []) for i in range(5)]
+                lists = [*whole, [self.steps[0]] * len(self.params)]
+            else:  # per-model views of the models taking this step at this rate
+                lists = [[t[m] for m in members for t in ts] for ts in whole]
+                lists.append([self.steps[m] for m in members for _ in self.params])
             torch._fused_adamw_(
                 *lists[:4],
                 [],
@@ -121,7 +121,8 @@ class StackedAdamW:
             )
 
     def zero_grad(self) -> None:
-        torch._foreach_zero_(self._grads)
+        for p in self.params:
+            p.grad = None
 
 
 class _Objective(nn.Module):
@@ -207,6 +208,7 @@ def fit_stacked(
     ]
     objectives = [_Objective(model).train() for model in models]
     params, buffers = stack_module_state(objectives)
+    params = {name: _in_gradient_layout(p) for name, p in params.items()}
     base = copy.deepcopy(objectives[0]).to("meta")
     targets = torch.from_numpy(y).to(device)
     class_weights = torch.stack(
@@ -227,7 +229,8 @@ def fit_stacked(
     if n_models == 1:  # a stack of one needs no vmap, whose dispatch is a fifth of a small step
 
         def stacked_loss(p, b, *inputs):
-            first = {k: v[0] for k, v in p.items()}, {k: v[0] for k, v in b.items()}
+            # squeeze, not [0]: its backward is a view, so the gradient keeps the parameter's layout
+            first = {k: v.squeeze(0) for k, v in p.items()}, {k: v.squeeze(0) for k, v in b.items()}
             return one_model_loss(*first, *(None if v is None else v[0] for v in inputs)).unsqueeze(0)
 
         streamed_loss = stacked_loss
@@ -235,6 +238,7 @@ def fit_stacked(
         stacked_loss = vmap(one_model_loss, randomness="different")
         streamed_loss = vmap(one_model_loss, in_dims=(0, 0, 0, 0, None, 0, 0, 0), randomness="different")
     histories: list[list[dict]] = [[] for _ in range(n_models)]
+    rows = RowBuffer()  # each step's instances, gathered over the previous step's (used up by then)
     for epoch in range(1, config.epochs + 1):
         active_models = [m for m, s in enumerate(states) if not s.stopped]
         if not active_models:
@@ -248,7 +252,7 @@ def fit_stacked(
         epoch_loss = torch.zeros(n_models, device=device)
         epoch_bags = torch.zeros(n_models, device=device)
         base.train()
-        gather = lambda step: gather_batch(data, step[0], config.instances, generator, groups=n_models)  # noqa: E731
+        gather = lambda step: gather_batch(data, step[0], config.instances, generator, n_models, rows)  # noqa: E731
         for (flat, weight, active), batch in prefetched(data, steps, gather):
             batch = batch.grouped(n_models)
             bags = torch.from_numpy(flat).to(device, non_blocking=True).view(n_models, -1)
