@@ -209,3 +209,27 @@ def test_dsmil_averages_stream_losses_and_probabilities(kind):
         expected = 0.5 * (torch.softmax(critical, 1) + torch.softmax(bag, 1))
         torch.testing.assert_close(task.outputs(out.logits), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.loss(out, y), 0.5 * (task.loss(critical, y) + task.loss(bag, y)))
+
+
+@pytest.mark.parametrize("instances", [3, 400])  # below and above the size that folds into W
+def test_embed_standardises_the_same_whether_or_not_folded_into_the_weights(instances):
+    """On the CPU a batch much larger than W has the standardisation folded into W and b; a
+    smaller one is standardised itself. Both are ReLU(W (x − mean) / std + b), constant
+    features (std ≈ 0) ignored, and give W the same gradient."""
+    from milcache.aggregator.heads import _FOLD_RATIO
+
+    torch.manual_seed(0)
+    head = _head("attention")
+    x = torch.randn(2, instances, DIM) * 3 + 1
+    folds = x.numel() > _FOLD_RATIO * head.instance_layer.weight.numel()
+    assert folds == (instances > 40)
+    mean, std = torch.randn(DIM), torch.rand(DIM) + 0.5
+    std[0] = 0.0  # a feature constant in training
+    ours = head.embed(x, mean, std)
+    z = (x - mean) / std
+    z[..., 0] = 0.0
+    expected = torch.relu(torch.nn.functional.linear(z, head.instance_layer.weight, head.instance_layer.bias))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    (grad,) = torch.autograd.grad(ours.sum(), head.instance_layer.weight)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), head.instance_layer.weight)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-3)

@@ -289,6 +289,7 @@ def test_one_bar_over_the_trials_moves_with_every_fold_epoch(cohort, tmp_path, m
     err = capsys.readouterr().err
     assert "tune" in err and "3.0/3 trials" in err and "best auc" in err
     assert "4.0/3" not in err  # the failed trial was replaced, not counted
+    assert "train: 100%" in err  # then the best configuration's own CV (out/best) shows its bar
 
 
 def test_trial_bar_counts_a_pruned_trial_whole():

@@ -132,6 +132,14 @@ def packed_weighted_sum(weights: torch.Tensor, h: torch.Tensor, slots: torch.Ten
     return dense.to(h.dtype) @ h
 
 
+# Folding the standardisation into W costs about nine passes over W per step (scaling it, W @ mean,
+# and in backward the bias path's outer product, its sum with the matmul's gradient and the
+# rescaling); standardising x costs two passes over x (x needs no gradient). So fold only when x
+# is well over 4.5 times W's size. At the old threshold of 1x, a 50-fold stack of 5,863-d weights
+# folded on its steps of 129-250 instances a model and each such step cost ~8x its neighbours.
+_FOLD_RATIO = 5
+
+
 class Head(nn.Module):
     """Base of every head: an instance layer (Linear → ReLU, then ``instance_dropout``) shared by
     all heads, then the head's own ``aggregate``. ``dropout`` acts on bag-level vectors (before the
@@ -169,15 +177,15 @@ class Head(nn.Module):
     def embed(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
         """Instance embeddings h = ReLU(W z + b) of z = (x − mean) / std (B × N × hidden).
 
-        Features constant in training (std ≈ 0) are ignored. On the CPU, when the batch holds
-        more instances than W has rows, the standardisation is folded into W and b (passes over
-        the batch, the largest tensor of a step, saved); otherwise, and on a GPU, it runs on x in
-        float32 (there before the reduced-precision matmul, whose rounding of raw values would
-        otherwise be amplified by 1/std)."""
+        Features constant in training (std ≈ 0) are ignored. On the CPU, when the batch is more
+        than ``_FOLD_RATIO`` times W's size, the standardisation is folded into W and b (passes
+        over the batch, the largest tensor of a step, saved); otherwise, and on a GPU, it runs on
+        x in float32 (there before the reduced-precision matmul, whose rounding of raw values
+        would otherwise be amplified by 1/std)."""
         weight, bias = self.instance_layer.weight, self.instance_layer.bias
         if mean is not None and std is not None:
             inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
-            if x.device.type == "cuda" or x.numel() <= weight.numel():
+            if x.device.type == "cuda" or x.numel() <= _FOLD_RATIO * weight.numel():
                 x = torch.addcmul(-mean * inv, x, inv)
             else:
                 weight = weight * inv

@@ -270,7 +270,8 @@ def tune(
             )
         finally:
             bar.close()
-    summary = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    summary = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, seconds, progress)
     summary["holdout"] = _holdout_estimate(study, cohort, study_bags, held_out, settings)
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -299,7 +300,9 @@ def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: n
     return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
 
 
-def _report(study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float) -> dict:
+def _report(
+    study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float, progress: bool = False
+) -> dict:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -323,7 +326,10 @@ def _report(study, cohort, store_dir, labels, out: Path, settings, task_kind, de
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     plot_history(table, settings.metric, out / "history.png")
     plot_importances(study, out / "importances.png")
-    train_head(store_dir, labels, out / "best", config, settings.folds, 1, task_kind, device, cohort=cohort)
+    # The best configuration's own CV and refit (out/best): its own bar, after the trials'.
+    train_head(
+        store_dir, labels, out / "best", config, settings.folds, 1, task_kind, device, cohort=cohort, progress=progress
+    )
     return summary
 
 
