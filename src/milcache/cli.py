@@ -464,8 +464,8 @@ classes_option = click.option(
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0.0, 0.5),
-    help="Share of each training fold held out for early stopping; 0: fixed epochs "
-    "[0.2 from 500 training bags, else 0].",
+    help="Share of each training fold held out for early stopping (with --patience); 0: fixed epochs "
+    f"[{_DEFAULTS.val_fraction:g}].",
 )
 @click.option(
     "--elastic-net", type=float, help=f"Strength of the L1/L2 penalty on weights [{_DEFAULTS.elastic_net:g}]."

@@ -49,10 +49,10 @@ def test_grouping_hint_names_tcga_patients():
     assert "TCGA" not in grouping_hint(["slide-1", "slide-2"])
 
 
-def test_resolve_chooses_batch_size_and_inner_split_from_the_cohort():
+def test_resolve_chooses_batch_size_from_the_cohort_and_trains_fixed_epochs():
     small, large = TrainConfig().resolve(60), TrainConfig().resolve(3000)
     assert small.batch_size == 2 and small.val_fraction == 0.0
-    assert large.batch_size == 16 and large.val_fraction == 0.2
+    assert large.batch_size == 16 and large.val_fraction == 0.0  # no inner split at any size (README)
     assert TrainConfig().resolve(320).batch_size == 10
     assert TrainConfig(batch_size=5, val_fraction=0.1).resolve(60) == TrainConfig(batch_size=5, val_fraction=0.1)
 

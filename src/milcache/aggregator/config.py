@@ -21,7 +21,6 @@ POOL_MAPS = ("mean", "max", "lse")
 
 
 # How the defaults were chosen: bench/quality.py (README, "Choosing defaults").
-SMALL_COHORT = 500  # training bags below which a fold trains for fixed epochs (no inner early-stopping split)
 STEPS_PER_EPOCH = 32  # the automatic batch size aims at this many optimizer steps per epoch …
 BATCH_RANGE = (2, 16)  # … within these bags per step
 
@@ -40,7 +39,7 @@ class TrainConfig:
     instances: int | None = 1024  # random instances per bag per training step; None = all
     schedule: str = "cosine"  # or "constant"
     patience: int = 10  # epochs without validation-loss improvement before stopping
-    val_fraction: float | None = None  # of each training fold held out for early stopping; None: 0.2 from 500 bags
+    val_fraction: float = 0.0  # of each training fold held out for early stopping; 0: fixed epochs
     elastic_net: float = 0.0  # strength of the L1/L2 penalty on weight matrices
     l1_ratio: float = 0.5  # its L1 share
     class_weights: bool = False  # weight the loss by inverse class frequency
@@ -72,16 +71,12 @@ class TrainConfig:
         return asdict(self)
 
     def resolve(self, training_bags: int) -> TrainConfig:
-        """This configuration with the cohort-dependent choices made for folds of ``training_bags``:
-        small cohorts get more optimizer steps per epoch and keep every bag for training (an
-        inner split of a small fold costs more than early stopping gains)."""
+        """This configuration with the cohort-dependent choice made for folds of ``training_bags``:
+        small cohorts get more optimizer steps per epoch."""
         batch_size = self.batch_size
         if batch_size is None:
             batch_size = int(min(max(round(training_bags / STEPS_PER_EPOCH), BATCH_RANGE[0]), BATCH_RANGE[1]))
-        val_fraction = self.val_fraction
-        if val_fraction is None:
-            val_fraction = 0.2 if training_bags >= SMALL_COHORT else 0.0
-        return replace(self, batch_size=batch_size, val_fraction=val_fraction)
+        return replace(self, batch_size=batch_size)
 
 
 @dataclass
