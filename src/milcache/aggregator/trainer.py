@@ -84,6 +84,19 @@ class StackedAdamW:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
         self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
+        # Each model's views of the tensors that last as long as the optimiser (parameters, moments,
+        # step count), made once: building them took longer than the update itself (gradients are
+        # new every step, so only theirs are made per step).
+        lasting = [[_dense(t) for t in ts] for ts in (params, self.exp_avg, self.exp_avg_sq)]
+        self._model_views = [
+            (
+                [t[m] for t in lasting[0]],
+                [t[m] for t in lasting[1]],
+                [t[m] for t in lasting[2]],
+                [self.steps[m]] * len(params),
+            )
+            for m in range(n_models)
+        ]
 
     @torch.no_grad()
     def step(self, lr: np.ndarray, active: np.ndarray) -> None:
@@ -98,15 +111,16 @@ class StackedAdamW:
                 self.steps.new_ones(int(active.sum())),
             )
         self.host_steps += active
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        whole = [[_dense(t) for t in ts] for ts in (self.params, grads, self.exp_avg, self.exp_avg_sq)]
+        grads = [_dense(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
         for rate in np.unique(lr[active]):
             members = np.flatnonzero(active & (lr == rate))
             if len(members) == len(self.steps) and np.all(self.host_steps == self.host_steps[0]):
-                lists = [*whole, [self.steps[0]] * len(self.params)]
-            else:  # per-model views of the models taking this step at this rate
-                lists = [[t[m] for m in members for t in ts] for ts in whole]
-                lists.append([self.steps[m] for m in members for _ in self.params])
+                dense = [[_dense(t) for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
+                lists = [dense[0], grads, dense[1], dense[2], [self.steps[0]] * len(self.params)]
+            else:  # the per-model views of the models taking this step at this rate
+                views = [self._model_views[m] for m in members]
+                lists = [[t for v in views for t in v[i]] for i in range(4)]
+                lists.insert(1, [g[m] for m in members for g in grads])
             torch._fused_adamw_(
                 *lists[:4],
                 [],
