@@ -53,6 +53,7 @@ def test_resolve_chooses_batch_size_from_the_cohort_and_trains_fixed_epochs():
     small, large = TrainConfig().resolve(60), TrainConfig().resolve(3000)
     assert small.batch_size == 2 and small.val_fraction == 0.0
     assert large.batch_size == 16 and large.val_fraction == 0.0  # no inner split at any size (README)
+    assert TrainConfig(val_fraction=None).val_fraction == 0.0  # a trial stored by an older milcache resumes
     assert TrainConfig().resolve(320).batch_size == 10
     assert TrainConfig(batch_size=5, val_fraction=0.1).resolve(60) == TrainConfig(batch_size=5, val_fraction=0.1)
 

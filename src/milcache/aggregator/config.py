@@ -51,6 +51,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse values that would otherwise be read as something else (0 epochs, a negative lr)."""
+        if self.val_fraction is None:  # "chosen from the cohort" in older studies' trials: now fixed epochs
+            self.val_fraction = 0.0
         checks.at_least("--epochs", self.epochs, 1)
         checks.above("--lr", self.lr, 0)
         checks.at_least("--weight-decay", self.weight_decay, 0)
