@@ -198,7 +198,8 @@ class RowBuffer:
     """One growing tensor that successive batches' instances are gathered into, for a training
     loop whose batch is used up (backward done) before the next is gathered. A fresh tensor per
     step was a fresh mapping of 12 MB on the CPU (200 bags × 1,024 × 512-d, 6 bags a step), whose
-    page faults made the gather take 1.5-1.9x as long (bench/train_head.py --case a)."""
+    page faults made the gather take 1.5-1.9x as long (the gather timed alone on bench/train_head.py's
+    case-a cohort)."""
 
     def __init__(self) -> None:
         self._rows: torch.Tensor | None = None

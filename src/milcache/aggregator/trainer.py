@@ -61,7 +61,8 @@ def _in_gradient_layout(p: torch.Tensor) -> torch.Tensor:
     """A stacked weight matrix (models × out × in) stored as models × in × out, the layout that
     backward's weight gradient of ``F.linear`` comes in, so that autograd hands the gradient over
     instead of adding it into the parameter's layout: that transposing add took as long as the
-    optimizer step (10 % of a 50-model CV step on 92 MUSK-sized bags, bench/train_head.py --case b)."""
+    optimizer step (10 % of a 50-model CV step in torch's profiler, on bench/train_head.py's case-b
+    cohort)."""
     if p.ndim != 3:
         return p
     return p.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(p.requires_grad)
