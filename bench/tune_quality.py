@@ -62,7 +62,7 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
     objective = make_objective(cohort, load_space(None), settings, train)
     study.optimize(objective, n_trials=trials, catch=(RuntimeError,), callbacks=[said])
     best = study.best_trial
-    config = TrainConfig(**best.user_attrs["config"])
+    config = TrainConfig.from_stored(best.user_attrs["config"])
     model = refit(cohort, config, int(best.user_attrs["epochs"]), bags=train)
     return {**_scores(cohort, model, config, test), "inner_auc": best.value, "head": config.head}
 

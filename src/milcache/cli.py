@@ -14,6 +14,7 @@ import click
 from milcache import __version__
 from milcache.aggregator.config import (
     METRICS,
+    OPTIMIZERS,
     POOL_MAPS,
     REGIMES,
     TASK_KINDS,
@@ -449,8 +450,13 @@ classes_option = click.option(
 @classes_option
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--epochs", type=int, help=f"Most epochs per fold [{_DEFAULTS.epochs}].")
-@click.option("--lr", type=float, help=f"AdamW learning rate [{_DEFAULTS.lr:g}].")
-@click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_DEFAULTS.weight_decay:g}].")
+@click.option("--lr", type=float, help=f"Learning rate [{_DEFAULTS.lr:g}].")
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    help=f"adam: weight decay as an L2 term in the gradient; adamw: decoupled [{_DEFAULTS.optimizer}].",
+)
+@click.option("--weight-decay", type=float, help=f"Weight decay [{_DEFAULTS.weight_decay:g}].")
 @click.option("--batch-size", type=int, help="Bags per step [about 32 steps an epoch, 2 to 16 bags].")
 @click.option(
     "--instances",

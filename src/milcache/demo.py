@@ -127,7 +127,7 @@ def _as_flags(options: dict) -> list[str]:
 def _train_options(config: dict) -> dict:
     """train_head options that reproduce a configuration from best.json."""
     options = {"head": config["head"]}
-    for key in ("lr", "weight_decay", "epochs", "batch_size", "patience", "elastic_net", "seed"):
+    for key in ("lr", "optimizer", "weight_decay", "epochs", "batch_size", "patience", "elastic_net", "seed"):
         if config[key] is not None:  # None: chosen from the cohort
             options[key] = config[key]
     options["instances"] = config["instances"] or 0

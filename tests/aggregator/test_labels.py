@@ -8,7 +8,7 @@ from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import grouping_hint
 from milcache.aggregator.tasks import Task
 from milcache.cli import cli
-from milcache.errors import LabelError
+from milcache.errors import LabelError, OptionError
 from milcache.store import read_labels
 from milcache.store.synthetic import make_synthetic_store
 
@@ -58,6 +58,17 @@ def test_resolve_chooses_batch_size_from_the_cohort_and_trains_fixed_epochs():
     assert TrainConfig(batch_size=5, val_fraction=0.1).resolve(60) == TrainConfig(batch_size=5, val_fraction=0.1)
 
 
+def test_a_stored_configuration_reads_as_it_was_meant():
+    """Weight decay is an L2 term by default now; a trial or run stored before ``optimizer`` existed
+    trained with AdamW's decoupled decay and is refit with it, not with today's default."""
+    assert TrainConfig().optimizer == "adam" and TrainConfig().weight_decay == 5e-4
+    old = {k: v for k, v in TrainConfig(weight_decay=1e-2).to_dict().items() if k != "optimizer"}
+    assert TrainConfig.from_stored(old).optimizer == "adamw"
+    assert TrainConfig.from_stored({**old, "optimizer": "adam", "retired_field": 1}).optimizer == "adam"
+    with pytest.raises(OptionError, match="--optimizer"):
+        TrainConfig(optimizer="sgd")
+
+
 def test_train_head_cli_orders_ordinal_classes_and_says_how_to_group(tmp_path):
     labels = make_synthetic_store(tmp_path / "store", bags=60, instances=(4, 10), dim=8, seed=2, signal=2.0)
     grades = pl.Series("label", ["low", "medium", "high"] * 20)
@@ -90,3 +101,9 @@ def test_train_head_cli_orders_ordinal_classes_and_says_how_to_group(tmp_path):
     assert config["task"]["classes"] == ["low", "medium", "high"]
     assert config["train"]["batch_size"] == 2 and config["train"]["val_fraction"] == 0.0  # resolved, not None
     assert config["head_options"]["attention_dim"] == 64  # the head's defaults are recorded too
+    assert config["train"]["optimizer"] == "adam"
+    adamw = CliRunner().invoke(
+        cli, [*args, "--classes", "low,medium,high", "--optimizer", "adamw", "--out", str(tmp_path / "w")]
+    )
+    assert adamw.exit_code == 0, adamw.output
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["optimizer"] == "adamw"

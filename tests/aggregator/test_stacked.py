@@ -62,15 +62,17 @@ def test_each_stacked_model_equals_training_it_alone(head):
             np.testing.assert_allclose(sa, sb, rtol=1e-3, atol=1e-5)
 
 
-def test_stacked_adamw_matches_torch_adamw():
-    from milcache.aggregator.trainer import StackedAdamW
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_stacked_adam_matches_torch_adam_and_adamw(decoupled):
+    """Decoupled weight decay is torch's AdamW; the L2 term in the gradient is torch's Adam."""
+    from milcache.aggregator.trainer import StackedAdam
 
     torch.manual_seed(0)
     a = torch.randn(5, 3, requires_grad=True)
     b = a.detach().clone().unsqueeze(0).repeat(2, 1, 1).requires_grad_(True)
     initial = a.detach().clone()
-    reference = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
-    ours = StackedAdamW([b], 2, weight_decay=0.1)
+    reference = (torch.optim.AdamW if decoupled else torch.optim.Adam)([a], lr=1e-2, weight_decay=0.1)
+    ours = StackedAdam([b], 2, weight_decay=0.1, decoupled=decoupled)
     for _ in range(5):
         grad = torch.randn(5, 3)
         a.grad = grad.clone()
@@ -82,13 +84,14 @@ def test_stacked_adamw_matches_torch_adamw():
     assert torch.equal(b[1].detach(), initial)
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count(transposed):
+def test_stacked_adam_gives_each_model_its_own_learning_rate_and_step_count(transposed, decoupled):
     """Models with different learning rates (a cosine schedule over folds of different sizes) and
-    one that sits some steps out: each follows torch's AdamW run on its own; the gradients that
+    one that sits some steps out: each follows torch's Adam / AdamW run on its own; the gradients that
     backward writes are the ones used, also for weights stored transposed (as the trainer stores
     stacked weight matrices, in the layout of their gradients)."""
-    from milcache.aggregator.trainer import StackedAdamW, _in_gradient_layout
+    from milcache.aggregator.trainer import StackedAdam, _in_gradient_layout
 
     torch.manual_seed(0)
     rates = np.array([1e-2, 3e-3, 1e-2])
@@ -98,8 +101,9 @@ def test_stacked_adamw_gives_each_model_its_own_learning_rate_and_step_count(tra
     )
     assert stacked.is_contiguous() != transposed
     alone = [start[m].clone().requires_grad_(True) for m in range(3)]
-    references = [torch.optim.AdamW([p], lr=float(r), weight_decay=0.05) for p, r in zip(alone, rates, strict=True)]
-    ours = StackedAdamW([stacked], 3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW if decoupled else torch.optim.Adam
+    references = [optimizer([p], lr=float(r), weight_decay=0.05) for p, r in zip(alone, rates, strict=True)]
+    ours = StackedAdam([stacked], 3, weight_decay=0.05, decoupled=decoupled)
     for step in range(6):
         target = torch.randn(3, 4, 2)
         active = np.array([True, True, step % 2 == 0])  # model 2 takes every other step

@@ -16,6 +16,9 @@ MINIMISED = ("log_loss", "mse")
 REGIMES = ("auto", "gpu", "host", "stream")
 # Training precisions (fp16 needs loss scaling, which training does not do).
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+# How the optimizer applies weight decay: "adam" adds it to the gradient as an L2 term (torch's Adam, the
+# MIL literature's recipe), "adamw" decays the weights apart from the gradient (torch's AdamW).
+OPTIMIZERS = ("adam", "adamw")
 # How fine-tuning may pool the instances' feature maps across a bag (--pool-maps).
 POOL_MAPS = ("mean", "max", "lse")
 
@@ -23,6 +26,10 @@ POOL_MAPS = ("mean", "max", "lse")
 # How the defaults were chosen: bench/quality.py (README, "Choosing defaults").
 STEPS_PER_EPOCH = 32  # the automatic batch size aims at this many optimizer steps per epoch …
 BATCH_RANGE = (2, 16)  # … within these bags per step
+
+
+# What a field that a stored configuration lacks meant before the field existed.
+_PREDATED = {"optimizer": "adamw"}
 
 
 @dataclass
@@ -34,7 +41,8 @@ class TrainConfig:
     head_options: dict = field(default_factory=dict)
     epochs: int = 25
     lr: float = 2e-3
-    weight_decay: float = 1e-2
+    optimizer: str = "adam"  # one of OPTIMIZERS
+    weight_decay: float = 5e-4  # an L2 term in the gradient (adam) or a decoupled decay (adamw)
     batch_size: int | None = None  # bags per step; None: about 32 steps an epoch, 2 to 16 bags
     instances: int | None = 1024  # random instances per bag per training step; None = all
     schedule: str = "cosine"  # or "constant"
@@ -55,6 +63,7 @@ class TrainConfig:
             self.val_fraction = 0.0
         checks.at_least("--epochs", self.epochs, 1)
         checks.above("--lr", self.lr, 0)
+        checks.one_of("--optimizer", self.optimizer, OPTIMIZERS)
         checks.at_least("--weight-decay", self.weight_decay, 0)
         checks.at_least("--batch-size", self.batch_size, 1)
         checks.at_least("--instances", self.instances, 1)
@@ -71,6 +80,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> TrainConfig:
+        """A configuration that an earlier milcache recorded (a study's trials, a run's config.json),
+        read as it was meant: fields it predates take the value that was its behaviour then, not
+        today's default (before ``optimizer`` existed, weight decay was AdamW's)."""
+        known = {k: v for k, v in stored.items() if k in cls.__dataclass_fields__}
+        return cls(**{**_PREDATED, **known})
 
     def resolve(self, training_bags: int) -> TrainConfig:
         """This configuration with the cohort-dependent choice made for folds of ``training_bags``:

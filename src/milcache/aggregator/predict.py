@@ -78,7 +78,7 @@ def predict(
             measure_head(model.head, model.head.in_dim), budget, lengths, ids, config["head"], training=False
         )
         data = load_bags(store, ids, torch_device)
-        train = TrainConfig(**{k: v for k, v in config["train"].items() if k in TrainConfig.__dataclass_fields__})
+        train = TrainConfig.from_stored(config["train"])
         logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)
         outputs = task.outputs(logits).cpu().numpy()
         bags = [store[bag_id] for bag_id in ids]  # views: coordinates, thumbnails, no copies

@@ -293,7 +293,7 @@ def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: n
     if not len(held_out):
         return None
     best = study.best_trial
-    config = TrainConfig(**best.user_attrs["config"])
+    config = TrainConfig.from_stored(best.user_attrs["config"])
     model = refit(cohort, config, int(best.user_attrs.get("epochs", config.epochs)), bags=study_bags)
     logits, _ = infer(model, cohort.data, held_out, config)
     metrics = cohort.task.metrics(cohort.y[held_out], cohort.task.outputs(logits).cpu().numpy())
@@ -311,7 +311,7 @@ def _report(
     table = trials_table(study)
     table.write_parquet(out / "trials.parquet")
     best = study.best_trial
-    config = TrainConfig(**best.user_attrs["config"])
+    config = TrainConfig.from_stored(best.user_attrs["config"])
     summary = {
         "metric": settings.metric,
         "value": best.value,
