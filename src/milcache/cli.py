@@ -490,6 +490,11 @@ classes_option = click.option(
     help="A head-specific option, e.g. attention_dim=128 (repeatable).",
 )
 @click.option("--seed", type=int, help="Random seed [0].")
+@click.option(
+    "--precision",
+    type=click.Choice(TRAIN_PRECISIONS),
+    help="auto: bf16 on CUDA, fp32 on the CPU (bf16 on a CPU with AMX halves big-bag epochs; README).",
+)
 @skip_duplicates_option
 @memory_budget_option
 @click.option(

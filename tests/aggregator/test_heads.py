@@ -233,3 +233,18 @@ def test_embed_standardises_the_same_whether_or_not_folded_into_the_weights(inst
     (grad,) = torch.autograd.grad(ours.sum(), head.instance_layer.weight)
     (expected_grad,) = torch.autograd.grad(expected.sum(), head.instance_layer.weight)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-3)
+
+
+def test_embed_under_cpu_bf16_autocast_standardises_before_the_matmul():
+    """`--precision bf16` on the CPU: raw values far from zero (mean 1,000, std 1) are
+    standardised in float32 before the reduced-precision matmul. Folded into W, the bf16 matmul
+    would round x·W/std to ~1,000/256 and subtract mean·W/std after: errors of whole units."""
+    torch.manual_seed(0)
+    head = _head("attention")
+    x = torch.randn(2, 400, DIM) + 1000.0  # large enough to fold in float32
+    mean, std = torch.full((DIM,), 1000.0), torch.ones(DIM)
+    expected = torch.relu(torch.nn.functional.linear(x - mean, head.instance_layer.weight, head.instance_layer.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = head.embed(x, mean, std)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected, rtol=0.05, atol=0.05)

@@ -103,7 +103,19 @@ def test_train_head_cli_orders_ordinal_classes_and_says_how_to_group(tmp_path):
     assert config["head_options"]["attention_dim"] == 64  # the head's defaults are recorded too
     assert config["train"]["optimizer"] == "adam"
     adamw = CliRunner().invoke(
-        cli, [*args, "--classes", "low,medium,high", "--optimizer", "adamw", "--out", str(tmp_path / "w")]
+        cli,
+        [
+            *args,
+            "--classes",
+            "low,medium,high",
+            "--optimizer",
+            "adamw",
+            "--precision",
+            "fp32",
+            "--out",
+            str(tmp_path / "w"),
+        ],
     )
     assert adamw.exit_code == 0, adamw.output
-    assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["optimizer"] == "adamw"
+    written = json.loads((tmp_path / "w" / "config.json").read_text())["train"]
+    assert written["optimizer"] == "adamw" and written["precision"] == "fp32"

@@ -179,13 +179,14 @@ class Head(nn.Module):
 
         Features constant in training (std ≈ 0) are ignored. On the CPU, when the batch is more
         than ``_FOLD_RATIO`` times W's size, the standardisation is folded into W and b (passes
-        over the batch, the largest tensor of a step, saved); otherwise, and on a GPU, it runs on
-        x in float32 (there before the reduced-precision matmul, whose rounding of raw values
-        would otherwise be amplified by 1/std)."""
+        over the batch, the largest tensor of a step, saved); otherwise, on a GPU and under a
+        reduced-precision autocast, it runs on x in float32 (there before the reduced-precision
+        matmul, whose rounding of raw values would otherwise be amplified by 1/std)."""
         weight, bias = self.instance_layer.weight, self.instance_layer.bias
         if mean is not None and std is not None:
             inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
-            if x.device.type == "cuda" or x.numel() <= _FOLD_RATIO * weight.numel():
+            reduced = x.device.type == "cuda" or torch.is_autocast_enabled(x.device.type)
+            if reduced or x.numel() <= _FOLD_RATIO * weight.numel():
                 x = torch.addcmul(-mean * inv, x, inv)
             else:
                 weight = weight * inv
