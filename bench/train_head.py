@@ -54,15 +54,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def loop_epochs(data: BagTensor, y: np.ndarray, bags: np.ndarray, epochs: int, seed: int = 0) -> float:
-    """One bag per step (batch size 1), Adam 5e-4: the reference loop. Returns seconds."""
+def loop_epochs(
+    data: BagTensor, y: np.ndarray, bags: np.ndarray, epochs: int, seed: int = 0, bf16: bool | None = None
+) -> float:
+    """One bag per step (batch size 1), Adam 5e-4: the reference loop, under a bf16 autocast on
+    CUDA (or as ``bf16`` says). Returns seconds."""
     torch.manual_seed(seed)
     device = data.device
     model = GatedAttention(data.dim, HIDDEN, ATTENTION).to(device)
     optimizer = reference_optimizer(model)
     targets = torch.from_numpy(y).float().to(device)
     loss_fn = nn.BCEWithLogitsLoss()
-    use_bf16 = device.type == "cuda"
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
     rng = np.random.default_rng(seed)
     sync(device)
     start = time.perf_counter()
@@ -157,6 +160,8 @@ def case_epoch(
         "one-bag-per-step loop": lambda: loop_epochs(data, y, every, epochs),
         "torchmil ABMIL, 4 bags a step": lambda: torchmil_epochs(data, y, every, epochs),
     }
+    if _amx_cpu(device):
+        sides["one-bag-per-step loop, bf16 autocast (AMX)"] = lambda: loop_epochs(data, y, every, epochs, bf16=True)
     times: dict[str, list] = {name: [] for name in sides}
     for _ in range(rounds):
         for name, run in sides.items():
