@@ -151,16 +151,13 @@ def case_epoch(
     sides = {
         "milcache, defaults (≤ 1,024 instances a bag a step)": lambda: milcache_epochs(data, y, epochs, defaults),
         "milcache, every instance": lambda: milcache_epochs(data, y, epochs, all_instances),
+        "one-bag-per-step loop": lambda: loop_epochs(data, y, every, epochs),
+        "torchmil ABMIL, 4 bags a step": lambda: torchmil_epochs(data, y, every, epochs),
     }
     if _amx_cpu(device):  # where bf16 matmuls have their own units; auto stays fp32 on a CPU (README)
         bf16 = TrainConfig(head_options=ARCHITECTURE, epochs=epochs, precision="bf16")
         milcache_epochs(data, y, 1, replace(bf16, epochs=1))  # oneDNN's bf16 kernels warm up too
         sides["milcache, --precision bf16 (AMX)"] = lambda: milcache_epochs(data, y, epochs, bf16)
-    sides |= {
-        "one-bag-per-step loop": lambda: loop_epochs(data, y, every, epochs),
-        "torchmil ABMIL, 4 bags a step": lambda: torchmil_epochs(data, y, every, epochs),
-    }
-    if _amx_cpu(device):
         sides["one-bag-per-step loop, bf16 autocast (AMX)"] = lambda: loop_epochs(data, y, every, epochs, bf16=True)
     times: dict[str, list] = {name: [] for name in sides}
     for _ in range(rounds):

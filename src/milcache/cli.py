@@ -493,7 +493,7 @@ classes_option = click.option(
 @click.option(
     "--precision",
     type=click.Choice(TRAIN_PRECISIONS),
-    help="auto: bf16 on CUDA, fp32 on the CPU (bf16 on a CPU with AMX halves big-bag epochs; README).",
+    help=f"{PRECISION_HELP[:-1]} (bf16 on a CPU with AMX halves big-bag epochs; README).",
 )
 @skip_duplicates_option
 @memory_budget_option

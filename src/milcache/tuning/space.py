@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.config import OPTIMIZERS, TrainConfig
 from milcache.aggregator.heads import check_head, head_class, list_heads
 from milcache.errors import MilcacheError
 from milcache.settings_files import read_settings
@@ -27,7 +27,7 @@ def default_space() -> dict:
         "classifier_hidden": {"type": "categorical", "choices": [0, 64]},
         "temperature": {"type": "float", "low": 0.5, "high": 20.0, "log": True},
         "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
+        "optimizer": {"type": "categorical", "choices": list(OPTIMIZERS)},
         "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
         "epochs": {"type": "int", "low": 10, "high": 60},
         "instances": {"type": "categorical", "choices": [128, 512, 2048]},
