@@ -8,7 +8,7 @@ import torch
 from milcache.errors import ExtractionError
 from milcache.extractor.backbones import create_backbone
 from milcache.extractor.cam import CamSource, read_image
-from milcache.extractor.loop import ExtractConfig, extract
+from milcache.extractor.loop import Embedder, ExtractConfig, extract
 from milcache.extractor.sources import create_source
 from milcache.extractor.volume import VolumeSource
 from milcache.store import FeatureStore
@@ -140,6 +140,48 @@ def test_two_view_bag_keeps_global_and_regions_of_both(tmp_path):
         assert bag.coords[0].tolist() == [0, 0, 192, 256] and set(bag.extras) == {"cam_0", "cam_1"}
         assert store.metadata.source["cam"].startswith("saliency")
         assert store.metadata.coords == ["x0", "y0", "x1", "y1"]
+
+
+def test_saliency_cam_shares_the_global_views_forward_and_stores_the_same(tmp_path, monkeypatch):
+    """Global size = region size = input size: one forward gives each view's CAM and embedding, and
+    the store equals one written with the CAM network run apart (embeddings, CAMs, regions)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for bag in range(3):
+        for view in ("cc", "mlo"):
+            image = np.zeros((200, 150), np.uint16)
+            image[10:190, 5:120] = rng.integers(10_000, 30_000, (180, 115))
+            Image.fromarray(image).save(tmp_path / f"{bag}{view}.png")
+            rows.append((f"breast-{bag}", f"{bag}{view}.png"))
+    pl.DataFrame(rows, schema=["bag_id", "path"], orient="row").write_csv(tmp_path / "m.csv")
+    settings = {"backbone": "test_resnet", "global_size": 64, "region_size": 64, "regions": 3}
+    config = ExtractConfig("test_resnet", workers=0, batch_size=5, preprocessing={"input_size": (64, 64)})
+    backbone = create_backbone("test_resnet", input_size=(64, 64))
+    embedder = Embedder(backbone, create_source("cam", **settings), torch.device("cpu"), "fp32", False)
+    source = create_source("cam", **settings)
+    assert source._shares_forward(embedder)
+    assert not create_source("cam", **{**settings, "region_size": 32})._shares_forward(embedder)
+    images = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8)
+    maps, embeddings = embedder.with_feature_maps(images)
+    torch.testing.assert_close(embeddings, embedder(images))
+    assert maps.ndim == 4 and maps.shape[0] == 4
+    views, original = [], Embedder.with_feature_maps
+    monkeypatch.setattr(Embedder, "with_feature_maps", lambda self, x: views.append(len(x)) or original(self, x))
+    assert extract(tmp_path / "m.csv", tmp_path / "shared", source, config, progress=False).failures == {}
+    assert views == [2, 2, 2]  # each bag's two views, once
+    monkeypatch.setattr(CamSource, "_shares_forward", lambda self, embedder: False)
+    apart = create_source("cam", **settings)
+    assert extract(tmp_path / "m.csv", tmp_path / "apart", apart, config, progress=False).failures == {}
+    with FeatureStore(tmp_path / "shared") as shared, FeatureStore(tmp_path / "apart") as separate:
+        for bag_id in separate.bag_ids():
+            one, other = shared[bag_id], separate[bag_id]
+            np.testing.assert_array_equal(one.coords, other.coords)
+            np.testing.assert_array_equal(one.attrs["kind"], other.attrs["kind"])
+            np.testing.assert_allclose(one.embeddings, other.embeddings, rtol=1e-3, atol=1e-3)
+            for key in other.extras:
+                np.testing.assert_allclose(one.extras[key], other.extras[key], rtol=1e-3, atol=1e-3)
 
 
 def test_dicom_monochrome1_is_inverted_and_16_bit_scaled(tmp_path):

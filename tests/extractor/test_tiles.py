@@ -396,8 +396,8 @@ def test_padded_batches_have_one_shape_and_deliver_only_real_rows():
     batches = _Batches(
         embedder, 4, np.float32, lambda i, pos, rows: got.setdefault(i, []).append((pos, rows)), pad=True
     )
-    batches.add(0, 0, torch.full((3, 2, 2, 3), 1, dtype=torch.uint8))
-    batches.add(1, 0, torch.full((6, 2, 2, 3), 2, dtype=torch.uint8))
+    batches.add(0, np.arange(3), torch.full((3, 2, 2, 3), 1, dtype=torch.uint8))
+    batches.add(1, np.arange(6), torch.full((6, 2, 2, 3), 2, dtype=torch.uint8))
     batches.finish()
     assert embedder.calls == [(4, 2, 2, 3)] * 3  # 9 instances: 3 batches of one shape
     positions = {i: np.concatenate([p for p, _ in parts]).tolist() for i, parts in got.items()}

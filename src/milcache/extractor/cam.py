@@ -16,7 +16,7 @@ import torch
 
 from milcache import checks
 from milcache.errors import ExtractionError
-from milcache.extractor.sources import BagPlan, Source, register_source
+from milcache.extractor.sources import BagPlan, PlannedBag, Source, register_source
 from milcache.store.tables import BagSpec
 
 _CAM_SIDE = 64  # side of the CAM kept in the store (for drawing)
@@ -201,7 +201,8 @@ class CamSource(Source):
 
                 self.cam_digest = file_digest(Path(cam_weights))
             self._net = None  # each worker builds its own
-        self._images: dict[str, np.ndarray] = {}
+        self._images: dict[str, np.ndarray] = {}  # the current bag's decoded images, by path
+        self._views: dict[str, np.ndarray] = {}  # and their global views
 
     def settings(self) -> dict:
         return {
@@ -216,7 +217,7 @@ class CamSource(Source):
         }
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_net": None, "_images": {}}
+        return {**self.__dict__, "_net": None, "_images": {}, "_views": {}}
 
     def _new_net(self) -> _CamNet:
         return _CamNet(
@@ -236,24 +237,38 @@ class CamSource(Source):
     plan_on_device = True
 
     def prepare(self, bag: BagSpec) -> dict:
-        """Worker side: the bag's images, decoded once."""
-        return {"images": [torch.from_numpy(read_image(Path(p))) for p in bag.paths]}
+        """Worker side: the bag's images, decoded once, with what planning needs of them that no
+        network does (the global views, the foreground grids), so that the main process only runs
+        the CAM network and crops."""
+        images = [read_image(Path(p)) for p in bag.paths]
+        return {
+            "images": [torch.from_numpy(image) for image in images],
+            "views": torch.from_numpy(np.stack([_resize(i, self.global_size, self.global_size) for i in images])),
+            "foreground": [torch.from_numpy(self._foreground(image)) for image in images],
+        }
 
-    def plan_prepared(self, bag: BagSpec, prepared: dict, device: torch.device) -> tuple[BagPlan, np.ndarray]:
-        """Main-process side: CAMs of the global views in one batch on ``device``, the top regions,
-        and the pixels of every instance (global views and region crops)."""
+    def plan_prepared(self, bag: BagSpec, prepared: dict, embedder=None) -> PlannedBag:
+        """Main-process side: CAMs of the global views in one batch on the embedder's device, the
+        top regions, and the pixels of the instances to embed. Where the saliency CAM's input is
+        exactly a global instance's model input, one forward gives the view's CAM and its embedding."""
         self._images = {str(p): np.asarray(image) for p, image in zip(bag.paths, prepared["images"], strict=True)}
         self._images_of = bag.bag_id
-        if self._net is None:
-            self._net = self._new_net().to(device)
-        views = np.stack([_resize(self.image(p), self.global_size, self.global_size) for p in bag.paths])
-        cams = self._net(views)
+        views = prepared["views"].numpy()
+        self._views = {str(p): view for p, view in zip(bag.paths, views, strict=True)}
+        shared = self._shares_forward(embedder)
+        if shared:
+            maps, view_embeddings = embedder.with_feature_maps(torch.from_numpy(views))
+            cams = torch.relu(maps.mean(1)).cpu().numpy()
+        else:
+            if self._net is None:
+                self._net = self._new_net().to(embedder.device if embedder is not None else torch.device("cpu"))
+            cams = self._net(views)
         coords, kinds, images, scores, extras = [], [], [], [], {}
         for index, path in enumerate(bag.paths):
             image, cam = self.image(path), cams[index]
             height, width = image.shape[:2]
             extras[f"cam_{index}"] = _resize_map(cam, _CAM_SIDE).astype(np.float16)
-            boxes, box_scores = self._regions(image, cam)
+            boxes, box_scores = self._regions(image, cam, prepared["foreground"][index].numpy())
             coords += [(0, 0, width, height), *boxes]
             kinds += [0] + [1] * len(boxes)
             images += [index] * (len(boxes) + 1)
@@ -265,20 +280,47 @@ class CamSource(Source):
         }
         meta = {"images": [str(p) for p in bag.paths], "kinds": {"0": "global", "1": "region"}}
         plan = BagPlan(np.array(coords, np.int32), attrs, extras, meta)
-        return plan, self.read(bag, plan, np.arange(len(plan)))
+        if not shared:
+            every = np.arange(len(plan))
+            return PlannedBag(plan, self.read(bag, plan, every), every)
+        regions = np.flatnonzero(attrs["kind"] == 1)
+        embedded = (np.flatnonzero(attrs["kind"] == 0), view_embeddings)  # the views, in image order
+        return PlannedBag(plan, self.read(bag, plan, regions), regions, embedded)
+
+    def _shares_forward(self, embedder) -> bool:
+        """Whether the saliency CAM can come from the forward that embeds the global views: the CAM
+        is the embedding backbone's own (no --cam-model), and a global instance reaches the model as
+        the CAM's input does (global size = region size = the backbone's input size: no resizing)."""
+        if embedder is None or self.cam_model is not None or not embedder.gives_feature_maps:
+            return False
+        side = self.global_size
+        return (
+            embedder.backbone.name == self.backbone
+            and self.region_size == side
+            and tuple(embedder.backbone.input_size) == (side, side)
+        )
 
     def plan(self, bag: BagSpec) -> BagPlan:
-        return self.plan_prepared(bag, self.prepare(bag), torch.device("cpu"))[0]
+        return self.plan_prepared(bag, self.prepare(bag)).plan
 
-    def _regions(self, image: np.ndarray, cam: np.ndarray) -> tuple[list, list]:
+    def _grid(self, image: np.ndarray) -> tuple[int, int, int]:
+        """The scoring grid of an image: 16 cells per region side (exact enough, small)."""
+        scale = max(1, self.region_size // 16)
+        return scale, -(-image.shape[0] // scale), -(-image.shape[1] // scale)
+
+    def _foreground(self, image: np.ndarray) -> np.ndarray:
+        """Which cells of the scoring grid are brighter than the background (air around the breast)."""
+        _, h, w = self._grid(image)
+        grey = _resize(image, w, h).mean(2)
+        return grey > grey.min() + _FOREGROUND_LEVEL * (grey.max() - grey.min())
+
+    def _regions(self, image: np.ndarray, cam: np.ndarray, foreground: np.ndarray | None = None) -> tuple[list, list]:
         """The top squares of the grid by CAM mass, among those holding foreground."""
         height, width = image.shape[:2]
         side = self.region_size
-        scale = max(1, side // 16)  # score on a grid 16 cells per square side: exact enough, small
-        h, w = -(-height // scale), -(-width // scale)
+        scale, h, w = self._grid(image)
         cam_map = _resize_map(cam, (w, h))
-        grey = _resize(image, w, h).mean(2)
-        foreground = grey > grey.min() + _FOREGROUND_LEVEL * (grey.max() - grey.min())
+        foreground = self._foreground(image) if foreground is None else foreground
         boxes, scores = [], []
         cells = side // scale
         for y in range(0, height, side):
@@ -292,13 +334,15 @@ class CamSource(Source):
 
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
         if getattr(self, "_images_of", None) != bag.bag_id:  # keep one bag's images, not every bag's
-            self._images, self._images_of = {}, bag.bag_id
+            self._images, self._views, self._images_of = {}, {}, bag.bag_id
         side = self.region_size
         out = np.empty((len(indices), side, side, 3), np.uint8)
         for row, i in enumerate(indices):
             image = self.image(bag.paths[int(plan.attrs["image"][i])])
             if plan.attrs["kind"][i] == 0:
-                out[row] = _resize(_resize(image, self.global_size, self.global_size), side, side)
+                view = self._views.get(str(bag.paths[int(plan.attrs["image"][i])]))
+                view = _resize(image, self.global_size, self.global_size) if view is None else view
+                out[row] = _resize(view, side, side)
                 continue
             x0, y0, x1, y1 = (int(v) for v in plan.coords[i])
             crop = np.zeros((side, side, 3), np.uint8)  # beyond the image: black, as mammogram background

@@ -107,6 +107,29 @@ class Embedder:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.source.embed(batch.to(self.device, non_blocking=True), self.forward, self.backbone)
 
+    @property
+    def gives_feature_maps(self) -> bool:
+        """Whether ``with_feature_maps`` can split the backbone (a timm model: features, then head)."""
+        model = self.backbone.model
+        return hasattr(model, "forward_features") and hasattr(model, "forward_head")
+
+    @torch.inference_mode()
+    def with_feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings of uint8 images (B × H × W × C) and the backbone's last feature map on the
+        way (B × C × h × w, float32), from one forward: a source that needs both (the saliency CAM of
+        a global view that is also an instance) does not run the backbone twice. The model is the
+        uncompiled one (torch.compile wraps ``forward`` only); the embeddings equal ``__call__``'s."""
+        from milcache.extractor.sources import normalise_images
+
+        x = normalise_images(images.to(self.device, non_blocking=True), self.backbone)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        model = self.backbone.model
+        with autocast(self.device, self.precision):
+            maps = model.forward_features(x)
+            embeddings = model.forward_head(maps)
+        return maps.float(), embeddings.float()
+
 
 @dataclass
 class _PendingBag:
@@ -142,14 +165,14 @@ class _Batches:
         self.owners: list[tuple[int, np.ndarray, int]] = []  # (bag index, positions, first row) of the batch
         self.in_flight: list[tuple[torch.cuda.Event | None, torch.Tensor, list]] = []
 
-    def add(self, index: int, start: int, pixels: torch.Tensor) -> None:
-        """Instances ``start …`` of bag ``index``."""
+    def add(self, index: int, positions: np.ndarray, pixels: torch.Tensor) -> None:
+        """The instances of bag ``index`` at ``positions`` (one per row of ``pixels``)."""
         taken = 0
         while taken < len(pixels):
             buffer = self._buffer(pixels)
             count = min(len(pixels) - taken, self.batch_size - self.fill)
             buffer[self.fill : self.fill + count] = pixels[taken : taken + count]
-            self.owners.append((index, np.arange(start + taken, start + taken + count), self.fill))
+            self.owners.append((index, positions[taken : taken + count], self.fill))
             self.fill += count
             taken += count
             if self.fill == self.batch_size:
@@ -465,15 +488,13 @@ def extract(
                 start_up = now - start_time
             kind, index = item[0], item[1]
             bag = bags[index]
+            planned = None
             if kind == "prepared":
                 try:
-                    plan, pixels = source.plan_prepared(bag, item[2], device)
-                    item = ("plan", index, plan)
-                    kind = "plan"
+                    planned = source.plan_prepared(bag, item[2], embedder)
+                    kind, item = "plan", ("plan", index, planned.plan)
                 except Exception as exc:  # a bag's failure, named; the run goes on
-                    kind, item, pixels = "fail", ("fail", index, failure_reason(exc)), None
-            else:
-                pixels = None
+                    kind, item = "fail", ("fail", index, failure_reason(exc))
             if kind == "encoded" and index in pending:  # JPEG tiles: decoded here, on the device
                 try:
                     kind, item = "pixels", (*item[:3], decode_tiles(item[3], device))
@@ -492,10 +513,14 @@ def extract(
                 pending[index] = _PendingBag(plan, np.empty((len(plan), backbone.dim), store_dtype))
                 bar.total += len(plan)
                 bar.refresh()
-                if pixels is not None:
-                    batches.add(index, 0, torch.from_numpy(pixels))
+                if planned is not None:
+                    if planned.embedded is not None:  # embedded while planning (a CAM's global views)
+                        positions, values = planned.embedded
+                        finished_rows(index, positions, values.to(batches.dtype).cpu().numpy())
+                    if len(planned.positions):
+                        batches.add(index, planned.positions, torch.from_numpy(planned.pixels))
             elif kind == "pixels" and index in pending:  # not a bag that already failed
-                batches.add(index, item[2], item[3])
+                batches.add(index, np.arange(item[2], item[2] + len(item[3])), item[3])
             mark = time.perf_counter()
             compute += mark - now
         batches.finish()

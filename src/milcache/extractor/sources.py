@@ -44,6 +44,18 @@ class BagPlan:
         return int(self.coords.shape[0])
 
 
+@dataclass
+class PlannedBag:
+    """What ``Source.plan_prepared`` gives the extraction loop: the plan, the pixels of the
+    instances at ``positions`` (the loop embeds them), and the embeddings of the other instances
+    when planning already computed them (``embedded``: their positions and a B × dim tensor)."""
+
+    plan: BagPlan
+    pixels: np.ndarray
+    positions: np.ndarray
+    embedded: tuple[np.ndarray, torch.Tensor] | None = None
+
+
 class Source:
     """Base of every source. Instances are created in the main process and pickled into the data
     loader's workers, so they hold settings only; file handles are opened lazily, per process."""
@@ -62,14 +74,14 @@ class Source:
         raise NotImplementedError
 
     # A source whose planning needs the compute device (CAM's network) sets this: its workers then
-    # only ``prepare`` (decode), and the extraction loop calls ``plan_prepared`` in the main process,
-    # which returns the plan and the pixels of every instance.
+    # only ``prepare`` (decode), and the extraction loop calls ``plan_prepared`` in the main process
+    # with its ``Embedder`` (the compute device and the backbone).
     plan_on_device = False
 
     def prepare(self, bag: BagSpec) -> dict:
         raise NotImplementedError
 
-    def plan_prepared(self, bag: BagSpec, prepared: dict, device: torch.device) -> tuple[BagPlan, np.ndarray]:
+    def plan_prepared(self, bag: BagSpec, prepared: dict, embedder) -> PlannedBag:
         raise NotImplementedError
 
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
