@@ -31,7 +31,7 @@ from milcache.aggregator.config import BATCH_RANGE, TrainConfig
 from milcache.aggregator.data import Bags, RowBuffer, fold_statistics, gather_batch, plan_batches, prefetched
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
-from milcache.devices import autocast
+from milcache.devices import autocast, retain_freed_host_memory
 
 Report = Callable[[int, float], None]
 
@@ -215,6 +215,8 @@ def fit_stacked(
     from torch.func import functional_call, stack_module_state, vmap
 
     device, n_models = data.device, len(models)
+    if device.type == "cpu":
+        retain_freed_host_memory()  # each step reuses the last one's pages (see there)
     config = config.resolve(min(len(t) for t in trains))  # idempotent once resolved
     seeds = seeds if seeds is not None else [config.seed] * n_models
     torch.manual_seed(seeds[0])
