@@ -184,6 +184,19 @@ def test_saliency_cam_shares_the_global_views_forward_and_stores_the_same(tmp_pa
                 np.testing.assert_allclose(one.extras[key], other.extras[key], rtol=1e-3, atol=1e-3)
 
 
+def test_saliency_cam_of_a_backbone_without_a_feature_map_fails_the_bag_by_name(tmp_path):
+    """A ViT's last features are tokens, not a map: the bag fails saying so, on either path."""
+    from PIL import Image
+
+    Image.fromarray(np.full((96, 64), 128, np.uint8)).save(tmp_path / "a.png")
+    pl.DataFrame({"bag_id": ["b"], "path": ["a.png"]}).write_csv(tmp_path / "m.csv")
+    for region in (64, 32):  # the shared forward (64 = the input size), then the CAM network apart
+        source = create_source("cam", backbone="test_vit", global_size=64, region_size=region, regions=1)
+        config = ExtractConfig("test_vit", workers=0, overwrite=True, preprocessing={"input_size": (64, 64)})
+        summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
+        assert "a CAM needs a convolutional model" in summary.failures["b"]
+
+
 def test_dicom_monochrome1_is_inverted_and_16_bit_scaled(tmp_path):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

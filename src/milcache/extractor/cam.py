@@ -130,13 +130,17 @@ class _CamNet:
         x = (x - mean) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         with autocast(device, "auto"):
             features = self.model.forward_features(x)
-        if features.ndim != 4:
-            raise ExtractionError("a CAM needs a convolutional model (a B × C × H × W feature map)")
-        features = features.float()
-        cams = (
-            features.mean(1) if self.weights is None else torch.einsum("c,bchw->bhw", self.weights.to(device), features)
-        )
-        return torch.relu(cams).cpu().numpy()
+        return activation_maps(features, None if self.weights is None else self.weights.to(device))
+
+
+def activation_maps(features: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
+    """CAMs (B × h × w) from a last feature map (B × C × h × w): the classifier's ``weights`` for
+    the class applied to it, or without them its channel-mean activation (a training-free saliency)."""
+    if features.ndim != 4:
+        raise ExtractionError("a CAM needs a convolutional model (a B × C × H × W feature map)")
+    features = features.float()
+    cams = features.mean(1) if weights is None else torch.einsum("c,bchw->bhw", weights, features)
+    return torch.relu(cams).cpu().numpy()
 
 
 def _load_strictly(model: torch.nn.Module, state: dict, path, name: str) -> None:
@@ -258,7 +262,7 @@ class CamSource(Source):
         shared = self._shares_forward(embedder)
         if shared:
             maps, view_embeddings = embedder.with_feature_maps(torch.from_numpy(views))
-            cams = torch.relu(maps.mean(1)).cpu().numpy()
+            cams = activation_maps(maps)
         else:
             if self._net is None:
                 self._net = self._new_net().to(embedder.device if embedder is not None else torch.device("cpu"))
