@@ -129,6 +129,32 @@ def _amx_cpu(device: torch.device) -> bool:
     return device.type == "cpu" and probe is not None and bool(probe())
 
 
+def matmul_floor(tokens: float, dim: int, device: torch.device, models: int, width: int) -> tuple[float, float]:
+    """The matrix products of training this architecture on ``tokens`` instance-passes (forward;
+    backward without the input's gradient) in FLOP, and the seconds they take at the batched-matmul
+    rate this device reaches now on a step's shape (``models`` × ``width`` instances × the hidden
+    width): a floor under any implementation of the same architecture doing the same work."""
+    per_token = 2 * (2 * dim * HIDDEN + 3 * HIDDEN * 2 * ATTENTION)  # instance layer ×2, V and U ×3
+    a = torch.randn(models, width, HIDDEN, device=device)
+    b = torch.randn(models, HIDDEN, 2 * ATTENTION, device=device)
+    torch.bmm(a, b)
+    sync(device)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        torch.bmm(a, b)
+        calls += 1
+    sync(device)
+    rate = calls * 2 * models * width * HIDDEN * 2 * ATTENTION / (time.perf_counter() - start)
+    return tokens * per_token, tokens * per_token / rate
+
+
+def _print_floor(what: str, flops: float, seconds: float, loop: float | None, unit: str) -> None:
+    line = (
+        f"  floor, {what}: {flops / 1e12:.2f} TFLOP of matrix products, {seconds:.3f} {unit} at this run's matmul rate"
+    )
+    print(line + (f": at most {loop / seconds:.1f}x the loop" if loop else ""))
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
@@ -165,6 +191,15 @@ def case_epoch(
             times[name].append(run())
     rows = {k: (None if v[0] is None else min(v) / epochs) for k, v in times.items()}
     _print_rows(rows, "s/epoch")
+    loop = rows["one-bag-per-step loop"]
+    capped = float(np.minimum(data.lengths, defaults.instances).sum())
+    _print_floor("milcache defaults", *matmul_floor(capped, dim, device, 1, 6144), loop, "s/epoch")
+    _print_floor(
+        "every instance (the loop's work)",
+        *matmul_floor(float(data.lengths.sum()), dim, device, 1, 6144),
+        loop,
+        "s/epoch",
+    )
 
 
 def case_cv(folds: int, repeats: int, device: torch.device, loop_folds: int | None) -> None:
@@ -195,6 +230,8 @@ def case_cv(folds: int, repeats: int, device: torch.device, loop_folds: int | No
         f"torchmil ABMIL, 4 bags a step, 40 epochs{note}": None if tm[0] is None else scale * sum(tm),
     }
     _print_rows(rows, "s for the CV")
+    visits = float(sum(data.lengths[train].sum() for train, _ in splits)) * config.epochs
+    _print_floor(f"milcache's {config.epochs} epochs", *matmul_floor(visits, 166, device, len(splits), 100), loop, "s")
 
 
 def _print_rows(rows: dict, unit: str) -> None:
