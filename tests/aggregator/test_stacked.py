@@ -118,6 +118,36 @@ def test_stacked_adam_gives_each_model_its_own_learning_rate_and_step_count(tran
         torch.testing.assert_close(stacked[m].detach(), alone[m].detach())
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_stacked_adam_updates_runs_of_models_at_one_step_count_together(decoupled):
+    """Folds of a CV differ by a bag, hence by a step an epoch: consecutive models at one step
+    count are updated as one slice of the stack, and each still follows torch's Adam on its own."""
+    from milcache.aggregator.trainer import StackedAdam, _in_gradient_layout, _runs
+
+    assert _runs(np.array([0, 1, 2, 4, 5]), np.array([3, 3, 2, 2, 2, 2])) == [(0, 2), (2, 3), (4, 6)]
+    assert _runs(np.array([], dtype=int), np.zeros(3)) == []
+    torch.manual_seed(1)
+    start = torch.randn(5, 4, 3)
+    stacked = _in_gradient_layout(start.clone().requires_grad_(True))
+    alone = [start[m].clone().requires_grad_(True) for m in range(5)]
+    optimizer = torch.optim.AdamW if decoupled else torch.optim.Adam
+    references = [optimizer([p], lr=1e-2, weight_decay=0.05) for p in alone]
+    ours = StackedAdam([stacked], 5, weight_decay=0.05, decoupled=decoupled)
+    for step in range(7):
+        target = torch.randn(5, 4, 3)
+        active = np.array([True, True, True, step % 3 > 0, step % 3 > 0])  # models 3-4 lag behind
+        ours.zero_grad()
+        ((stacked - target) ** 2).sum().backward()
+        ours.step(np.full(5, 1e-2), active)
+        for m in np.flatnonzero(active):
+            references[m].zero_grad()
+            ((alone[m] - target[m]) ** 2).sum().backward()
+            references[m].step()
+    assert ours.host_steps.tolist() == [7, 7, 7, 4, 4]
+    for m in range(5):
+        torch.testing.assert_close(stacked[m].detach(), alone[m].detach())
+
+
 def test_a_stack_of_many_folds_pads_its_steps_little(monkeypatch):
     """A stacked step is as wide as its longest bag over every model: the models' epochs are
     aligned by batch size, so a 20-fold stack pads about as little as one model would (unaligned,

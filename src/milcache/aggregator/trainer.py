@@ -81,8 +81,9 @@ class StackedAdam:
 
     torch's optimisers update whole tensors, so this one runs torch's fused Adam / AdamW kernel
     (the one behind ``fused=True``: one pass over parameters, gradients and moments) once per
-    distinct learning rate among the models taking the step: on the whole stacked tensors when
-    every model takes it with the same step count (the usual case), else on per-model views.
+    distinct learning rate and run of consecutive models at one step count among the models taking
+    the step (``_runs``): on slices of the stacked tensors, the whole of them when every model
+    takes it with the same step count.
     Gradients are freed after each step; a parameter that got none is updated with a zero
     gradient (decay and moments move on, as torch's optimisers do with a zeroed gradient)."""
 
@@ -129,31 +130,43 @@ class StackedAdam:
             )
         self.host_steps += active
         grads = [_dense(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
+        dense = [[_dense(t) for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
         for rate in np.unique(lr[active]):
             members = np.flatnonzero(active & (lr == rate))
-            if len(members) == len(self.steps) and np.all(self.host_steps == self.host_steps[0]):
-                dense = [[_dense(t) for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
-                lists = [dense[0], grads, dense[1], dense[2], [self.steps[0]] * len(self.params)]
-            else:  # the per-model views of the models taking this step at this rate
-                views = [self._model_views[m] for m in members]
-                lists = [[t for v in views for t in v[i]] for i in range(4)]
-                lists.insert(1, [g[m] for m in members for g in grads])
-            self._kernel(
-                *lists[:4],
-                [],
-                lists[4],
-                lr=float(rate),
-                beta1=self.betas[0],
-                beta2=self.betas[1],
-                weight_decay=self.weight_decay,
-                eps=self.eps,
-                amsgrad=False,
-                maximize=False,
-            )
+            for first, last in _runs(members, self.host_steps):
+                if last - first > 1:  # consecutive models at one step count: slices of the stacked tensors
+                    lists = [[t[first:last] for t in ts] for ts in (dense[0], grads, dense[1], dense[2])]
+                else:  # one model: its views, made once
+                    views = self._model_views[first]
+                    lists = [views[0], [g[first] for g in grads], views[1], views[2]]
+                self._kernel(
+                    *lists,
+                    [],
+                    [self.steps[first]] * len(self.params),
+                    lr=float(rate),
+                    beta1=self.betas[0],
+                    beta2=self.betas[1],
+                    weight_decay=self.weight_decay,
+                    eps=self.eps,
+                    amsgrad=False,
+                    maximize=False,
+                )
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+
+def _runs(members: np.ndarray, steps: np.ndarray) -> list[tuple[int, int]]:
+    """``members`` (ascending model indices) as runs [first, last) of consecutive models at one
+    step count: each run is one slice of the stacked tensors, updated in one kernel call (the
+    folds of a CV differ by a bag, hence by a step an epoch: per-model calls took 2x the update)."""
+    if len(members) == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(members) != 1) | (np.diff(steps[members]) != 0)) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(members)]])
+    return [(int(members[a]), int(members[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
 
 
 class _Objective(nn.Module):
