@@ -129,12 +129,9 @@ def _amx_cpu(device: torch.device) -> bool:
     return device.type == "cpu" and probe is not None and bool(probe())
 
 
-def matmul_floor(tokens: float, dim: int, device: torch.device, models: int, width: int) -> tuple[float, float]:
-    """The matrix products of training this architecture on ``tokens`` instance-passes (forward;
-    backward without the input's gradient) in FLOP, and the seconds they take at the batched-matmul
-    rate this device reaches now on a step's shape (``models`` × ``width`` instances × the hidden
-    width): a floor under any implementation of the same architecture doing the same work."""
-    per_token = 2 * (2 * dim * HIDDEN + 3 * HIDDEN * 2 * ATTENTION)  # instance layer ×2, V and U ×3
+def matmul_rate(device: torch.device, models: int, width: int) -> float:
+    """FLOP/s of the batched matmul this device reaches now on a step's shape (``models`` × ``width``
+    instances × the hidden width, into V and U)."""
     a = torch.randn(models, width, HIDDEN, device=device)
     b = torch.randn(models, HIDDEN, 2 * ATTENTION, device=device)
     torch.bmm(a, b)
@@ -144,8 +141,15 @@ def matmul_floor(tokens: float, dim: int, device: torch.device, models: int, wid
         torch.bmm(a, b)
         calls += 1
     sync(device)
-    rate = calls * 2 * models * width * HIDDEN * 2 * ATTENTION / (time.perf_counter() - start)
-    return tokens * per_token, tokens * per_token / rate
+    return calls * 2 * models * width * HIDDEN * 2 * ATTENTION / (time.perf_counter() - start)
+
+
+def matmul_floor(tokens: float, dim: int, rate: float) -> tuple[float, float]:
+    """The matrix products of training this architecture on ``tokens`` instance-passes (forward;
+    backward without the input's gradient) in FLOP, and the seconds they take at ``rate``: a floor
+    under any implementation of the same architecture doing the same work."""
+    flops = tokens * 2 * (2 * dim * HIDDEN + 3 * HIDDEN * 2 * ATTENTION)  # instance layer ×2, V and U ×3
+    return flops, flops / rate
 
 
 def _print_floor(what: str, flops: float, seconds: float, loop: float | None, unit: str) -> None:
@@ -193,13 +197,10 @@ def case_epoch(
     _print_rows(rows, "s/epoch")
     loop = rows["one-bag-per-step loop"]
     capped = float(np.minimum(data.lengths, defaults.instances).sum())
-    _print_floor("milcache defaults", *matmul_floor(capped, dim, device, 1, 6144), loop, "s/epoch")
-    _print_floor(
-        "every instance (the loop's work)",
-        *matmul_floor(float(data.lengths.sum()), dim, device, 1, 6144),
-        loop,
-        "s/epoch",
-    )
+    rate = matmul_rate(device, 1, 6144)  # a step of 6 bags × 1,024 instances
+    _print_floor("milcache defaults", *matmul_floor(capped, dim, rate), loop, "s/epoch")
+    every = float(data.lengths.sum())
+    _print_floor("every instance (the loop's work)", *matmul_floor(every, dim, rate), loop, "s/epoch")
 
 
 def case_cv(folds: int, repeats: int, device: torch.device, loop_folds: int | None) -> None:
@@ -231,7 +232,8 @@ def case_cv(folds: int, repeats: int, device: torch.device, loop_folds: int | No
     }
     _print_rows(rows, "s for the CV")
     visits = float(sum(data.lengths[train].sum() for train, _ in splits)) * config.epochs
-    _print_floor(f"milcache's {config.epochs} epochs", *matmul_floor(visits, 166, device, len(splits), 100), loop, "s")
+    rate = matmul_rate(device, len(splits), 100)  # every fold's ~100 packed instances a step
+    _print_floor(f"milcache's {config.epochs} epochs", *matmul_floor(visits, 166, rate), loop, "s")
 
 
 def _print_rows(rows: dict, unit: str) -> None:

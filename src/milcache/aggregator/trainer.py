@@ -102,19 +102,11 @@ class StackedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_models, device=params[0].device)  # read by the kernel (bias correction)
         self.host_steps = np.zeros(n_models)  # the same counts, for the learning-rate schedule
-        # Each model's views of the tensors that last as long as the optimiser (parameters, moments,
-        # step count), made once: building them took longer than the update itself (gradients are
-        # new every step, so only theirs are made per step).
-        lasting = [[_dense(t) for t in ts] for ts in (params, self.exp_avg, self.exp_avg_sq)]
-        self._model_views = [
-            (
-                [t[m] for t in lasting[0]],
-                [t[m] for t in lasting[1]],
-                [t[m] for t in lasting[2]],
-                [self.steps[m]] * len(params),
-            )
-            for m in range(n_models)
-        ]
+        # The dense views of the tensors that last as long as the optimiser (parameters, moments) and
+        # each model's views of them, made once: building them took longer than the update itself
+        # (gradients are new every step, so only theirs are made per step).
+        self._lasting = [[_dense(t) for t in ts] for ts in (params, self.exp_avg, self.exp_avg_sq)]
+        self._model_views = [[[t[m] for t in ts] for ts in self._lasting] for m in range(n_models)]
 
     @torch.no_grad()
     def step(self, lr: np.ndarray, active: np.ndarray) -> None:
@@ -130,7 +122,7 @@ class StackedAdam:
             )
         self.host_steps += active
         grads = [_dense(p.grad if p.grad is not None else torch.zeros_like(p)) for p in self.params]
-        dense = [[_dense(t) for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
+        dense = self._lasting
         for rate in np.unique(lr[active]):
             members = np.flatnonzero(active & (lr == rate))
             for first, last in _runs(members, self.host_steps):

@@ -96,12 +96,16 @@ class Embedder:
             self.model = torch.compile(self.model)
         self.precision = precision
 
+    def _in_model_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batches channels-last on CUDA, as the model's weights are."""
+        if self.device.type == "cuda" and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone on model-ready input (float, normalised), in the configured precision."""
-        if self.device.type == "cuda" and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            return self.model(x).float()
+            return self.model(self._in_model_layout(x)).float()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -121,9 +125,7 @@ class Embedder:
         uncompiled one (torch.compile wraps ``forward`` only); the embeddings equal ``__call__``'s."""
         from milcache.extractor.sources import normalise_images
 
-        x = normalise_images(images.to(self.device, non_blocking=True), self.backbone)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._in_model_layout(normalise_images(images.to(self.device, non_blocking=True), self.backbone))
         model = self.backbone.model
         with autocast(self.device, self.precision):
             maps = model.forward_features(x)
