@@ -15,6 +15,7 @@ PNGs with two views per breast; multi-modal NIfTI volumes), then for each backbo
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -111,6 +112,31 @@ def bare_throughput(
     return repeats * batch / (time.perf_counter() - start)
 
 
+def worker_seconds_per_instance(source, manifest: Path, batch: int) -> float:
+    """CPU seconds a decode worker spends per instance, doing what the workers do on one thread:
+    plan and read, or for sources that plan on the device only ``prepare`` (decoding), their
+    planning in the main process left out."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run (_worker_init)
+    spent, instances = 0.0, 0
+    try:
+        for bag in read_manifest(manifest).bags():
+            start = time.process_time()
+            if source.plan_on_device:
+                source.prepare(bag)
+                spent += time.process_time() - start
+                instances += len(source.plan(bag))
+                continue
+            plan = source.plan(bag)
+            for first in range(0, len(plan), batch):
+                source.read(bag, plan, np.arange(first, min(first + batch, len(plan))))
+            spent += time.process_time() - start
+            instances += len(plan)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return spent / max(instances, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", default="tiles")
@@ -190,6 +216,15 @@ def main() -> None:
                     + (f"  (fastest of {args.rounds} rounds each)" if args.rounds > 1 else ""),
                     flush=True,
                 )
+                if device.type == "cpu" and (os.cpu_count() or 1) <= torch.get_num_threads():
+                    # no core the model leaves free: the workers' decoding takes its share of them
+                    worker = worker_seconds_per_instance(source, manifest, args.batch_size)
+                    model = torch.get_num_threads() / bare  # core-seconds per instance
+                    print(
+                        f"         workers' CPU {worker * 1e3:.1f} ms an instance, the model's {model * 1e3:.1f} "
+                        f"core-ms: sharing the cores, at most {model / (model + worker):.2f}x the bare backbone",
+                        flush=True,
+                    )
                 print(
                     f"         main thread: waiting for pixels {t['waiting_for_pixels']:.1f}s, model+transfer "
                     f"{t['model_and_transfer']:.1f}s; writer busy {t['store_writes']:.1f}s; "
