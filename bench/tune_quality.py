@@ -1,9 +1,10 @@
 """Does `milcache tune` beat the defaults? Nested cross-validation on the calibration sets of
 bench/quality.py: in each outer fold, a study of ``--trials`` trials (the default search space,
-TPE, median pruning, 5 inner folds, exactly what `milcache tune` runs) sees only the outer
-training bags; its best configuration, refit on them as tune refits it, is scored on the outer
-test bags, and so is the model `milcache train-head` makes with its defaults from the same bags
-(a CV for the epochs, then a refit). No score of a study's choice is ever computed on bags the
+the defaults as its first trial, TPE, median pruning, 5 inner folds, exactly what `milcache tune`
+runs) sees only the outer training bags; the configuration it keeps (by each ``--select`` rule),
+refit on them as tune refits it, is scored on the outer test bags, and so is the model
+`milcache train-head` makes with its defaults from the same bags (a CV for the epochs, then a
+refit). No score of a study's choice is ever computed on bags the
 study saw, so the comparison is unbiased; the study's own best inner-CV score is printed beside it
 to show how optimistic it is.
 
@@ -26,8 +27,9 @@ from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
 from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.trainer import infer
+from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
-from milcache.tuning.study import TuneSettings, _pruner, make_objective
+from milcache.tuning.study import TuneSettings, _pruner, chosen_trial, enqueue_defaults, make_objective
 from quality import DATASETS, cohort_of, load_dataset
 
 
@@ -47,7 +49,9 @@ def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dic
 
 
 def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int) -> dict:
-    """What `milcache tune --n-trials N` makes from ``train``: the study, then its best refit."""
+    """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
+    trial), then the refit of the trial that ``--select one-se`` keeps and, beside it, of the best
+    trial (``--select best``): one study scores both rules."""
     settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0)
     study = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(settings.pruner)
@@ -59,12 +63,19 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
         value = "" if trial.value is None else f"{trial.value:.4f}"
         print(f"    trial {trial.number:3d} {trial.state.name:8s} {head!s:16s} {value:6s} {seconds:6.1f}s", flush=True)
 
-    objective = make_objective(cohort, load_space(None), settings, train)
-    study.optimize(objective, n_trials=trials, catch=(RuntimeError,), callbacks=[said])
-    best = study.best_trial
-    config = TrainConfig.from_stored(best.user_attrs["config"])
-    model = refit(cohort, config, int(best.user_attrs["epochs"]), bags=train)
-    return {**_scores(cohort, model, config, test), "inner_auc": best.value, "head": config.head}
+    space = load_space(None)
+    enqueue_defaults(study, space)
+    study.optimize(
+        make_objective(cohort, space, settings, train), n_trials=trials, catch=(RuntimeError,), callbacks=[said]
+    )
+    result = {}
+    for selection in SELECTIONS:
+        kept = chosen_trial(study, settings.metric, settings.folds, selection)
+        config = TrainConfig.from_stored(kept.user_attrs["config"])
+        model = refit(cohort, config, int(kept.user_attrs["epochs"]), bags=train)
+        scores = _scores(cohort, model, config, test)
+        result[selection] = {**scores, "inner_auc": kept.value, "head": config.head, "trial": kept.number}
+    return result
 
 
 def _mean_se(values) -> str:
@@ -86,8 +97,8 @@ def main() -> None:
         parser.error("--outer takes 2 or more, --trials 1 or more")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"nested CV, {args.outer} outer folds, {args.trials} trials a study, CPU ({torch.get_num_threads()} threads)")
-    header = f"{'data set':22s} | {'defaults acc':>13s} {'AUC':>13s} | {'tuned acc':>13s} {'AUC':>13s} "
-    header += f"{'inner AUC':>13s} | {'tuned wins':>10s} {'s':>6s}"
+    header = f"{'data set':22s} {'selection':9s} | {'defaults acc':>13s} {'AUC':>13s} | {'tuned acc':>13s} "
+    header += f"{'AUC':>13s} {'inner AUC':>13s} | {'tuned wins':>10s} {'kept defaults':>13s} {'s':>6s}"
     print(header)
     print("-" * len(header))
     everything = {}
@@ -102,12 +113,15 @@ def main() -> None:
             tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k))
             print(f"  {name} fold {k}: defaults {ours[-1]}, tuned {tuned[-1]}", flush=True)
         seconds = time.perf_counter() - start
-        wins = sum(t["auc"] > d["auc"] for t, d in zip(tuned, ours, strict=True))
-        row = f"{name:22s} | {_mean_se([d['accuracy'] for d in ours]):>13s} "
-        row += f"{_mean_se([d['auc'] for d in ours]):>13s} | "
-        row += f"{_mean_se([t['accuracy'] for t in tuned]):>13s} {_mean_se([t['auc'] for t in tuned]):>13s} "
-        row += f"{_mean_se([t['inner_auc'] for t in tuned]):>13s} | {wins:>4d} of {len(splits):<3d} {seconds:6.0f}"
-        print(row, flush=True)
+        for selection in SELECTIONS:
+            kept = [t[selection] for t in tuned]
+            wins = sum(t["auc"] > d["auc"] for t, d in zip(kept, ours, strict=True))
+            row = f"{name:22s} {selection:9s} | {_mean_se([d['accuracy'] for d in ours]):>13s} "
+            row += f"{_mean_se([d['auc'] for d in ours]):>13s} | "
+            row += f"{_mean_se([t['accuracy'] for t in kept]):>13s} {_mean_se([t['auc'] for t in kept]):>13s} "
+            row += f"{_mean_se([t['inner_auc'] for t in kept]):>13s} | {wins:>4d} of {len(splits):<3d} "
+            row += f"{sum(t['trial'] == 0 for t in kept):>6d} of {len(splits):<3d} {seconds:6.0f}"
+            print(row, flush=True)
         everything[name] = {"defaults": ours, "tuned": tuned, "seconds": seconds}
         if args.json:
             args.json.write_text(json.dumps(everything, indent=1))

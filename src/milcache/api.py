@@ -46,7 +46,7 @@ class TrainResult:
 
 @dataclass
 class TuneResult:
-    """What ``tune`` wrote: the best trial (RUN/best.json) and its retrained model in RUN/best."""
+    """What ``tune`` wrote: the chosen trial (RUN/best.json) and its retrained model in RUN/best."""
 
     best: dict
     run_dir: Path
@@ -225,11 +225,15 @@ def tune(
     seed: int = 0,
     memory_budget: str | int | None = None,
     skip_duplicates: bool = False,
+    select: str = "one-se",
     device: str = "auto",
     progress: bool = False,
 ) -> TuneResult:
-    """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the best into
-    ``out/best``. ``set`` fixes parameters instead of searching them (``{"head": "attention"}``)."""
+    """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the chosen
+    configuration into ``out/best``. ``set`` fixes parameters instead of searching them
+    (``{"head": "attention"}``). The study's first trial is the calibrated defaults; ``select``
+    "one-se" keeps them unless the best trial beats them by more than a standard error, "best"
+    keeps the best trial."""
     from milcache.tuning.settings import TuneSettings
     from milcache.tuning.study import tune as run_study
 
@@ -246,6 +250,7 @@ def tune(
         seed=seed,
         holdout=holdout,
         skip_duplicates=skip_duplicates,
+        selection=select,
     )
     fixed = dict(set or {})
     if memory_budget is not None:

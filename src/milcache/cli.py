@@ -24,7 +24,7 @@ from milcache.aggregator.config import (
 )
 from milcache.devices import DECODE_CHOICES, PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
-from milcache.tuning.settings import PRUNERS
+from milcache.tuning.settings import PRUNERS, SELECTIONS
 
 
 class _Group(click.Group):
@@ -622,6 +622,15 @@ def predict_command(
     help="Share of the bags (grouped, stratified) kept out of the study and used to score its best "
     "configuration: an unbiased estimate beside the optimistic best CV score; 0 turns it off.",
 )
+@click.option(
+    "--select",
+    type=click.Choice(SELECTIONS),
+    default="one-se",
+    show_default=True,
+    help="Which trial to keep. The first trial is always the calibrated defaults. one-se keeps them "
+    "unless the best trial beats them by more than one standard error of its CV score; best keeps "
+    "the best trial (whose score is the most optimistic).",
+)
 @task_option
 @classes_option
 @click.option("--seed", default=0, show_default=True)
@@ -656,10 +665,7 @@ def tune_command(
         f"{trials['COMPLETE']} complete, {trials['PRUNED']} pruned, {trials['FAIL']} failed trials "
         f"in {best['seconds']:.0f}s"
     )
-    click.echo(
-        f"best: trial {best['trial']}, {best['head']}, {best['metric']} {best['value']:.4f} "
-        "(cross-validated on the study's bags: the best of many trials, so optimistic)"
-    )
+    click.echo(_chosen_line(best))
     held = best["holdout"]
     if held is None:
         click.echo("no held-out estimate (--holdout 0, or too few bags to hold any out)")
@@ -669,6 +675,21 @@ def tune_command(
             "(the unbiased estimate)"
         )
     click.echo(f"wrote {out / 'best.json'}, trials.parquet, history.png, importances.png and the model {out / 'best'}")
+
+
+def _chosen_line(best: dict) -> str:
+    """Which trial the study kept and why, from best.json."""
+    top, metric = best["best_trial"], best["metric"]
+    scored = "cross-validated on the study's bags"
+    if not best["defaults"] or top["trial"] == best["trial"]:
+        kept = "the calibrated defaults" if best["defaults"] else best["head"]
+        score = f"{metric} {best['value']:.4f}"
+        return f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
+    return (
+        f"kept: trial {best['trial']}, the calibrated defaults, {metric} {best['value']:.4f} ({scored}); "
+        f"the best trial {top['trial']} ({top['head']}, {top['value']:.4f}) leads by less than one "
+        "standard error of its score, which the choice among many trials inflates (--select best keeps it)"
+    )
 
 
 @cli.command("extract", cls=_ExtractCommand)

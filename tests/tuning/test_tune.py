@@ -17,8 +17,8 @@ from milcache.aggregator.run import train_head
 from milcache.cli import cli
 from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store
-from milcache.tuning.space import load_space
-from milcache.tuning.study import TuneSettings, safe_url, tune
+from milcache.tuning.space import default_params, load_space, sample_config
+from milcache.tuning.study import TuneSettings, chosen_trial, safe_url, tune
 
 POSTGRES_URL = os.environ.get(
     "MILCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://milcache:milcache@127.0.0.1:5432/milcache"
@@ -154,6 +154,7 @@ def test_two_processes_share_one_journal_study(cohort, tmp_path):
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) >= 4  # both stop once four are finished (one may finish its last running trial)
     assert len(study.trials) < 8
+    assert sum(bool(t.user_attrs.get("defaults")) for t in study.trials) == 1  # enqueued once, not per worker
 
 
 def _postgres_reachable() -> str | None:
@@ -308,3 +309,66 @@ def test_trial_bar_counts_a_pruned_trial_whole():
     assert bar.trials == pytest.approx(2.0)
     bar.finished(study, SimpleNamespace(number=1, state=optuna.trial.TrialState.COMPLETE))
     assert bar.trials == pytest.approx(2.0)
+
+
+def test_the_defaults_lie_in_the_default_space_and_sample_back_to_themselves():
+    space = load_space(None)
+    params = default_params(space)
+    config = sample_config(optuna.trial.FixedTrial(params), space)
+    assert config == TrainConfig(head_options=config.head_options)  # every train field is the default
+    from milcache.aggregator.heads import resolved_options
+
+    assert config.head_options == {k: v for k, v in resolved_options("gated-attention", {}).items() if k in space}
+    fixed_head = default_params(load_space(None, {"head": "mean", "epochs": 5}))
+    assert "head" not in fixed_head and "epochs" not in fixed_head and fixed_head["hidden"] == 128
+    assert default_params(load_space(None, {"head": ["mean", "max"]})) is None  # no default head to try
+
+
+def _study_of(values_and_stds, direction="maximize"):
+    """A study whose trial 0 is the defaults, with (value, fold std) per trial."""
+    study = optuna.create_study(direction=direction)
+    for number, (value, std) in enumerate(values_and_stds):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value,
+                params={"x": float(number)},
+                distributions={"x": optuna.distributions.FloatDistribution(0, 100)},
+                user_attrs={"defaults": number == 0, "metrics": {"auc": value, "auc_std": std}},
+            )
+        )
+    return study
+
+
+def test_one_se_keeps_the_defaults_unless_the_best_trial_clearly_beats_them():
+    # 5 folds, population std 0.05: one standard error is 0.05 / 2 = 0.025.
+    assert chosen_trial(_study_of([(0.80, 0.05), (0.82, 0.05), (0.70, 0.1)]), "auc", 5, "one-se").number == 0
+    assert chosen_trial(_study_of([(0.80, 0.05), (0.83, 0.05)]), "auc", 5, "one-se").number == 1
+    assert chosen_trial(_study_of([(0.80, 0.05), (0.82, 0.05)]), "auc", 5, "best").number == 1
+    assert chosen_trial(_study_of([(0.85, 0.05), (0.82, 0.05)]), "auc", 5, "one-se").number == 0  # defaults best
+    minimised = _study_of([(0.40, 0.05), (0.39, 0.05), (0.30, 0.05)], direction="minimize")
+    assert chosen_trial(minimised, "auc", 5, "one-se").number == 2  # lower is better: 0.10 is 4 SE
+    study = optuna.create_study(direction="maximize")  # without a defaults trial (a space that leaves out their head)
+    for value in (0.80, 0.81):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"metrics": {"auc_std": 0.05}}))
+    assert chosen_trial(study, "auc", 5, "one-se").number == 1
+
+
+def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_path):
+    settings = TuneSettings(n_trials=3, folds=2, pruner="none", holdout=0.0)
+    best = tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", settings, fixed=SMALL, device="cpu")
+    study = optuna.load_study(study_name="milcache", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    first = study.trials[0]
+    assert first.user_attrs["defaults"] and first.params["head"] == "gated-attention"
+    assert first.params["lr"] == TrainConfig.lr and first.params["weight_decay"] == TrainConfig.weight_decay
+    assert best["best_trial"]["value"] == study.best_value and best["selection"] == "one-se"
+    kept = study.trials[best["trial"]]
+    assert best["value"] == kept.value and best["defaults"] == (kept.number == 0)
+    from milcache.cli import _chosen_line
+
+    line = _chosen_line(
+        {**best, "trial": 0, "defaults": True, "value": 0.8, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
+    )
+    assert "the calibrated defaults" in line and "trial 2 (max, 0.8100)" in line and "--select best" in line
+    assert "the best trial, so optimistic" in _chosen_line(
+        {**best, "defaults": False, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from milcache.aggregator.config import OPTIMIZERS, TrainConfig
-from milcache.aggregator.heads import check_head, head_class, list_heads
+from milcache.aggregator.heads import check_head, head_class, list_heads, resolved_options
 from milcache.errors import MilcacheError
 from milcache.settings_files import read_settings
 
@@ -19,6 +19,8 @@ _TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"head", "head_options"}
 
 
 def default_space() -> dict:
+    """Every parameter the study searches when no space file narrows it; each admits its calibrated
+    default, so that the study's first trial (the defaults, see ``default_params``) lies inside it."""
     return {
         "head": {"type": "categorical", "choices": list_heads()},
         "hidden": {"type": "categorical", "choices": [64, 128, 256]},
@@ -28,10 +30,11 @@ def default_space() -> dict:
         "temperature": {"type": "float", "low": 0.5, "high": 20.0, "log": True},
         "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         "optimizer": {"type": "categorical", "choices": list(OPTIMIZERS)},
-        "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
         "epochs": {"type": "int", "low": 10, "high": 60},
-        "instances": {"type": "categorical", "choices": [128, 512, 2048]},
-        "elastic_net": {"type": "float", "low": 1e-7, "high": 1e-3, "log": True},
+        "instances": {"type": "categorical", "choices": [128, 512, 1024, 2048]},
+        # Categorical so that 0 (no penalty, the default) is a choice: a log range cannot hold it.
+        "elastic_net": {"type": "categorical", "choices": [0.0, 1e-6, 1e-5, 1e-4, 1e-3]},
         "class_weights": {"type": "categorical", "choices": [False, True]},
     }
 
@@ -125,3 +128,36 @@ def sample_config(trial, space: dict, seed: int = 0) -> TrainConfig:
     if train.get("instances") == 0:
         train["instances"] = None  # 0 stands for "all instances"
     return TrainConfig(head=head, head_options=options, **train)
+
+
+def _admits(spec, value) -> bool:
+    """Whether a searched parameter's distribution can take ``value`` (a fixed value is not searched)."""
+    if isinstance(spec, list):
+        return value in spec
+    if not isinstance(spec, dict) or value is None:
+        return False
+    if spec["type"] == "categorical":
+        return value in spec["choices"]
+    if spec.get("log") and value <= 0:
+        return False
+    return spec["low"] <= value <= spec["high"]
+
+
+def default_params(space: dict) -> dict | None:
+    """The calibrated defaults (TrainConfig's, and the default head's options) as a trial's
+    parameters: those the space searches and admits; the sampler draws the rest. None when the
+    space leaves out the default head, so there are no defaults to try."""
+    head_spec = space["head"]
+    searched_head = isinstance(head_spec, (list, dict))
+    head = TrainConfig.head if searched_head else head_spec
+    if searched_head and not _admits(head_spec, head):
+        return None
+    defaults = {**TrainConfig().to_dict(), **resolved_options(head, {})}
+    if defaults.get("instances") is None:
+        defaults["instances"] = 0  # the space's name for "all instances"
+    params = {"head": head} if searched_head else {}
+    taken = set(head_class(head).options())
+    for name, spec in space.items():
+        if name != "head" and (name in _TRAIN_FIELDS or name in taken) and _admits(spec, defaults[name]):
+            params[name] = defaults[name]
+    return params

@@ -20,7 +20,7 @@ from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
 from milcache.tuning.settings import PRUNERS, TuneSettings
-from milcache.tuning.space import load_space, sample_config
+from milcache.tuning.space import default_params, load_space, sample_config
 
 
 def safe_url(url: str) -> str:
@@ -237,6 +237,7 @@ def tune(
     )
     if settings.resume and not shared:
         _fail_interrupted(study)
+    enqueue_defaults(study, space)
     start = time.perf_counter()
     cohort = load_cohort(
         store_dir,
@@ -277,6 +278,33 @@ def tune(
     return summary
 
 
+def enqueue_defaults(study, space: dict) -> None:
+    """The calibrated defaults as the study's first trial (once, also with workers sharing a
+    study): the baseline every other trial must beat, and the one ``chosen_trial`` may keep."""
+    params = default_params(space)
+    if params is not None:
+        study.enqueue_trial(params, user_attrs={"defaults": True}, skip_if_exists=True)
+
+
+def chosen_trial(study, metric: str, folds: int, selection: str):
+    """The trial whose configuration the study keeps. With "one-se", the defaults' trial when the
+    best trial beats it by no more than one standard error of the best's cross-validated score:
+    the best of many trials is optimistic, and the defaults were calibrated on other data, so a
+    lead within the folds' noise is more likely luck than a better configuration."""
+    import optuna
+
+    best = study.best_trial
+    if selection == "best" or best.user_attrs.get("defaults"):
+        return best
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
+    spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
+    if defaults is None or spread is None or not np.isfinite(spread):
+        return best
+    standard_error = spread / np.sqrt(max(folds - 1, 1))  # the folds' std is the population one
+    return defaults if abs(best.value - defaults.value) <= standard_error else best
+
+
 def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(study bags, held-out bags): grouped by patient and stratified, the same on every worker."""
     every = np.arange(len(cohort.y))
@@ -289,10 +317,10 @@ def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings) -> dict | None:
-    """The best trial's configuration refit on the study's bags and scored on the held-out ones."""
+    """The chosen trial's configuration refit on the study's bags and scored on the held-out ones."""
     if not len(held_out):
         return None
-    best = study.best_trial
+    best = chosen_trial(study, settings.metric, settings.folds, settings.selection)
     config = TrainConfig.from_stored(best.user_attrs["config"])
     model = refit(cohort, config, int(best.user_attrs.get("epochs", config.epochs)), bags=study_bags)
     logits, _ = infer(model, cohort.data, held_out, config)
@@ -311,14 +339,22 @@ def _report(
     table = trials_table(study)
     table.write_parquet(out / "trials.parquet")
     best = study.best_trial
-    config = TrainConfig.from_stored(best.user_attrs["config"])
+    chosen = chosen_trial(study, settings.metric, settings.folds, settings.selection)
+    config = TrainConfig.from_stored(chosen.user_attrs["config"])
     summary = {
         "metric": settings.metric,
-        "value": best.value,
-        "trial": best.number,
+        "value": chosen.value,
+        "trial": chosen.number,
+        "defaults": bool(chosen.user_attrs.get("defaults")),
+        "selection": settings.selection,
+        "best_trial": {
+            "trial": best.number,
+            "value": best.value,
+            "head": TrainConfig.from_stored(best.user_attrs["config"]).head,
+        },
         "head": config.head,
         "config": config.to_dict(),
-        "metrics": best.user_attrs.get("metrics", {}),
+        "metrics": chosen.user_attrs.get("metrics", {}),
         "trials": {state: int((table["state"] == state).sum()) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "folds": settings.folds,
         "seconds": round(seconds, 1),
