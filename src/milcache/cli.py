@@ -619,7 +619,7 @@ def predict_command(
     default=0.2,
     show_default=True,
     type=click.FloatRange(0.0, 0.5),
-    help="Share of the bags (grouped, stratified) kept out of the study and used to score its best "
+    help="Share of the bags (grouped, stratified) kept out of the study and used to score its kept "
     "configuration: an unbiased estimate beside the optimistic best CV score; 0 turns it off.",
 )
 @click.option(
@@ -627,9 +627,9 @@ def predict_command(
     type=click.Choice(SELECTIONS),
     default="one-se",
     show_default=True,
-    help="Which trial to keep. The first trial is always the calibrated defaults. one-se keeps them "
-    "unless the best trial beats them by more than one standard error of its CV score; best keeps "
-    "the best trial (whose score is the most optimistic).",
+    help="Which trial to keep. The first trial is the calibrated defaults (when the space holds "
+    "their head); one-se keeps them unless the best trial beats them by more than one standard error "
+    "of its CV score; best keeps the best trial (whose score is the most optimistic).",
 )
 @task_option
 @classes_option
