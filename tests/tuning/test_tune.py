@@ -127,6 +127,8 @@ def test_killed_study_resumes_to_the_asked_number_of_trials(cohort, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert _finished(url) == 6 and (out / "best" / "model.safetensors").is_file()
+    trials = optuna.load_study(study_name="milcache", storage=url).trials
+    assert [t.number for t in trials if t.user_attrs.get("defaults")] == [0]  # not enqueued again on resume
 
 
 def _two_workers(cohort, tmp_path, storage):
