@@ -152,12 +152,12 @@ def default_params(space: dict) -> dict | None:
     head = TrainConfig.head if searched_head else head_spec
     if searched_head and not _admits(head_spec, head):
         return None
-    defaults = {**TrainConfig().to_dict(), **resolved_options(head, {})}
+    head_defaults = resolved_options(head, {})
+    defaults = {**TrainConfig().to_dict(), **head_defaults}
     if defaults.get("instances") is None:
         defaults["instances"] = 0  # the space's name for "all instances"
     params = {"head": head} if searched_head else {}
-    taken = set(head_class(head).options())
     for name, spec in space.items():
-        if name != "head" and (name in _TRAIN_FIELDS or name in taken) and _admits(spec, defaults[name]):
+        if name != "head" and (name in _TRAIN_FIELDS or name in head_defaults) and _admits(spec, defaults[name]):
             params[name] = defaults[name]
     return params

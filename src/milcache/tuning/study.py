@@ -8,6 +8,7 @@ import random
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -21,6 +22,9 @@ from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
 from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import default_params, load_space, sample_config
+
+if TYPE_CHECKING:  # optuna is imported where it is used: `import milcache` stays light
+    from optuna.trial import FrozenTrial
 
 
 def safe_url(url: str) -> str:
@@ -272,8 +276,8 @@ def tune(
         finally:
             bar.close()
     seconds = time.perf_counter() - start
-    summary = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, seconds, progress)
-    summary["holdout"] = _holdout_estimate(study, cohort, study_bags, held_out, settings)
+    summary, kept = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, seconds, progress)
+    summary["holdout"] = _holdout_estimate(kept, cohort, study_bags, held_out, settings)
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -301,7 +305,7 @@ def chosen_trial(study, metric: str, folds: int, selection: str):
     spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
     if defaults is None or spread is None or not np.isfinite(spread):
         return best
-    standard_error = spread / np.sqrt(max(folds - 1, 1))  # the folds' std is the population one
+    standard_error = spread / np.sqrt(folds - 1)  # the folds' std is the population one (folds ≥ 2)
     return defaults if abs(best.value - defaults.value) <= standard_error else best
 
 
@@ -316,13 +320,12 @@ def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarra
     return study, held_out
 
 
-def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings) -> dict | None:
-    """The chosen trial's configuration refit on the study's bags and scored on the held-out ones."""
+def _holdout_estimate(kept, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings) -> dict | None:
+    """The kept trial's configuration refit on the study's bags and scored on the held-out ones."""
     if not len(held_out):
         return None
-    best = chosen_trial(study, settings.metric, settings.folds, settings.selection)
-    config = TrainConfig.from_stored(best.user_attrs["config"])
-    model = refit(cohort, config, int(best.user_attrs.get("epochs", config.epochs)), bags=study_bags)
+    config = TrainConfig.from_stored(kept.user_attrs["config"])
+    model = refit(cohort, config, int(kept.user_attrs.get("epochs", config.epochs)), bags=study_bags)
     logits, _ = infer(model, cohort.data, held_out, config)
     metrics = cohort.task.metrics(cohort.y[held_out], cohort.task.outputs(logits).cpu().numpy())
     return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
@@ -330,7 +333,8 @@ def _holdout_estimate(study, cohort: Cohort, study_bags: np.ndarray, held_out: n
 
 def _report(
     study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float, progress: bool = False
-) -> dict:
+) -> tuple[dict, FrozenTrial]:
+    """best.json, the trials' table and plots, and RUN/best; returns the summary and the kept trial."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -339,6 +343,8 @@ def _report(
     table = trials_table(study)
     table.write_parquet(out / "trials.parquet")
     best = study.best_trial
+    # Chosen once, here: a worker sharing the study may finish a better trial meanwhile, and
+    # best.json, RUN/best and the held-out estimate must all be of the same configuration.
     chosen = chosen_trial(study, settings.metric, settings.folds, settings.selection)
     config = TrainConfig.from_stored(chosen.user_attrs["config"])
     summary = {
@@ -362,11 +368,11 @@ def _report(
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     plot_history(table, settings.metric, out / "history.png")
     plot_importances(study, out / "importances.png")
-    # The best configuration's own CV and refit (out/best): its own bar, after the trials'.
+    # The kept configuration's own CV and refit (out/best): its own bar, after the trials'.
     train_head(
         store_dir, labels, out / "best", config, settings.folds, 1, task_kind, device, cohort=cohort, progress=progress
     )
-    return summary
+    return summary, chosen
 
 
 def trials_table(study) -> pl.DataFrame:
