@@ -48,11 +48,11 @@ def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dic
     return _scores(cohort, model, config, test)
 
 
-def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int) -> dict:
+def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, repeats: int = 1) -> dict:
     """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
     trial), then the refit of the trial that ``--select one-se`` keeps and, beside it, of the best
     trial (``--select best``): one study scores both rules."""
-    settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0)
+    settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats)
     study = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(settings.pruner)
     )
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--outer", type=int, default=5, help="outer folds")
     parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1, help="of each study's inner CV (tune --repeats)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--json", type=Path, help="also write every fold's scores here")
@@ -96,7 +97,8 @@ def main() -> None:
     if args.outer < 2 or args.trials < 1:
         parser.error("--outer takes 2 or more, --trials 1 or more")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(f"nested CV, {args.outer} outer folds, {args.trials} trials a study, CPU ({torch.get_num_threads()} threads)")
+    threads = torch.get_num_threads()
+    print(f"nested CV, {args.outer} outer folds, {args.trials} trials × {args.repeats} inner repeats, CPU ({threads})")
     header = f"{'data set':22s} {'selection':9s} | {'defaults acc':>13s} {'AUC':>13s} | {'tuned acc':>13s} "
     header += f"{'AUC':>13s} {'inner AUC':>13s} | {'tuned wins':>10s} {'kept defaults':>13s} {'s':>6s}"
     print(header)
@@ -110,7 +112,7 @@ def main() -> None:
         ours, tuned = [], []
         for k, (train, test) in enumerate(splits):
             ours.append(defaults_fold(cohort, train, test, args.seed + k))
-            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k))
+            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, args.repeats))
             print(f"  {name} fold {k}: defaults {ours[-1]}, tuned {tuned[-1]}", flush=True)
         seconds = time.perf_counter() - start
         for selection in SELECTIONS:

@@ -217,6 +217,7 @@ def tune(
     jobs: int = 1,
     resume: bool = False,
     folds: int = 5,
+    repeats: int = 1,
     space: PathLike | None = None,
     set: dict | None = None,  # noqa: A002  (named like the CLI's --set)
     holdout: float = 0.2,
@@ -247,6 +248,7 @@ def tune(
         jobs=jobs,
         resume=resume,
         folds=folds,
+        repeats=repeats,
         seed=seed,
         holdout=holdout,
         skip_duplicates=skip_duplicates,

@@ -605,6 +605,14 @@ def predict_command(
 )
 @click.option("--resume", is_flag=True, help="Continue the study of an earlier (killed) run.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Repeated inner CV: each trial is scored on folds × repeats splits (steadier choices on small "
+    "cohorts, at repeats × the cost).",
+)
 @click.option("--space", "space_file", type=existing_path, help="TOML/YAML that narrows or widens the search space.")
 @click.option(
     "--set",

@@ -374,3 +374,41 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
     assert "the best trial, so optimistic" in _chosen_line(
         {**best, "defaults": False, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
     )
+
+
+def test_repeats_score_every_trial_on_folds_times_repeats_splits(cohort, tmp_path):
+    settings = TuneSettings(n_trials=2, folds=2, repeats=3, pruner="none", holdout=0.0)
+    best = tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", settings, fixed=SMALL, device="cpu")
+    study = optuna.load_study(study_name="milcache", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    assert best["repeats"] == 3 and study.user_attrs["scoring"]["repeats"] == 3
+    # A trial's value is the mean over its 6 splits; the kept configuration's own CV is the same one.
+    refit = json.loads((tmp_path / "s" / "best" / "metrics.json").read_text())
+    assert len(refit["folds"]) == 6
+    assert refit["auc"] == pytest.approx(study.trials[best["trial"]].value, abs=1e-6)
+
+
+def test_a_run_that_would_score_trials_otherwise_is_refused_by_option(cohort, tmp_path):
+    settings = TuneSettings(n_trials=1, folds=2, pruner="none", holdout=0.0)
+    tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", settings, fixed=SMALL, device="cpu")
+    url = f"sqlite:///{tmp_path / 's' / 'study.db'}"
+    other = TuneSettings(n_trials=2, folds=3, repeats=2, pruner="none", holdout=0.0, resume=True)
+    with pytest.raises(MilcacheError, match=r"--folds 2 \(this run: 3\); --repeats 1 \(this run: 2\)"):
+        tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", other, fixed=SMALL, device="cpu")
+    assert _finished(url) == 1  # nothing ran, nothing lost
+    # A study made before the record (none in its attributes) takes the resuming run's settings.
+    study = optuna.load_study(study_name="milcache", storage=url)
+    study._storage.set_study_user_attr(study._study_id, "scoring", None)
+    resumed = TuneSettings(n_trials=2, folds=2, pruner="none", holdout=0.0, resume=True)
+    tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", resumed, fixed=SMALL, device="cpu")
+    assert _finished(url) == 2
+
+
+def test_tune_cli_takes_repeats(cohort, tmp_path):
+    result = subprocess.run(
+        _tune_command(cohort, tmp_path / "run", "--n-trials", "1", "--repeats", "2", "--holdout", "0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["repeats"] == 2

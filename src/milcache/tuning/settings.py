@@ -24,6 +24,7 @@ class TuneSettings:
     jobs: int = 1
     resume: bool = False
     folds: int = 5
+    repeats: int = 1  # of the inner CV: each trial's score averages folds × repeats (less noise on small cohorts)
     seed: int = 0
     holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
     skip_duplicates: bool = False  # leave out the near-duplicate instances `index dedup` marked
@@ -37,4 +38,5 @@ class TuneSettings:
         checks.one_of("--metric", self.metric, METRICS)
         checks.at_least("--jobs", self.jobs, 1)
         checks.at_least("--folds", self.folds, 2)
+        checks.at_least("--repeats", self.repeats, 1)
         checks.within("--holdout", self.holdout, 0.0, 0.5)

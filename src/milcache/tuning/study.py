@@ -180,7 +180,14 @@ def make_objective(
 
         try:
             metrics, _, best_epochs, _ = cross_validate(
-                cohort, config, settings.folds, 1, report, settings.metric, bags=bags, on_epoch=on_epoch
+                cohort,
+                config,
+                settings.folds,
+                settings.repeats,
+                report,
+                settings.metric,
+                bags=bags,
+                on_epoch=on_epoch,
             )
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -239,6 +246,7 @@ def tune(
         pruner=_pruner(settings.pruner),
         load_if_exists=True,
     )
+    _check_scoring(study, settings, url)
     if settings.resume and not shared:
         _fail_interrupted(study)
     enqueue_defaults(study, space)
@@ -282,6 +290,31 @@ def tune(
     return summary
 
 
+# What makes two trials' values comparable: every run of a study (a resume, a worker sharing it)
+# must score its trials the same way.
+_SCORING = ("metric", "folds", "repeats", "holdout", "seed", "skip_duplicates")
+
+
+def _check_scoring(study, settings: TuneSettings, url: str) -> None:
+    """Records how the study scores its trials on its first run, and refuses a run that would
+    score them otherwise: its values would be compared with the others' and the wrong trial kept."""
+    wanted = {name: getattr(settings, name) for name in _SCORING}
+    recorded = study.user_attrs.get("scoring")
+    if recorded is None:  # a new study, or one made before this record: from now on, these settings
+        study.set_user_attr("scoring", wanted)
+        recorded = study.user_attrs["scoring"]  # read back: a worker starting at once may have won
+    differ = [
+        f"--{n.replace('_', '-')} {recorded[n]} (this run: {wanted[n]})"
+        for n in _SCORING
+        if n in recorded and recorded[n] != wanted[n]
+    ]
+    if differ:
+        raise MilcacheError(
+            f"study {settings.study_name!r} in {safe_url(url)} scores its trials with {'; '.join(differ)}: "
+            "run with its settings, or start another --study-name"
+        )
+
+
 def enqueue_defaults(study, space: dict) -> None:
     """The calibrated defaults as the study's first trial (once, also with workers sharing a
     study): the baseline every other trial must beat, and the one ``chosen_trial`` may keep."""
@@ -305,7 +338,9 @@ def chosen_trial(study, metric: str, folds: int, selection: str):
     spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
     if defaults is None or spread is None or not np.isfinite(spread):
         return best
-    standard_error = spread / np.sqrt(folds - 1)  # the folds' std is the population one (folds ≥ 2)
+    # The std is the population one over all folds × repeats; repeats steady the mean's partition
+    # noise, not the sampling noise of a cohort this size, so the folds alone set the error.
+    standard_error = spread / np.sqrt(folds - 1)
     return defaults if abs(best.value - defaults.value) <= standard_error else best
 
 
@@ -363,6 +398,7 @@ def _report(
         "metrics": chosen.user_attrs.get("metrics", {}),
         "trials": {state: int((table["state"] == state).sum()) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "folds": settings.folds,
+        "repeats": settings.repeats,
         "seconds": round(seconds, 1),
     }
     (out / "best.json").write_text(json.dumps(summary, indent=2))
@@ -370,7 +406,16 @@ def _report(
     plot_importances(study, out / "importances.png")
     # The kept configuration's own CV and refit (out/best): its own bar, after the trials'.
     train_head(
-        store_dir, labels, out / "best", config, settings.folds, 1, task_kind, device, cohort=cohort, progress=progress
+        store_dir,
+        labels,
+        out / "best",
+        config,
+        settings.folds,
+        settings.repeats,
+        task_kind,
+        device,
+        cohort=cohort,
+        progress=progress,
     )
     return summary, chosen
 
