@@ -48,11 +48,11 @@ def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dic
     return _scores(cohort, model, config, test)
 
 
-def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, repeats: int = 1) -> dict:
+def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, repeats: int | None = None) -> dict:
     """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
     trial), then the refit of the trial that ``--select one-se`` keeps and, beside it, of the best
     trial (``--select best``): one study scores both rules."""
-    settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats)
+    settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats).resolve(len(train))
     study = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(settings.pruner)
     )
@@ -75,6 +75,7 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
         model = refit(cohort, config, int(kept.user_attrs["epochs"]), bags=train)
         scores = _scores(cohort, model, config, test)
         result[selection] = {**scores, "inner_auc": kept.value, "head": config.head, "trial": kept.number}
+        result[selection]["repeats"] = settings.repeats
     return result
 
 
@@ -89,13 +90,16 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--outer", type=int, default=5, help="outer folds")
     parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=1, help="of each study's inner CV (tune --repeats)")
+    parser.add_argument(
+        "--repeats", default="auto", help="of each study's inner CV, as tune --repeats: auto or a number"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--json", type=Path, help="also write every fold's scores here")
     args = parser.parse_args()
     if args.outer < 2 or args.trials < 1:
         parser.error("--outer takes 2 or more, --trials 1 or more")
+    repeats = None if args.repeats == "auto" else int(args.repeats)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = torch.get_num_threads()
     print(f"nested CV, {args.outer} outer folds, {args.trials} trials × {args.repeats} inner repeats, CPU ({threads})")
@@ -112,7 +116,7 @@ def main() -> None:
         ours, tuned = [], []
         for k, (train, test) in enumerate(splits):
             ours.append(defaults_fold(cohort, train, test, args.seed + k))
-            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, args.repeats))
+            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, repeats))
             print(f"  {name} fold {k}: defaults {ours[-1]}, tuned {tuned[-1]}", flush=True)
         seconds = time.perf_counter() - start
         for selection in SELECTIONS:

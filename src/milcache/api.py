@@ -217,7 +217,7 @@ def tune(
     jobs: int = 1,
     resume: bool = False,
     folds: int = 5,
-    repeats: int = 1,
+    repeats: int | None = None,
     space: PathLike | None = None,
     set: dict | None = None,  # noqa: A002  (named like the CLI's --set)
     holdout: float = 0.2,
@@ -234,7 +234,8 @@ def tune(
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
     (``{"head": "attention"}``). The study's first trial is the calibrated defaults; ``select``
     "one-se" keeps them unless the best trial beats them by more than a standard error, "best"
-    keeps the best trial."""
+    keeps the best trial. ``repeats`` of the inner CV: None chooses them from the cohort (more for
+    fewer bags)."""
     from milcache.tuning.settings import TuneSettings
     from milcache.tuning.study import tune as run_study
 

@@ -24,7 +24,7 @@ from milcache.aggregator.config import (
 )
 from milcache.devices import DECODE_CHOICES, PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
-from milcache.tuning.settings import PRUNERS, SELECTIONS
+from milcache.tuning.settings import AUTO_REPEATS_BAGS, MAX_AUTO_REPEATS, PRUNERS, SELECTIONS
 
 
 class _Group(click.Group):
@@ -150,6 +150,19 @@ def _load_config(ctx: click.Context, _param, path: Path | None) -> Path | None:
         raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
     ctx.default_map = {**(ctx.default_map or {}), **normalised}
     return path
+
+
+def _repeats(_ctx, _param, value: str) -> int | None:
+    """``auto`` (None: chosen from the cohort) or a whole number of repeats, at least 1."""
+    if value == "auto":
+        return None
+    try:
+        repeats = int(value)
+    except ValueError:
+        repeats = 0
+    if repeats < 1:
+        raise click.BadParameter(f"{value!r}: expected auto or a whole number, at least 1")
+    return repeats
 
 
 def _key_values(_ctx, _param, values: tuple[str, ...]) -> dict:
@@ -607,11 +620,12 @@ def predict_command(
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2))
 @click.option(
     "--repeats",
-    default=1,
+    default="auto",
     show_default=True,
-    type=click.IntRange(min=1),
+    callback=_repeats,
     help="Repeated inner CV: each trial is scored on folds × repeats splits (steadier choices on small "
-    "cohorts, at repeats × the cost).",
+    f"cohorts, at repeats × the cost); auto: until the test folds hold {AUTO_REPEATS_BAGS} bags together "
+    f"(1 to {MAX_AUTO_REPEATS}).",
 )
 @click.option("--space", "space_file", type=existing_path, help="TOML/YAML that narrows or widens the search space.")
 @click.option(

@@ -412,3 +412,19 @@ def test_tune_cli_takes_repeats(cohort, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "best.json").read_text())["repeats"] == 2
+
+
+def test_auto_repeats_grow_as_the_cohort_shrinks():
+    chosen = {n: TuneSettings().resolve(n).repeats for n in (5, 39, 46, 50, 60, 100, 2000)}
+    assert chosen == {5: 5, 39: 3, 46: 3, 50: 2, 60: 2, 100: 1, 2000: 1}
+    assert TuneSettings(repeats=4).resolve(2000).repeats == 4  # a number given is kept
+    with pytest.raises(MilcacheError, match="--repeats"):
+        TuneSettings(repeats=0)
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_tune_cli_refuses_a_repeats_that_is_neither_auto_nor_a_count(cohort, tmp_path, value):
+    args = _tune_command(cohort, tmp_path / "run", "--repeats", value)[3:]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--repeats" in result.output and "auto" in result.output
+    assert not (tmp_path / "run").exists()

@@ -246,10 +246,7 @@ def tune(
         pruner=_pruner(settings.pruner),
         load_if_exists=True,
     )
-    _check_scoring(study, settings, url)
-    if settings.resume and not shared:
-        _fail_interrupted(study)
-    enqueue_defaults(study, space)
+    _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
     start = time.perf_counter()
     cohort = load_cohort(
         store_dir,
@@ -261,6 +258,11 @@ def tune(
         skip_duplicates=settings.skip_duplicates,
     )
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
+    settings = settings.resolve(len(study_bags))
+    _check_scoring(study, settings, url)  # and the repeats chosen from the cohort
+    if settings.resume and not shared:
+        _fail_interrupted(study)
+    enqueue_defaults(study, space)
     remaining = settings.n_trials - _finished(study)
     if remaining > 0:
         bar = TrialBar(remaining, settings.metric, progress)
@@ -297,16 +299,19 @@ _SCORING = ("metric", "folds", "repeats", "holdout", "seed", "skip_duplicates")
 
 def _check_scoring(study, settings: TuneSettings, url: str) -> None:
     """Records how the study scores its trials on its first run, and refuses a run that would
-    score them otherwise: its values would be compared with the others' and the wrong trial kept."""
+    score them otherwise: its values would be compared with the others' and the wrong trial kept.
+    Settings still to be chosen from the cohort (None) are not compared, nor recorded."""
     wanted = {name: getattr(settings, name) for name in _SCORING}
     recorded = study.user_attrs.get("scoring")
+    if recorded is None and None in wanted.values():
+        return
     if recorded is None:  # a new study, or one made before this record: from now on, these settings
         study.set_user_attr("scoring", wanted)
         recorded = study.user_attrs["scoring"]  # read back: a worker starting at once may have won
     differ = [
         f"--{n.replace('_', '-')} {recorded[n]} (this run: {wanted[n]})"
         for n in _SCORING
-        if n in recorded and recorded[n] != wanted[n]
+        if n in recorded and wanted[n] is not None and recorded[n] != wanted[n]
     ]
     if differ:
         raise MilcacheError(
