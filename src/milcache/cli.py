@@ -702,7 +702,7 @@ def tune_command(
 def _chosen_line(best: dict) -> str:
     """Which trial the study kept and why, from best.json."""
     top, metric = best["best_trial"], best["metric"]
-    scored = "cross-validated on the study's bags"
+    scored = f"cross-validated on the study's bags, {best['folds']}-fold CV × {best['repeats']}"
     if not best["defaults"] or top["trial"] == best["trial"]:
         kept = "the calibrated defaults" if best["defaults"] else best["head"]
         score = f"{metric} {best['value']:.4f}"

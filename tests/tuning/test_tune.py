@@ -371,6 +371,7 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
         {**best, "trial": 0, "defaults": True, "value": 0.8, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
     )
     assert "the calibrated defaults" in line and "trial 2 (max, 0.8100)" in line and "--select best" in line
+    assert "2-fold CV × 1" in line  # 100 study bags: auto chose one repeat
     assert "the best trial, so optimistic" in _chosen_line(
         {**best, "defaults": False, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
     )
