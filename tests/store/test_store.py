@@ -77,6 +77,30 @@ def test_multi_shard_read_as_one_store(tmp_path):
         np.testing.assert_array_equal(store[ids[4]].embeddings, bags[ids[4]][0].astype(np.float16))
 
 
+def test_a_shard_a_writer_has_just_created_reads_as_empty_until_its_first_commit(tmp_path):
+    """A reader that opens the store between a new shard's file and its databases (a writer's first
+    moments, in another process) sees that shard empty, not an error; a later look sees its bags."""
+    from milcache.store.lmdb_store import shard_path
+
+    bags = random_bags(6)
+    write_store(tmp_path / "s", bags)
+    new_shard = shard_path(tmp_path / "s", 1)
+
+    def writer_does(code: str) -> None:
+        opened = f"import lmdb; env = lmdb.open({str(new_shard)!r}, subdir=False, max_dbs=2); "
+        subprocess.run([sys.executable, "-c", opened + code], check=True, timeout=60)
+
+    writer_does("env.close()")  # the file, no database yet
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == sorted(bags) and store.failures() == {}
+        writer_does("env.open_db(b'bags')")  # half-way: one of the two databases
+        store.refresh()
+        assert store.bag_ids() == sorted(bags)
+    writer_does("env.open_db(b'bags'); env.open_db(b'failures')")  # committed, still no bag
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == sorted(bags) and verify(store) == {}
+
+
 def test_bag_in_two_shards_is_an_error(tmp_path):
     bags = random_bags(3)
     write_store(tmp_path / "s", bags, shard=0)

@@ -274,12 +274,24 @@ class _Env:
                 # (which LMDB allows only with no snapshot open, and which would move the map).
                 map_size=_READER_MAP_SIZE,
             )
-            self.bags = self.env.open_db(_BAGS_DB, create=False)
-            self.failures = self.env.open_db(_FAILURES_DB, create=False)
+            self.bags = self.failures = None
+            self.named_dbs()
         except lmdb.Error as exc:
             raise StoreError(f"cannot open shard {path}: {exc}") from None
         self.fd = os.open(path, os.O_RDONLY)
         self.base = _map_base(path.resolve())
+
+    def named_dbs(self) -> tuple:
+        """The shard's bags and failures databases, or None for both while a writer that has just
+        created the file has not committed them yet: the shard holds no bag then, and a reader
+        opening the store at that moment sees it empty (the next snapshot looks again)."""
+        if self.failures is None:
+            try:
+                self.bags = self.env.open_db(_BAGS_DB, create=False)
+                self.failures = self.env.open_db(_FAILURES_DB, create=False)
+            except lmdb.NotFoundError:
+                return None, None
+        return self.bags, self.failures
 
     @classmethod
     def of(cls, path: Path) -> _Env:
@@ -311,7 +323,7 @@ class _Shard:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._env = _Env.of(path)
-        self.bags, self.failures = self._env.bags, self._env.failures
+        self.bags, self.failures = self._env.named_dbs()
         self.txn = self._env.begin()
 
     def read_copy(self, view: memoryview) -> bytearray:
@@ -326,6 +338,8 @@ class _Shard:
         return out
 
     def keys(self, db) -> list[str]:
+        if db is None:  # a shard being created (see _Env.named_dbs)
+            return []
         # surrogateescape: a damaged key still round-trips to its bytes, so it can be named and read
         try:
             with self.txn.cursor(db=db) as cursor:
@@ -334,6 +348,8 @@ class _Shard:
             raise StoreError(f"the shard {self.path} is damaged ({exc}); its bags cannot be listed") from None
 
     def get(self, bag_id: str, db) -> memoryview | None:
+        if db is None:
+            return None
         try:
             return self.txn.get(bag_id.encode("utf-8", "surrogateescape"), db=db)
         except lmdb.Error as exc:
