@@ -247,6 +247,9 @@ def tune(
         load_if_exists=True,
     )
     _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
+    if settings.resume and not shared:
+        _fail_interrupted(study)
+    enqueue_defaults(study, space)
     start = time.perf_counter()
     cohort = load_cohort(
         store_dir,
@@ -260,9 +263,6 @@ def tune(
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
     settings = settings.resolve(len(study_bags))
     _check_scoring(study, settings, url)  # and the repeats chosen from the cohort
-    if settings.resume and not shared:
-        _fail_interrupted(study)
-    enqueue_defaults(study, space)
     remaining = settings.n_trials - _finished(study)
     if remaining > 0:
         bar = TrialBar(remaining, settings.metric, progress)
