@@ -144,6 +144,11 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
     return {"accuracy": float(((p >= 0.5) == y).mean()), "auc": float(auc)}
 
 
+def bench_splits(y: np.ndarray, folds: int, repeats: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified folds every side of a calibration run is scored on (a bag is its own group)."""
+    return cv_splits(y, np.arange(len(y)).astype(object), True, folds, repeats, seed)
+
+
 def time_loop(bags, y, splits, seed: int, loop_folds: int) -> tuple[list[np.ndarray], float]:
     """The plain loop on the first ``loop_folds`` folds: their test probabilities, and its time
     scaled to all the folds (every fold costs the loop about the same)."""
@@ -161,7 +166,7 @@ def run_reference(name, bags, y, folds, repeats, seed, cache: Path, loop_folds: 
     key = cache / f"reference-{name}-{folds}x{repeats}-seed{seed}.json"
     if key.is_file():
         return json.loads(key.read_text())
-    splits = cv_splits(y, np.arange(len(y)).astype(object), True, folds, repeats, seed)
+    splits = bench_splits(y, folds, repeats, seed)
     seeds = [seed + k for k in range(len(splits))]
     # The loop is timed first, while the machine is as quiet as milcache's side found it.
     looped, loop_seconds = time_loop(bags, y, splits, seed, loop_folds)
@@ -233,7 +238,7 @@ def main() -> None:
         if args.no_reference:
             row += f"{'':14s} {'':14s} {'':6s} | "
         elif args.loop_time_only:
-            splits = cv_splits(y, np.arange(len(y)).astype(object), True, args.folds, args.repeats, args.seed)
+            splits = bench_splits(y, args.folds, args.repeats, args.seed)
             ref = {"seconds": time_loop(bags, y, splits, args.seed, args.loop_folds)[1]}
             checks.append(f"{name}: reference loop timed on {args.loop_folds} folds and scaled; its scores not run")
             row += f"{'':14s} {'':14s} {ref['seconds']:6.0f} | "

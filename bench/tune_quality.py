@@ -25,12 +25,11 @@ import torch
 
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
-from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.trainer import infer
 from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
 from milcache.tuning.study import TuneSettings, _pruner, chosen_trial, enqueue_defaults, make_objective
-from quality import DATASETS, cohort_of, load_dataset
+from quality import DATASETS, bench_splits, cohort_of, load_dataset
 
 
 def _scores(cohort, model, config: TrainConfig, test: np.ndarray) -> dict:
@@ -74,8 +73,13 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
         config = TrainConfig.from_stored(kept.user_attrs["config"])
         model = refit(cohort, config, int(kept.user_attrs["epochs"]), bags=train)
         scores = _scores(cohort, model, config, test)
-        result[selection] = {**scores, "inner_auc": kept.value, "head": config.head, "trial": kept.number}
-        result[selection]["repeats"] = settings.repeats
+        result[selection] = {
+            **scores,
+            "inner_auc": kept.value,
+            "head": config.head,
+            "trial": kept.number,
+            "repeats": settings.repeats,
+        }
     return result
 
 
@@ -111,7 +115,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         bags, y = load_dataset(name, args.cache)
         cohort = cohort_of(bags, y)
-        splits = cv_splits(y, np.arange(len(y)).astype(object), True, args.outer, 1, args.seed)
+        splits = bench_splits(y, args.outer, 1, args.seed)
         start = time.perf_counter()
         ours, tuned = [], []
         for k, (train, test) in enumerate(splits):
