@@ -246,10 +246,10 @@ def tune(
         pruner=_pruner(settings.pruner),
         load_if_exists=True,
     )
-    _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
     if settings.resume and not shared:
         _fail_interrupted(study)
-    enqueue_defaults(study, space)
+    enqueue_defaults(study, space)  # right after the study opens, as workers sharing it expect
+    _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
     start = time.perf_counter()
     cohort = load_cohort(
         store_dir,
