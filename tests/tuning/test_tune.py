@@ -159,6 +159,26 @@ def test_two_processes_share_one_journal_study(cohort, tmp_path):
     assert sum(bool(t.user_attrs.get("defaults")) for t in study.trials) == 1  # enqueued once, not per worker
 
 
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_of_workers_opening_one_study_together_exactly_one_creates_it(tmp_path, kind):
+    # The one that creates it enqueues the defaults: Optuna's enqueue_trial(skip_if_exists=True) is
+    # a check then an add, so two workers both enqueuing could both add it (this test's flakiness
+    # before). Workers wait for a start file so that their create calls overlap.
+    url = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    go = tmp_path / "go"
+    code = (
+        "import os, time; from milcache.tuning.study import open_storage, _create_if_new\n"
+        f"storage = open_storage({url!r})\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+        "print(_create_if_new(storage, 'shared', 'maximize'))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(3)  # every worker has imported and opened the storage
+    go.touch()
+    answers = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert sorted(answers) == ["False", "False", "False", "True"]
+
+
 def _postgres_reachable() -> str | None:
     try:
         import sqlalchemy

@@ -238,17 +238,17 @@ def tune(
             "use --resume to continue it or another --study-name"
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
+    created = _create_if_new(storage, settings.study_name, direction)
+    study = optuna.load_study(
         storage=storage,
         study_name=settings.study_name,
-        direction=direction,
         sampler=optuna.samplers.TPESampler(seed=None if shared else settings.seed),
         pruner=_pruner(settings.pruner),
-        load_if_exists=True,
     )
     if settings.resume and not shared:
         _fail_interrupted(study)
-    enqueue_defaults(study, space)  # right after the study opens, as workers sharing it expect
+    if created or not shared:  # one worker of a shared study: Optuna's skip_if_exists is no lock
+        enqueue_defaults(study, space)
     _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
     start = time.perf_counter()
     cohort = load_cohort(
@@ -292,6 +292,19 @@ def tune(
     return summary
 
 
+def _create_if_new(storage, name: str, direction: str) -> bool:
+    """Creates the study unless it exists; True for the one process that created it. The storage
+    makes this atomic (a unique name in a database, the first entry in a journal), so among workers
+    starting a shared study together exactly one gets True."""
+    import optuna
+
+    try:
+        storage.create_new_study([optuna.study.StudyDirection[direction.upper()]], name)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
 # What makes two trials' values comparable: every run of a study (a resume, a worker sharing it)
 # must score its trials the same way.
 _SCORING = ("metric", "folds", "repeats", "holdout", "seed", "skip_duplicates")
@@ -321,8 +334,9 @@ def _check_scoring(study, settings: TuneSettings, url: str) -> None:
 
 
 def enqueue_defaults(study, space: dict) -> None:
-    """The calibrated defaults as the study's first trial (once, also with workers sharing a
-    study): the baseline every other trial must beat, and the one ``chosen_trial`` may keep."""
+    """The calibrated defaults as the study's first trial: the baseline every other trial must
+    beat, and the one ``chosen_trial`` may keep. Of workers sharing a study only its creator calls
+    this, so the defaults run once."""
     params = default_params(space)
     if params is not None:
         study.enqueue_trial(params, user_attrs={"defaults": True}, skip_if_exists=True)
