@@ -68,6 +68,8 @@ def test_not_a_table(tmp_path):
         read_manifest(tmp_path / "missing.csv")
     with pytest.raises(ManifestError, match="expected a .csv"):
         read_manifest(write(tmp_path / "m.xlsx", "x"))
+    with pytest.raises(ManifestError, match="is a folder; expected a table file"):
+        read_labels(tmp_path)  # a store or image folder given where the labels go
 
 
 def test_labels_from_table_and_from_manifest(images):

@@ -23,6 +23,8 @@ _ROW = "__row__"  # 1-based data row number, kept so that errors can name rows
 def read_table(path: str | Path, string_columns: tuple[str, ...] = ("bag_id",)) -> pl.DataFrame:
     """A CSV/TSV/parquet file as a DataFrame, with ``string_columns`` read as text."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; expected a table file (.csv, .tsv or .parquet)")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
     suffix = path.suffix.lower()
