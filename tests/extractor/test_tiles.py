@@ -113,6 +113,24 @@ def test_embeddings_equal_a_direct_backbone_call(tmp_path):
     np.testing.assert_allclose(bag.embeddings, direct, rtol=1e-3, atol=1e-4)
 
 
+def test_workers_never_read_through_files_their_parent_opened(tmp_path):
+    # Forked workers inherit the parent's open files with their shared read offsets: reading
+    # through them corrupted tiles ("Not a JPEG file") when a source had planned a bag before.
+    path = write_pyramid_tiff(tmp_path / "s.tif", tissue_image(256, 320), compression="jpeg", tile=64)
+    manifest = _manifest(tmp_path, {"a": "s.tif", "b": "s.tif"})
+    source = create_source("tiles", tile_size=64)
+    source.plan(BagSpec("preview", [path]))  # a preview in the parent opens the slide
+    inherited = source.reader(path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker read through the parent's file handle")
+
+    inherited.read_region = refuse
+    config = ExtractConfig(BACKBONE, workers=2, preprocessing=FAST)
+    summary = extract(manifest, tmp_path / "store", source, config, progress=False)
+    assert summary.bags == 2 and not summary.failures
+
+
 def test_real_image_from_scikit_image(tmp_path):
     from skimage import data
 
@@ -405,7 +423,7 @@ def test_padded_batches_have_one_shape_and_deliver_only_real_rows():
     assert positions == {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5]} and values == {0: [2.0] * 3, 1: [4.0] * 6}
 
 
-def test_tissue_closing_equals_scipys():
+def test_tissue_closing_equals_scipys_on_the_edge_padded_mask():
     from scipy import ndimage
 
     from milcache.extractor.tiles import _closing
@@ -414,4 +432,29 @@ def test_tissue_closing_equals_scipys():
     for _ in range(25):  # shapes down to one pixel, sparse to dense masks, tissue touching the edges
         h, w = (int(v) for v in rng.integers(1, 120, 2))
         mask = rng.random((h, w)) < rng.random()
-        np.testing.assert_array_equal(_closing(mask, 2), ndimage.binary_closing(mask, iterations=2))
+        padded = np.pad(mask, 6, mode="edge")  # wider than the closing reaches
+        np.testing.assert_array_equal(_closing(mask, 2), ndimage.binary_closing(padded, iterations=2)[6:-6, 6:-6])
+    full = np.ones((40, 30), bool)
+    assert _closing(full, 2).all()  # tissue to the image's edges stays tissue (scipy's erodes 2 pixels)
+    assert not ndimage.binary_closing(full, iterations=2)[0].any()
+
+
+def test_tissue_is_detected_at_32_thumbnail_pixels_a_tile_within_2048():
+    from PIL import Image
+    from skimage import data
+
+    from milcache.extractor.tiles import make_grid, thumbnail_side, tissue_fractions, tissue_mask
+
+    assert thumbnail_side(100_000, 80_000, 448) == 2048  # a slide: as fine as the cap allows
+    assert thumbnail_side(8192, 6000, 224) == 1171
+    assert thumbnail_side(2048, 2048, 224) == 512  # never coarser than the heatmap thumbnail
+    # A real stained image at 2048²: fractions from the smaller thumbnail match full resolution's.
+    image = np.asarray(Image.fromarray(data.immunohistochemistry()).resize((2048, 2048), Image.BILINEAR))
+    for tile in (64, 224):
+        grid = make_grid(2048, 2048, tile, tile, False)
+        full = tissue_fractions(tissue_mask(image), 1.0, grid, tile)
+        side = thumbnail_side(2048, 2048, tile)
+        small = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+        coarse = tissue_fractions(tissue_mask(small), 2048 / side, grid, tile)
+        assert np.abs(full - coarse).mean() < 0.02
+        assert ((full >= 0.5) != (coarse >= 0.5)).mean() <= 0.01

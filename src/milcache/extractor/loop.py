@@ -4,6 +4,7 @@ next ones compute. Resumable, shardable over processes (torchrun or --shard i/n)
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import threading
@@ -245,6 +246,9 @@ class _BagStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         mine = self.bags[info.id :: info.num_workers] if info else self.bags
+        if info:  # a forked worker inherits the files its parent opened (a preview's plan) with their
+            # read offsets: reading through them races the parent and corrupts tiles. A copy drops them.
+            self.source = copy.copy(self.source)
         try:
             for index, bag in mine:
                 yield from self._bag(index, bag)

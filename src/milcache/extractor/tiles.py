@@ -15,8 +15,20 @@ from milcache.extractor.slides import SlideReader, open_slide
 from milcache.extractor.sources import BagPlan, Source, register_source
 from milcache.store.tables import BagSpec
 
-_THUMBNAIL_SIDE = 2048  # tissue detection resolution (longer side, pixels)
+# Tissue detection resolution: 32 thumbnail pixels along a tile's side measure its tissue fraction
+# to a few parts in a thousand; finer only costs (a 2048² mask was 85 % of a worker's time on
+# images of 2048², where it is the image itself). Never above 2048 (a slide of 200 tiles across gets
+# 10 pixels a tile, as before), never below the thumbnail kept for heatmaps.
+_THUMBNAIL_SIDE = 2048
+_THUMBNAIL_PIXELS_PER_TILE = 32
 _KEPT_THUMBNAIL_SIDE = 512  # thumbnail kept in the store for heatmaps
+
+
+def thumbnail_side(width: int, height: int, footprint: float) -> int:
+    """The longer side of the thumbnail that tissue is detected on, for tiles of ``footprint``
+    level-0 pixels on an image of ``width`` × ``height``."""
+    wanted = math.ceil(_THUMBNAIL_PIXELS_PER_TILE * max(width, height) / footprint)
+    return int(min(max(wanted, _KEPT_THUMBNAIL_SIDE), _THUMBNAIL_SIDE))
 
 
 def tissue_mask(thumbnail: np.ndarray, min_saturation: int = 20, min_object_fraction: float = 1e-4) -> np.ndarray:
@@ -38,19 +50,23 @@ def tissue_mask(thumbnail: np.ndarray, min_saturation: int = 20, min_object_frac
 
 
 def _closing(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``scipy.ndimage.binary_closing(mask, iterations=iterations)`` (a 3 × 3 cross, outside
-    counted as background), exactly, from shifted copies: 7× faster on a 2048² thumbnail, where
-    scipy's closing was a third of planning a slide."""
+    """Binary closing by a 3 × 3 cross, with the image's edge pixels extended beyond it: tissue cut
+    by the image's border keeps its border (scipy's ``binary_closing`` counts the outside as
+    background and erodes it away: 2 thumbnail pixels, a fifth of an edge tile of a large slide).
+    Equal to scipy's closing of the edge-padded mask, from shifted copies: 7× faster on a 2048²
+    thumbnail, where scipy's closing was a third of planning a slide."""
 
     def step(m: np.ndarray, combine) -> np.ndarray:
         p = np.pad(m, 1)
         return combine.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
 
+    # Padded by `iterations`, the zeros that ``step`` pads with lie beyond the erosion's reach.
+    mask = np.pad(mask, iterations, mode="edge")
     for _ in range(iterations):
         mask = step(mask, np.logical_or)
     for _ in range(iterations):
         mask = step(mask, np.logical_and)
-    return mask
+    return mask[iterations:-iterations, iterations:-iterations]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -197,7 +213,7 @@ class TileSource(Source):
             scale = self.scale_for(reader)
             footprint, step = self.tile_size * scale, self.stride * scale
             width, height = reader.dimensions[0]
-            thumbnail, thumb_ds = reader.thumbnail(_THUMBNAIL_SIDE)
+            thumbnail, thumb_ds = reader.thumbnail(thumbnail_side(width, height, footprint))
             grid = make_grid(width, height, footprint, step, self.offset_grid)
             tissue = tissue_fractions(tissue_mask(thumbnail), thumb_ds, grid, footprint)
             level = reader.best_level(scale)
