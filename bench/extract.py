@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from milcache.devices import resolve_device
+from milcache.devices import resolve_device, retain_freed_host_memory
 from milcache.extractor.backbones import create_backbone
 from milcache.extractor.loop import Embedder, ExtractConfig, extract
 from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff
@@ -158,12 +158,25 @@ def main() -> None:
         help="Bag-size mixes: big = --slides bags of --size; small = 4× the bags at half the size (many "
         "small bags: the case where per-bag batching used to leave ragged batches)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("retained", "plain"),
+        default="retained",
+        help="retained: glibc keeps freed memory for reuse from the start, for both sides (what extract does "
+        "on the CPU); plain: glibc's defaults for both (a fresh page fault per 4 KB of every batch's activations)",
+    )
     args = parser.parse_args()
+    if args.allocator == "retained":
+        retain_freed_host_memory()
+    else:
+        import milcache.extractor.loop
+
+        milcache.extractor.loop.retain_freed_host_memory = lambda: False
     if args.rounds < 1:
         parser.error("--rounds takes 1 or more")
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}")
+    print(f"device: {name}; allocator: {args.allocator}")
     for kind, mix in ((k, m) for k in args.sources.split(",") for m in args.mix.split(",")):
         root = Path(tempfile.mkdtemp())
         bags, size = (args.slides, args.size) if mix == "big" else (4 * args.slides, args.size // 2)

@@ -131,6 +131,24 @@ def test_workers_never_read_through_files_their_parent_opened(tmp_path):
     assert summary.bags == 2 and not summary.failures
 
 
+def test_extraction_on_the_cpu_keeps_freed_host_memory(tmp_path, monkeypatch):
+    # Each batch's activations then reuse the last batch's pages (bench/extract.py --allocator).
+    import milcache.extractor.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "retain_freed_host_memory", lambda: calls.append(True) or True)
+    write_pyramid_tiff(tmp_path / "s.tif", tissue_image(128, 128))
+    config = ExtractConfig(BACKBONE, device="cpu", workers=0, preprocessing=FAST)
+    extract(
+        _manifest(tmp_path, {"a": "s.tif"}),
+        tmp_path / "store",
+        create_source("tiles", tile_size=64),
+        config,
+        progress=False,
+    )
+    assert calls == [True]
+
+
 def test_real_image_from_scikit_image(tmp_path):
     from skimage import data
 

@@ -78,7 +78,7 @@ def fine_tune(
 ) -> FineTuneResult:
     """Fine-tune the backbone of ``store`` with the head of ``run`` on the images of ``manifest``."""
     from milcache.aggregator.model import load_model, save_model
-    from milcache.devices import resolve_device
+    from milcache.devices import resolve_device, retain_freed_host_memory
     from milcache.extractor.backbones import file_digest
     from milcache.extractor.reread import source_of, store_backbone
     from milcache.store import FeatureStore, read_manifest
@@ -86,6 +86,8 @@ def fine_tune(
     run = Path(run)
     out = checks.output_dir(out)
     torch_device = resolve_device(device)
+    if torch_device.type == "cpu":
+        retain_freed_host_memory()  # each step's activations reuse the last one's pages (see there)
     model, config, task = load_model(run, "cpu")
     store, labels = _inputs_of(run, store, labels)
     with FeatureStore(store) as fs:

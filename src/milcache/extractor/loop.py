@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from milcache import checks
-from milcache.devices import DECODE_CHOICES, PRECISIONS, autocast, resolve_device
+from milcache.devices import DECODE_CHOICES, PRECISIONS, autocast, resolve_device, retain_freed_host_memory
 from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
@@ -405,6 +405,8 @@ def extract(
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     on_device = decode_on_device(config.decode, device)  # a CUDA-less --decode gpu is refused before any work
+    if device.type == "cpu":
+        retain_freed_host_memory()  # each batch's activations reuse the last one's pages (see there)
     bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
     backbone = create_backbone(
         config.backbone, config.weights, config.pretrained, **config.preprocessing, **source.backbone_options(bags)
