@@ -157,6 +157,7 @@ def test_two_processes_share_one_journal_study(cohort, tmp_path):
     assert len(finished) >= 4  # both stop once four are finished (one may finish its last running trial)
     assert len(study.trials) < 8
     assert sum(bool(t.user_attrs.get("defaults")) for t in study.trials) == 1  # enqueued once, not per worker
+    assert study.user_attrs["scoring"]["folds"] == 2  # how its trials are scored, for later joiners and resumes
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
