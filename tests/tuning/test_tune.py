@@ -425,6 +425,23 @@ def test_a_run_that_would_score_trials_otherwise_is_refused_by_option(cohort, tm
     assert _finished(url) == 2
 
 
+def test_a_metric_the_task_lacks_is_refused_before_any_trial_and_a_corrected_rerun_starts(
+    cohort, tmp_path, monkeypatch
+):
+    import milcache.tuning.study as study_module
+
+    trained = []
+    monkeypatch.setattr(study_module, "cross_validate", lambda *a, **k: trained.append(1))
+    settings = TuneSettings(n_trials=1, folds=2, pruner="none", holdout=0.0, metric="r2")
+    with pytest.raises(MilcacheError, match="--metric 'r2' is not computed for a binary task; use one of auc, "):
+        tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", settings, fixed=SMALL, device="cpu")
+    assert not trained
+    monkeypatch.undo()
+    fixed = TuneSettings(n_trials=1, folds=2, pruner="none", holdout=0.0, metric="accuracy")
+    tune(cohort / "store", cohort / "labels.csv", tmp_path / "s", fixed, fixed=SMALL, device="cpu")  # no "exists"
+    assert _finished(f"sqlite:///{tmp_path / 's' / 'study.db'}") == 1
+
+
 def test_tune_cli_takes_repeats(cohort, tmp_path):
     result = subprocess.run(
         _tune_command(cohort, tmp_path / "run", "--n-trials", "1", "--repeats", "2", "--holdout", "0"),

@@ -130,6 +130,11 @@ class Task:
         names = [only] if only in functions else list(functions)
         return {name: float(functions[name]()) for name in names}
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics ``metrics`` computes for this kind of task."""
+        return list(self._metric_functions(np.zeros(1), np.ones((1, max(len(self.classes), 1)))))
+
     def _metric_functions(self, y: np.ndarray, outputs: np.ndarray) -> dict:
         from scipy.stats import pearsonr
         from sklearn import metrics as m

@@ -192,12 +192,7 @@ def make_objective(
         except RuntimeError as exc:  # out of memory and friends: a failed trial, and the study goes on
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
-        value = metrics.get(settings.metric)
-        if value is None:
-            raise MilcacheError(
-                f"--metric {settings.metric!r} is not computed for a {cohort.task.kind} task; "
-                f"use one of {', '.join(k for k in metrics if not k.endswith('_std') and k != 'folds')}"
-            )
+        value = metrics[settings.metric]  # a metric of this task (checked before the study ran)
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "folds"})
         trial.set_user_attr("epochs", int(np.median(best_epochs)))  # what a refit of this trial trains for
         return float(value)
@@ -260,6 +255,13 @@ def tune(
         classes=classes,
         skip_duplicates=settings.skip_duplicates,
     )
+    if settings.metric not in cohort.task.metric_names:
+        if created and not study.trials[1:]:  # made by this run for nothing: a corrected rerun starts anew
+            optuna.delete_study(study_name=settings.study_name, storage=storage)
+        raise MilcacheError(
+            f"--metric {settings.metric!r} is not computed for a {cohort.task.kind} task; "
+            f"use one of {', '.join(cohort.task.metric_names)}"
+        )
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
     settings = settings.resolve(len(study_bags))
     _check_scoring(study, settings, url)  # and the repeats chosen from the cohort
