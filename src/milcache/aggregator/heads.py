@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,51 @@ def packed_weighted_sum(weights: torch.Tensor, h: torch.Tensor, slots: torch.Ten
     return dense.to(h.dtype) @ h
 
 
+class SparseRows(NamedTuple):
+    """Instances whose features are mostly zeros, as each one's nonzero entries: ``columns`` (… × K,
+    int64) and ``values`` (… × K), K the most nonzeros of any instance of the cohort (an instance
+    with fewer has zero values at column 0). Bag-of-words features (web_recommendation: 20 of
+    5,863) cost K weight rows an instance this way instead of a D-long product."""
+
+    columns: torch.Tensor
+    values: torch.Tensor
+
+
+class Preactivated(NamedTuple):
+    """Instance-layer outputs W z + b computed before the head was called (the trainer does it for
+    all its stacked models at once from ``SparseRows``: see ``sparse_affine``); ``embed`` then
+    applies only the activation and dropout."""
+
+    values: torch.Tensor
+
+
+def sparse_affine(
+    x: SparseRows, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """W z + b of the standardised z = (x − mean) / std for M models at once, from sparse ``x``
+    (columns and values M × T × K); ``weight`` M × D × hidden (W transposed), ``bias`` M × hidden,
+    ``mean`` and ``std`` M × D. Returns M × T × hidden, equal to the dense product.
+
+    Each instance sums the rows of W at its nonzero columns, scaled by value / std: one
+    ``embedding_bag`` over the models' weight matrices laid end to end (its backward adds into the
+    gathered rows only). The centring, which would make z dense, goes into the bias: b − W · mean / std.
+    Features constant in training (std ≈ 0) are ignored, as in ``Head.embed``."""
+    models, dim, hidden = weight.shape
+    inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    columns = x.columns.reshape(models, -1)
+    scaled = x.values.reshape(models, -1).float() * torch.gather(inv, 1, columns)
+    first_row = torch.arange(models, device=columns.device).unsqueeze(1) * dim  # model m's rows of the table
+    k = x.columns.shape[-1]
+    summed = F.embedding_bag(
+        (columns + first_row).view(-1, k),
+        weight.reshape(models * dim, hidden),
+        per_sample_weights=scaled.view(-1, k),
+        mode="sum",
+    )
+    shift = bias - torch.bmm((mean * inv).unsqueeze(1), weight).squeeze(1)
+    return summed.view(models, -1, hidden) + shift.unsqueeze(1)
+
+
 # Folding the standardisation into W costs about nine passes over W per step (scaling it, W @ mean,
 # and in backward the bias path's outer product, its sum with the matmul's gradient and the
 # rescaling); standardising x costs two passes over x (x needs no gradient). So fold only when x
@@ -174,15 +220,29 @@ class Head(nn.Module):
             names += [p for p in params if p not in ("self", "in_dim", "n_outputs", "n_classes") and p not in names]
         return names
 
-    def embed(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
-        """Instance embeddings h = ReLU(W z + b) of z = (x − mean) / std (B × N × hidden).
+    def embed(
+        self,
+        x: torch.Tensor | SparseRows | Preactivated,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Instance embeddings h = ReLU(W z + b) of z = (x − mean) / std (B × N × hidden); ``x``
+        dense, ``SparseRows`` (see ``sparse_affine``) or already ``Preactivated``.
 
         Features constant in training (std ≈ 0) are ignored. On the CPU, when the batch is more
         than ``_FOLD_RATIO`` times W's size, the standardisation is folded into W and b (passes
         over the batch, the largest tensor of a step, saved); otherwise, on a GPU and under a
         reduced-precision autocast, it runs on x in float32 (there before the reduced-precision
         matmul, whose rounding of raw values would otherwise be amplified by 1/std)."""
+        if isinstance(x, Preactivated):
+            return self.instance_dropout(F.relu(x.values))
         weight, bias = self.instance_layer.weight, self.instance_layer.bias
+        if isinstance(x, SparseRows):
+            if mean is None or std is None:
+                mean, std = torch.zeros_like(weight[0]), torch.ones_like(weight[0])
+            single = SparseRows(x.columns.unsqueeze(0), x.values.unsqueeze(0))
+            z = sparse_affine(single, weight.T.unsqueeze(0), bias.unsqueeze(0), mean.unsqueeze(0), std.unsqueeze(0))
+            return self.instance_dropout(F.relu(z.view(*x.columns.shape[:-1], -1)))
         if mean is not None and std is not None:
             inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
             reduced = x.device.type == "cuda" or torch.is_autocast_enabled(x.device.type)

@@ -29,6 +29,7 @@ from torch import nn
 
 from milcache.aggregator.config import BATCH_RANGE, TrainConfig
 from milcache.aggregator.data import Bags, RowBuffer, fold_statistics, gather_batch, plan_batches, prefetched
+from milcache.aggregator.heads import Preactivated, SparseRows, sparse_affine
 from milcache.aggregator.model import MILModel
 from milcache.aggregator.tasks import Task
 from milcache.devices import autocast, retain_freed_host_memory
@@ -269,7 +270,7 @@ def fit_stacked(
         def stacked_loss(p, b, *inputs):
             # squeeze, not [0]: its backward is a view, so the gradient keeps the parameter's layout
             first = {k: v.squeeze(0) for k, v in p.items()}, {k: v.squeeze(0) for k, v in b.items()}
-            return one_model_loss(*first, *(None if v is None else v[0] for v in inputs)).unsqueeze(0)
+            return one_model_loss(*first, *(_first_model(v) for v in inputs)).unsqueeze(0)
 
         streamed_loss = stacked_loss
     else:
@@ -297,9 +298,8 @@ def fit_stacked(
             bag_weight = torch.from_numpy(weight).to(device, non_blocking=True)
             loss_of = stacked_loss if batch.slots is not None else streamed_loss
             with autocast(device, config.precision):
-                losses = loss_of(
-                    params, buffers, batch.x, batch.mask, batch.slots, targets[bags], class_weights, bag_weight
-                )
+                x = _instance_layer_of_sparse(batch.x, params, buffers)
+                losses = loss_of(params, buffers, x, batch.mask, batch.slots, targets[bags], class_weights, bag_weight)
             total = losses.sum()
             if config.elastic_net > 0:
                 total = total + _elastic_net(params, config.elastic_net, config.l1_ratio)
@@ -343,6 +343,26 @@ def fit_stacked(
             }
         )
     return results
+
+
+def _first_model(value):
+    """Model 0's part of a stacked input (a tensor, a ``SparseRows`` or ``Preactivated``, or None)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return type(value)(*(t[0] for t in value))
+    return value[0]
+
+
+def _instance_layer_of_sparse(x, params: dict, buffers: dict):
+    """Sparse instances through every stacked model's instance layer at once, outside ``vmap``
+    (whose batching of the row gathers took longer than the dense product: see ``sparse_affine``);
+    other inputs as they are."""
+    if not isinstance(x, SparseRows):
+        return x
+    weight = params["model.head.instance_layer.weight"].transpose(1, 2)  # models × D × hidden, contiguous
+    bias = params["model.head.instance_layer.bias"]
+    return Preactivated(sparse_affine(x, weight, bias, buffers["model.mean"], buffers["model.std"]))
 
 
 def _epoch_batches(state: _ModelState, data: Bags, y: np.ndarray, task: Task, config: TrainConfig) -> list:
