@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from milcache.aggregator.config import TrainConfig
-from milcache.aggregator.data import BagTensor
+from milcache.aggregator.data import BagTensor, sparse_rows
 from milcache.aggregator.run import Cohort, cross_validate
 from milcache.aggregator.splits import cv_splits
 from milcache.aggregator.tasks import Task
@@ -201,7 +201,10 @@ def matmul_floor(bags, y, folds: int, repeats: int, seed: int, overrides: dict) 
     instances, capped per bag as the defaults cap them, every epoch: the instance layer's forward and
     weight gradient, the attention's forward and both gradients) in FLOP, and the seconds they take
     at the batched-matmul rate this machine reaches now on the instance layer's step shape (every
-    fold model's batch of instances, D → hidden): a floor under any implementation of the recipe."""
+    fold model's batch of instances, D → hidden): a floor under any implementation of the recipe
+    that multiplies dense matrices. For sparse features the instance layer counts K (the most
+    nonzeros of an instance) instead of D, at the same rate: a rough bound, since gathering rows
+    runs at memory speed, not at matmul's."""
     config = TrainConfig(head="gated-attention", seed=seed, **overrides)
     hidden = config.head_options.get("hidden", 128)
     attention = config.head_options.get("attention_dim", 64)
@@ -210,7 +213,11 @@ def matmul_floor(bags, y, folds: int, repeats: int, seed: int, overrides: dict) 
     splits = bench_splits(y, folds, repeats, seed)
     visits = float(sum(capped[train].sum() for train, _ in splits)) * config.epochs
     dim = bags[0].shape[1]
-    flops = visits * 2 * (2 * dim * hidden + 3 * hidden * 2 * attention)
+    # Sparse features take the instance layer through each instance's K nonzero columns
+    # (``sparse_rows``): its products are K long, not D.
+    sparse = sparse_rows(torch.from_numpy(np.concatenate(bags)))
+    inner = dim if sparse is None else sparse.columns.shape[1]
+    flops = visits * 2 * (2 * inner * hidden + 3 * hidden * 2 * attention)
     width = round(config.resolve(len(splits[0][0])).batch_size * capped.mean())
     a, b = torch.randn(len(splits), width, dim), torch.randn(len(splits), dim, hidden)
     torch.bmm(a, b)

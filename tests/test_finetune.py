@@ -248,3 +248,19 @@ def test_the_api_and_the_cli_fine_tune_alike(cohort, tmp_path):
     assert result.exit_code == 0, result.output
     a, b = load_file(tmp_path / "api" / "backbone.safetensors"), load_file(tmp_path / "cli" / "backbone.safetensors")
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_each_epoch_releases_kept_host_memory_before_its_workers_fork(cohort, tmp_path, monkeypatch):
+    """A fine-tuning epoch's workers fork after the previous epoch's training: what the process
+    keeps free is released first, so that training does not copy those pages on write."""
+    import milcache.devices
+
+    root, weights = cohort
+    released = []
+    monkeypatch.setattr(milcache.devices, "release_free_host_memory", lambda: released.append(1) or True)
+    args = ["fine-tune", "--model", str(root / "frozen"), "--manifest", str(root / "slides.csv")]
+    args += ["--weights", str(weights), "--epochs", "2", "--instances", "4", "--val-fraction", "0"]
+    args += ["--out", str(tmp_path / "ft"), "--workers", "1", "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert len(released) >= 2  # at least once an epoch

@@ -85,3 +85,25 @@ def retain_freed_host_memory() -> bool:
         mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_top_pad, 64 << 20)
     )
     return _HOST_MEMORY_RETAINED
+
+
+def release_free_host_memory() -> bool:
+    """Hand the memory glibc's malloc keeps free back to the kernel now (``malloc_trim``); False
+    where there is no glibc. Called just before DataLoader workers fork.
+
+    Why: a forked worker shares its parent's pages copy-on-write, so every page the parent writes
+    after the fork is copied first, once. With freed memory retained (see
+    ``retain_freed_host_memory``), the parent's next batches write into exactly such pages: the
+    activations a previous run in the process left, or a fine-tuning epoch's, whose workers fork
+    anew every epoch. Released, those pages come back as fresh zero pages (a fault, no copy), and
+    are then retained again."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # returns whether anything was released: either is fine
+    except (OSError, AttributeError):
+        return False
+    return True

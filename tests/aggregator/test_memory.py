@@ -142,3 +142,32 @@ def test_freed_host_memory_is_reused_without_page_faults():
     pages = 10 * (64 << 20) // 4096
     assert faults["before"] > pages / 2  # each 64 MB tensor was mapped afresh: a fault per 4 KB page
     assert faults["after"] < pages / 20
+
+
+_RELEASE_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, torch
+    from milcache.devices import release_free_host_memory, retain_freed_host_memory
+
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    retain_freed_host_memory()
+    torch.ones(64 << 20).sum()  # 256 MB used and freed: kept by the process
+    kept = resident_mb()
+    released = release_free_host_memory()
+    print(json.dumps({"released": released, "kept": kept, "after": resident_mb()}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_retained_memory_goes_back_to_the_kernel_before_workers_fork():
+    """What a parent keeps free is released before its workers fork, so that its next batches do
+    not copy those pages on write (see ``release_free_host_memory``)."""
+    result = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True)
+    memory = json.loads(result.stdout.strip().splitlines()[-1])
+    if not memory["released"]:
+        pytest.skip("not glibc (malloc_trim unavailable)")
+    assert memory["kept"] - memory["after"] > 200  # MB

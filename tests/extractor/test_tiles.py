@@ -149,6 +149,22 @@ def test_extraction_on_the_cpu_keeps_freed_host_memory(tmp_path, monkeypatch):
     assert calls == [True]
 
 
+def test_extraction_releases_kept_host_memory_before_its_workers_fork(tmp_path, monkeypatch):
+    import milcache.extractor.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "release_free_host_memory", lambda: calls.append("release") or True)
+    real_iter = loop.DataLoader.__iter__
+    monkeypatch.setattr(loop.DataLoader, "__iter__", lambda self: calls.append("fork") or real_iter(self))
+    write_pyramid_tiff(tmp_path / "s.tif", tissue_image(128, 128))
+    source = create_source("tiles", tile_size=64)
+    for workers, expected in ((2, ["release", "fork"]), (0, ["fork"])):
+        calls.clear()
+        config = ExtractConfig(BACKBONE, device="cpu", workers=workers, preprocessing=FAST, overwrite=True)
+        extract(_manifest(tmp_path, {"a": "s.tif"}), tmp_path / "store", source, config, progress=False)
+        assert calls == expected
+
+
 def test_real_image_from_scikit_image(tmp_path):
     from skimage import data
 

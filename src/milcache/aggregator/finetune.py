@@ -292,7 +292,7 @@ class _Epochs:
 def _epoch(run: _Epochs, epoch: int, indices: np.ndarray, optimizer, progress: bool) -> float:
     from tqdm import tqdm
 
-    from milcache.devices import autocast
+    from milcache.devices import autocast, release_free_host_memory
 
     net, specs, targets, settings, device = run.net, run.specs, run.targets, run.settings, run.device
     picks = _picks(specs, run.sizes, indices, settings.instances, settings.seed + (0 if optimizer else 7919), epoch)
@@ -308,6 +308,8 @@ def _epoch(run: _Epochs, epoch: int, indices: np.ndarray, optimizer, progress: b
     total, steps = 0.0, 0
     context = torch.enable_grad() if optimizer else torch.no_grad()
     bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}", unit="bag", disable=not progress)
+    if settings.workers:  # the workers fork anew each epoch, after the last one's training
+        release_free_host_memory()
     with context:
         for i, pixels in loader:
             with autocast(device, settings.precision):

@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from milcache import checks
-from milcache.devices import DECODE_CHOICES, PRECISIONS, autocast, resolve_device, retain_freed_host_memory
+from milcache.devices import (
+    DECODE_CHOICES,
+    PRECISIONS,
+    autocast,
+    release_free_host_memory,
+    resolve_device,
+    retain_freed_host_memory,
+)
 from milcache.errors import ExtractionError, MilcacheError
 from milcache.extractor.backbones import Backbone, create_backbone
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
@@ -487,6 +494,8 @@ def extract(
     )
     wait = compute = 0.0
     start_up = None
+    if config.workers:
+        release_free_host_memory()  # the workers fork at the loop's start (see there)
     try:
         mark = time.perf_counter()
         for item in loader:
