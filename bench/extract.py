@@ -165,7 +165,17 @@ def main() -> None:
         help="retained: glibc keeps freed memory for reuse from the start, for both sides (what extract does "
         "on the CPU); plain: glibc's defaults for both (a fresh page fault per 4 KB of every batch's activations)",
     )
+    parser.add_argument(
+        "--keep-at-fork",
+        action="store_true",
+        help="extract does not hand the retained free memory back before its workers fork (as before "
+        "2026-12-06): the parent then copies those pages on write",
+    )
     args = parser.parse_args()
+    if args.keep_at_fork:
+        import milcache.extractor.loop
+
+        milcache.extractor.loop.release_free_host_memory = lambda: False
     if args.allocator == "retained":
         retain_freed_host_memory()
     else:
@@ -176,7 +186,8 @@ def main() -> None:
         parser.error("--rounds takes 1 or more")
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; allocator: {args.allocator}")
+    released = "kept at the workers' fork" if args.keep_at_fork else "released before the workers fork"
+    print(f"device: {name}; allocator: {args.allocator}, free memory {released}")
     for kind, mix in ((k, m) for k in args.sources.split(",") for m in args.mix.split(",")):
         root = Path(tempfile.mkdtemp())
         bags, size = (args.slides, args.size) if mix == "big" else (4 * args.slides, args.size // 2)

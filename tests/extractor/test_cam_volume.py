@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +171,23 @@ def test_saliency_cam_shares_the_global_views_forward_and_stores_the_same(tmp_pa
     views, original = [], Embedder.with_feature_maps
     monkeypatch.setattr(Embedder, "with_feature_maps", lambda self, x: views.append(len(x)) or original(self, x))
     assert extract(tmp_path / "m.csv", tmp_path / "shared", source, config, progress=False).failures == {}
-    assert views == [2, 2, 2]  # each bag's two views, once
+    assert views == [6]  # the bags wait for a batch (5) of views: the three bags' six in one forward
+    views.clear()
+    one_by_one = dataclasses.replace(config, batch_size=2)
+    assert extract(tmp_path / "m.csv", tmp_path / "alone", source, one_by_one, progress=False).failures == {}
+    assert views == [2, 2, 2]  # a batch of 2: each bag's two views on their own
     monkeypatch.setattr(CamSource, "_shares_forward", lambda self, embedder: False)
     apart = create_source("cam", **settings)
     assert extract(tmp_path / "m.csv", tmp_path / "apart", apart, config, progress=False).failures == {}
-    with FeatureStore(tmp_path / "shared") as shared, FeatureStore(tmp_path / "apart") as separate:
+    with (
+        FeatureStore(tmp_path / "shared") as shared,
+        FeatureStore(tmp_path / "apart") as separate,
+        FeatureStore(tmp_path / "alone") as alone,
+    ):
         for bag_id in separate.bag_ids():
             one, other = shared[bag_id], separate[bag_id]
+            np.testing.assert_allclose(one.embeddings, alone[bag_id].embeddings, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(one.coords, alone[bag_id].coords)
             np.testing.assert_array_equal(one.coords, other.coords)
             np.testing.assert_array_equal(one.attrs["kind"], other.attrs["kind"])
             np.testing.assert_allclose(one.embeddings, other.embeddings, rtol=1e-3, atol=1e-3)
@@ -271,3 +282,30 @@ def test_saliency_cam_uses_the_extraction_weights_and_cam_weights_load_strictly(
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp_path / "cls.safetensors")
     source = CamSource(backbone="test_resnet", cam_model="test_resnet", cam_weights=str(tmp_path / "cls.safetensors"))
     assert source.settings()["cam_weights_digest"].startswith("sha256:")
+
+
+def test_a_bag_that_fails_its_planning_fails_alone_among_the_bags_planned_together(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rows = []
+    for bag in range(3):
+        for view in ("cc", "mlo"):
+            image = np.zeros((120, 90), np.uint16)
+            image[10:110, 5:70] = 20_000 + 1_000 * bag
+            Image.fromarray(image).save(tmp_path / f"{bag}{view}.png")
+            rows.append((f"breast-{bag}", f"{bag}{view}.png"))
+    pl.DataFrame(rows, schema=["bag_id", "path"], orient="row").write_csv(tmp_path / "m.csv")
+    source = create_source("cam", backbone="test_resnet", global_size=64, region_size=64, regions=2)
+    original = CamSource._planned
+
+    def planned(self, bag, *args):
+        if bag.bag_id == "breast-1":
+            raise ValueError("a broken region grid")
+        return original(self, bag, *args)
+
+    monkeypatch.setattr(CamSource, "_planned", planned)
+    config = ExtractConfig("test_resnet", workers=0, batch_size=8, preprocessing={"input_size": (64, 64)})
+    summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
+    assert summary.failures == {"breast-1": "ValueError: a broken region grid"}
+    with FeatureStore(tmp_path / "store") as store:
+        assert sorted(store.bag_ids()) == ["breast-0", "breast-2"]

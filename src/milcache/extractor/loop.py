@@ -25,10 +25,10 @@ from milcache.devices import (
     resolve_device,
     retain_freed_host_memory,
 )
-from milcache.errors import ExtractionError, MilcacheError
+from milcache.errors import ExtractionError
 from milcache.extractor.backbones import Backbone, create_backbone
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
-from milcache.extractor.sources import BagPlan, Source
+from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
 from milcache.store.lmdb_store import shard_path
 from milcache.store.tables import BagSpec
@@ -242,6 +242,37 @@ class _Batches:
             self.deliver(index, positions, rows[first : first + len(positions)])
 
 
+_WAITING_BYTES = 512 << 20  # of decoded images held while their bags wait to be planned together
+
+
+class _PreparedBags:
+    """Bags the workers decoded for a source that plans on the device (CAM), gathered until they
+    hold a batch of the planning network's inputs (or ``_WAITING_BYTES`` of images), then planned
+    together (``Source.plan_prepared_many``): one forward over all their global views."""
+
+    def __init__(self, source: Source, inputs: int) -> None:
+        self.source, self.limit = source, inputs
+        self.items: list[tuple[int, dict]] = []
+        self.inputs = self.bytes = 0
+
+    def add(self, index: int, prepared: dict) -> bool:
+        """Keep a bag; True when the bags kept should be planned now."""
+        inputs, nbytes = self.source.prepared_size(prepared)
+        self.items.append((index, prepared))
+        self.inputs, self.bytes = self.inputs + inputs, self.bytes + nbytes
+        return self.inputs >= self.limit or self.bytes >= _WAITING_BYTES
+
+    def plan(self, bags: list[BagSpec], embedder: Embedder) -> list[tuple[int, PlannedBag | str]]:
+        """Each kept bag's index and its plan (or why it failed); none are kept afterwards."""
+        if not self.items:
+            return []
+        indices = [index for index, _ in self.items]
+        prepared = [items for _, items in self.items]
+        self.items, self.inputs, self.bytes = [], 0, 0
+        results = self.source.plan_prepared_many([bags[i] for i in indices], prepared, embedder)
+        return list(zip(indices, results, strict=True))
+
+
 class _BagStream(IterableDataset):
     """Yields, per bag: ("plan", i, plan), then ("pixels", i, start, uint8 batch)…, or ("fail", i, why);
     for sources that plan on the device: ("prepared", i, decoded images). With ``encoded``, batches
@@ -287,12 +318,6 @@ class _BagStream(IterableDataset):
                 yield ("encoded", index, start, encoded)
             else:
                 yield ("pixels", index, start, torch.from_numpy(pixels))
-
-
-def failure_reason(exc: Exception) -> str:
-    """Why a bag failed, as recorded: our own errors say it already; a decoder of a broken file can
-    raise anything, named by its type."""
-    return str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -496,6 +521,43 @@ def extract(
     start_up = None
     if config.workers:
         release_free_host_memory()  # the workers fork at the loop's start (see there)
+    waiting = _PreparedBags(source, config.batch_size)
+
+    def take(item: tuple, planned: PlannedBag | None = None) -> None:
+        """One bag's plan, failure or pixels (``planned``: the plan came from ``plan_prepared``)."""
+        kind, index = item[0], item[1]
+        bag = bags[index]
+        if kind == "encoded" and index in pending:  # JPEG tiles: decoded here, on the device
+            try:
+                kind, item = "pixels", (*item[:3], decode_tiles(item[3], device))
+                summary.decoded_on_device += len(item[3])
+            except RuntimeError as exc:  # a corrupt JPEG tile: the bag's failure, named
+                why = f"decoding instances {item[2]}.. on {device}: {str(exc).splitlines()[0]}"
+                kind, item = "fail", ("fail", index, why)
+        if kind == "plan" and len(item[2]) == 0:
+            kind, item = "fail", ("fail", index, "the source found no instances in this bag")
+        if kind == "fail":
+            pending.pop(index, None)
+            summary.failures[bag.bag_id] = item[2]
+            writer.submit(lambda b=bag.bag_id, why=item[2]: writer.writer.fail(b, why))
+        elif kind == "plan":
+            plan = item[2]
+            pending[index] = _PendingBag(plan, np.empty((len(plan), backbone.dim), store_dtype))
+            bar.total += len(plan)
+            bar.refresh()
+            if planned is not None:
+                if planned.embedded is not None:  # embedded while planning (a CAM's global views)
+                    positions, values = planned.embedded
+                    finished_rows(index, positions, values.to(batches.dtype).cpu().numpy())
+                if len(planned.positions):
+                    batches.add(index, planned.positions, torch.from_numpy(planned.pixels))
+        elif kind == "pixels" and index in pending:  # not a bag that already failed
+            batches.add(index, np.arange(item[2], item[2] + len(item[3])), item[3])
+
+    def plan_waiting() -> None:
+        for index, result in waiting.plan(bags, embedder):
+            take(("fail", index, result) if isinstance(result, str) else ("plan", index, result.plan), result)
+
     try:
         mark = time.perf_counter()
         for item in loader:
@@ -503,43 +565,13 @@ def extract(
             wait += now - mark
             if start_up is None:  # model built, workers started, the first bag planned
                 start_up = now - start_time
-            kind, index = item[0], item[1]
-            bag = bags[index]
-            planned = None
-            if kind == "prepared":
-                try:
-                    planned = source.plan_prepared(bag, item[2], embedder)
-                    kind, item = "plan", ("plan", index, planned.plan)
-                except Exception as exc:  # a bag's failure, named; the run goes on
-                    kind, item = "fail", ("fail", index, failure_reason(exc))
-            if kind == "encoded" and index in pending:  # JPEG tiles: decoded here, on the device
-                try:
-                    kind, item = "pixels", (*item[:3], decode_tiles(item[3], device))
-                    summary.decoded_on_device += len(item[3])
-                except RuntimeError as exc:  # a corrupt JPEG tile: the bag's failure, named
-                    why = f"decoding instances {item[2]}.. on {device}: {str(exc).splitlines()[0]}"
-                    kind, item = "fail", ("fail", index, why)
-            if kind == "plan" and len(item[2]) == 0:
-                kind, item = "fail", ("fail", index, "the source found no instances in this bag")
-            if kind == "fail":
-                pending.pop(index, None)
-                summary.failures[bag.bag_id] = item[2]
-                writer.submit(lambda b=bag.bag_id, why=item[2]: writer.writer.fail(b, why))
-            elif kind == "plan":
-                plan = item[2]
-                pending[index] = _PendingBag(plan, np.empty((len(plan), backbone.dim), store_dtype))
-                bar.total += len(plan)
-                bar.refresh()
-                if planned is not None:
-                    if planned.embedded is not None:  # embedded while planning (a CAM's global views)
-                        positions, values = planned.embedded
-                        finished_rows(index, positions, values.to(batches.dtype).cpu().numpy())
-                    if len(planned.positions):
-                        batches.add(index, planned.positions, torch.from_numpy(planned.pixels))
-            elif kind == "pixels" and index in pending:  # not a bag that already failed
-                batches.add(index, np.arange(item[2], item[2] + len(item[3])), item[3])
+            if item[0] != "prepared":
+                take(item)
+            elif waiting.add(item[1], item[2]):
+                plan_waiting()
             mark = time.perf_counter()
             compute += mark - now
+        plan_waiting()
         batches.finish()
         compute += time.perf_counter() - mark
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from milcache.errors import ExtractionError
+from milcache.errors import ExtractionError, MilcacheError
 from milcache.registry import Registry
 from milcache.store.tables import BagSpec
 
@@ -56,6 +56,12 @@ class PlannedBag:
     embedded: tuple[np.ndarray, torch.Tensor] | None = None
 
 
+def failure_reason(exc: Exception) -> str:
+    """Why a bag failed, as recorded: our own errors say it already; a decoder of a broken file can
+    raise anything, named by its type."""
+    return str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
+
+
 class Source:
     """Base of every source. Instances are created in the main process and pickled into the data
     loader's workers, so they hold settings only; file handles are opened lazily, per process."""
@@ -83,6 +89,22 @@ class Source:
 
     def plan_prepared(self, bag: BagSpec, prepared: dict, embedder) -> PlannedBag:
         raise NotImplementedError
+
+    def prepared_size(self, prepared: dict) -> tuple[int, int]:
+        """How much planning ``prepared`` needs of the device (its count of network inputs) and of host
+        memory while it waits (bytes): the loop gathers prepared bags up to a batch of inputs."""
+        return 1, 0
+
+    def plan_prepared_many(self, bags: list[BagSpec], prepared: list[dict], embedder) -> list[PlannedBag | str]:
+        """``plan_prepared`` of several bags, each bag's result or, when it failed, why. Sources whose
+        planning runs a network override this to run it once on all the bags' inputs."""
+        results: list[PlannedBag | str] = []
+        for bag, items in zip(bags, prepared, strict=True):
+            try:
+                results.append(self.plan_prepared(bag, items, embedder))
+            except Exception as exc:  # a bag's failure, named; the others go on
+                results.append(failure_reason(exc))
+        return results
 
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
         """Pixels of the instances ``indices`` of ``plan``: uint8 (b × H × W × C)."""
