@@ -4,8 +4,8 @@ in the same run.
 A tile cohort is generated (JPEG-compressed pyramidal TIFF slides), extracted with the backbone, a
 mean-pooling head trained on it, then `milcache fine-tune` runs one epoch per variant (gradient
 checkpointing off / on; bf16 on CUDA). The bare step is the backbone's forward + backward on K random
-tiles of the same shape with the same precision: the ratio says what re-reading tiles and the
-loop cost.
+tiles of the same shape with the same precision, and every ``accumulate`` bags (fine-tune's default)
+the clipped AdamW step: the ratio says what re-reading tiles and the loop cost.
 
     python bench/finetune.py --backbones resnet50,vit_base_patch16_224 --tile 224 --slides 16   # GPU
     python bench/finetune.py --backbones resnet18 --tile 64 --slides 8 --device cpu              # CPU
@@ -23,7 +23,9 @@ import polars as pl
 import torch
 
 import milcache
-from milcache.devices import autocast, resolve_device
+import milcache.devices
+from milcache.aggregator.config import FineTuneSettings
+from milcache.devices import autocast, resolve_device, retain_freed_host_memory
 from milcache.extractor.backbones import create_backbone
 from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff
 
@@ -39,12 +41,16 @@ def cohort(root: Path, slides: int, size: int) -> tuple[Path, Path]:
     return root / "slides.csv", root / "labels.csv"
 
 
-def bare_step(name: str, tile: int, k: int, device, precision: str, checkpointing: bool, repeats: int) -> float:
-    """Instances per second of forward + backward on K random tiles."""
+def bare_step(
+    name: str, tile: int, k: int, device, precision: str, checkpointing: bool, repeats: int, accumulate: int
+) -> float:
+    """Instances per second of the training step alone on K random tiles a bag: forward + backward,
+    and every ``accumulate`` bags the clipped AdamW step fine-tune takes."""
     backbone = create_backbone(name, input_size=(tile, tile))
     model = backbone.model.to(device).train()
     if checkpointing:
         model.set_grad_checkpointing(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     x = torch.randn(k, 3, tile, tile, device=device)
     for i in range(repeats + 1):
         if i == 1:
@@ -54,6 +60,10 @@ def bare_step(name: str, tile: int, k: int, device, precision: str, checkpointin
         with autocast(device, precision):
             loss = model(x).float().mean()
         loss.backward()
+        if i % accumulate == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return repeats * k / (time.perf_counter() - start)
@@ -69,7 +79,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--keep-at-fork",
+        action="store_true",
+        help="fine-tune does not hand the retained free memory back before each epoch's workers fork (as "
+        "before 2026-12-06): the parent then copies those pages on write",
+    )
     args = parser.parse_args()
+    if args.keep_at_fork:
+        milcache.devices.release_free_host_memory = lambda: False
+    retain_freed_host_memory()  # as fine-tune does on the CPU, for both sides from the start
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; K = {args.instances} instances per bag, tiles {args.tile}²")
@@ -106,7 +125,14 @@ def main() -> None:
                 )
                 bags_per_s = args.slides / result.history[0]["seconds"]  # the epoch, not the start-up
                 bare = bare_step(
-                    backbone, args.tile, args.instances, device, args.precision, checkpointing, max(3, args.slides)
+                    backbone,
+                    args.tile,
+                    args.instances,
+                    device,
+                    args.precision,
+                    checkpointing,
+                    max(3, args.slides),
+                    FineTuneSettings().accumulate,
                 )
                 print(
                     f"{backbone:>24} checkpointing {'on ' if checkpointing else 'off'}: {bags_per_s:6.2f} bags/s, "
