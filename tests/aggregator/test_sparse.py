@@ -98,3 +98,39 @@ def test_a_cross_validation_on_sparse_features_equals_the_dense_one():
     np.testing.assert_allclose(sparse_oof["prob_1"].to_numpy(), dense_oof["prob_1"].to_numpy(), atol=1e-4)
     assert sparse_metrics["folds"][0]["auc"] == dense_metrics["folds"][0]["auc"]
     assert np.mean([f["auc"] for f in sparse_metrics["folds"]]) > 0.75  # it learned the words (chance: 0.5)
+
+
+def test_a_store_of_word_counts_trains_from_the_cli_and_predicts_as_the_dense_path(tmp_path, monkeypatch):
+    """Imported bag-of-words features: train-head from the CLI takes the sparse path, and the run's
+    predictions equal those computed with the features held dense."""
+    from click.testing import CliRunner
+
+    import milcache.aggregator.data as data_module
+    from milcache.aggregator.predict import predict
+    from milcache.cli import cli
+    from tests.conftest import make_meta, write_store
+
+    rng = np.random.default_rng(3)
+    bags, rows = {}, []
+    for i in range(48):
+        x = _bag_of_words(int(rng.integers(5, 25)), 512, 8, seed=i)
+        if i % 2:
+            x[0, :4] = 2.0  # the positive instance's words
+        bags[f"page-{i:02d}"] = (x, np.zeros((len(x), 2), np.int32), {})
+        rows.append((f"page-{i:02d}", i % 2))
+    store = write_store(tmp_path / "store", bags, make_meta(dim=512, dtype="float32"))
+    labels_file = tmp_path / "labels.csv"
+    labels_file.write_text("bag_id,label\n" + "".join(f"{b},{y}\n" for b, y in rows))
+    converted = []
+    real = data_module.sparse_rows
+    monkeypatch.setattr(data_module, "sparse_rows", lambda f: converted.append(real(f)) or converted[-1])
+    args = ["train-head", "--store", store, "--labels", labels_file, "--head", "gated-attention"]
+    args += ["--out", tmp_path / "run", "--folds", "3", "--epochs", "15", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert converted and all(c is not None for c in converted)  # every cohort it loaded went sparse
+    sparse = predict(tmp_path / "run", store, device="cpu")
+    monkeypatch.setattr(data_module, "sparse_rows", lambda f: None)
+    dense = predict(tmp_path / "run", store, device="cpu")
+    np.testing.assert_allclose(sparse["prob_1"].to_numpy(), dense["prob_1"].to_numpy(), atol=1e-5)
+    assert sparse["top_instances"].to_list() == dense["top_instances"].to_list()
