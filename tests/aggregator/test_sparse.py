@@ -3,6 +3,7 @@ instance layer through the rows of W at each instance's nonzero columns: the sam
 dense product, in training (stacked models) and in inference."""
 
 import numpy as np
+import pytest
 import torch
 
 from milcache.aggregator.config import TrainConfig
@@ -134,3 +135,20 @@ def test_a_store_of_word_counts_trains_from_the_cli_and_predicts_as_the_dense_pa
     dense = predict(tmp_path / "run", store, device="cpu")
     np.testing.assert_allclose(sparse["prob_1"].to_numpy(), dense["prob_1"].to_numpy(), atol=1e-5)
     assert sparse["top_instances"].to_list() == dense["top_instances"].to_list()
+
+
+@pytest.mark.parametrize("head", ["dsmil", "clam-sb", "transformer"])
+def test_every_head_trains_alike_on_sparse_rows_with_subsampled_bags(head):
+    """The instance layer is the heads' common first step: any head, with ``--instances`` drawing
+    random instances, gives the dense path's probabilities (CLAM's top-k instance loss amplifies
+    rounding the most)."""
+    rng = np.random.default_rng(0)
+    bags, y = [], np.arange(40) % 2
+    for label in y:
+        bag = _bag_of_words(int(rng.integers(4, 20)), 800, 10, seed=int(rng.integers(1 << 30)))
+        if label:
+            bag[0, :4] = 2.0
+        bags.append(bag)
+    config = TrainConfig(head=head, seed=0, epochs=4, instances=4)
+    (_, dense, *_), (_, sparse, *_) = [cross_validate(_cohort(bags, y, s), config, 4, 1) for s in (False, True)]
+    np.testing.assert_allclose(sparse["prob_1"].to_numpy(), dense["prob_1"].to_numpy(), atol=2e-3)
