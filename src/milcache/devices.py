@@ -56,6 +56,20 @@ def autocast(device: torch.device, precision: str):
 _HOST_MEMORY_RETAINED = False
 
 
+def _glibc_malloc(name: str):
+    """glibc's malloc tuning function ``name`` (mallopt, malloc_trim), or None where there is none
+    (not Linux, musl, or no libc.so.6)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def retain_freed_host_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel
     (process-wide, once; False where there is no glibc). Returns whether it is now so.
@@ -71,14 +85,8 @@ def retain_freed_host_memory() -> bool:
     global _HOST_MEMORY_RETAINED
     if _HOST_MEMORY_RETAINED:
         return True
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl, or no libc.so.6
+    mallopt = _glibc_malloc("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # malloc.h
     _HOST_MEMORY_RETAINED = bool(
@@ -97,13 +105,8 @@ def release_free_host_memory() -> bool:
     activations a previous run in the process left, or a fine-tuning epoch's, whose workers fork
     anew every epoch. Released, those pages come back as fresh zero pages (a fault, no copy), and
     are then retained again."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc_malloc("malloc_trim")
+    if malloc_trim is None:
         return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # returns whether anything was released: either is fine
-    except (OSError, AttributeError):
-        return False
+    malloc_trim(0)  # returns whether anything was released: either is fine
     return True

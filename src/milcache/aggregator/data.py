@@ -145,11 +145,12 @@ def sparse_rows(features: torch.Tensor) -> SparseRows | None:
     columns = torch.zeros((n, most), dtype=torch.long, device=features.device)
     values = torch.zeros((n, most), dtype=torch.float32, device=features.device)
     for start in range(0, n, chunk):
-        rows, cols = torch.nonzero(features[start : start + chunk], as_tuple=True)  # row-major order
+        part = features[start : start + chunk]
+        rows, cols = torch.nonzero(part, as_tuple=True)  # row-major order
         first = torch.searchsorted(rows, rows, right=False)  # each entry's row begins there
         slot = torch.arange(len(rows), device=rows.device) - first
         columns[start + rows, slot] = cols
-        values[start + rows, slot] = features[start + rows, cols].float()
+        values[start + rows, slot] = part[rows, cols].float()
     return SparseRows(columns, values)
 
 
@@ -290,23 +291,20 @@ def gather_batch(
     packed = torch.full((groups, width), first_row, dtype=torch.long, device=device)
     packed.view(-1)[target] = rows.reshape(-1)[source]
     if data.sparse is not None:
-        x = SparseRows(*(_rows(table, packed.view(-1), device) for table in data.sparse))
-        x = SparseRows(*(t.view(groups, width, -1) for t in x))
+        x = SparseRows(*(_rows(table, packed.view(-1), device).view(groups, width, -1) for table in data.sparse))
         return Batch(x if grouped else SparseRows(*(t[0] for t in x)), mask.bool(), slots.view(mask.shape))
-    # index_select, not features[packed]: on the CPU it gathers rows 1.5-5x faster.
-    if data.features.device.type != device.type:  # host-resident features (too big for the device)
-        gathered = torch.index_select(data.features, 0, packed.view(-1).cpu())
-        x = gathered.pin_memory().to(device, non_blocking=True)
-    elif buffer is not None:
+    if buffer is not None and data.features.device.type == device.type:
         x = torch.index_select(data.features, 0, packed.view(-1), out=buffer.rows(packed.numel(), data.features))
     else:
-        x = torch.index_select(data.features, 0, packed.view(-1))
+        x = _rows(data.features, packed.view(-1), device)
     x = x.view(groups, width, data.dim)
     return Batch(x if grouped else x[0], mask.bool(), slots.view(mask.shape))
 
 
 def _rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rows of a table that lives on the compute device or in host memory, on the compute device."""
+    """Rows of a table that lives on the compute device or in host memory (a cohort too big for the
+    device), on the compute device. index_select, not table[rows]: on the CPU it gathers rows
+    1.5-5x faster."""
     if table.device.type == device.type:
         return torch.index_select(table, 0, rows)
     return torch.index_select(table, 0, rows.cpu()).pin_memory().to(device, non_blocking=True)

@@ -133,6 +133,11 @@ def packed_weighted_sum(weights: torch.Tensor, h: torch.Tensor, slots: torch.Ten
     return dense.to(h.dtype) @ h
 
 
+def _inverse_std(std: torch.Tensor) -> torch.Tensor:
+    """1 / std, and 0 for features constant in training (std ≈ 0): those are ignored."""
+    return torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+
+
 class SparseRows(NamedTuple):
     """Instances whose features are mostly zeros, as each one's nonzero entries: ``columns`` (… × K,
     int64) and ``values`` (… × K), K the most nonzeros of any instance of the cohort (an instance
@@ -163,7 +168,7 @@ def sparse_affine(
     gathered rows only). The centring, which would make z dense, goes into the bias: b − W · mean / std.
     Features constant in training (std ≈ 0) are ignored, as in ``Head.embed``."""
     models, dim, hidden = weight.shape
-    inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    inv = _inverse_std(std)
     columns = x.columns.reshape(models, -1)
     scaled = x.values.reshape(models, -1).float() * torch.gather(inv, 1, columns)
     first_row = torch.arange(models, device=columns.device).unsqueeze(1) * dim  # model m's rows of the table
@@ -244,7 +249,7 @@ class Head(nn.Module):
             z = sparse_affine(single, weight.T.unsqueeze(0), bias.unsqueeze(0), mean.unsqueeze(0), std.unsqueeze(0))
             return self.instance_dropout(F.relu(z.view(*x.columns.shape[:-1], -1)))
         if mean is not None and std is not None:
-            inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+            inv = _inverse_std(std)
             reduced = x.device.type == "cuda" or torch.is_autocast_enabled(x.device.type)
             if reduced or x.numel() <= _FOLD_RATIO * weight.numel():
                 x = torch.addcmul(-mean * inv, x, inv)

@@ -16,7 +16,7 @@ import torch
 
 from milcache import checks
 from milcache.errors import ExtractionError
-from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason, register_source
+from milcache.extractor.sources import BagPlan, PlannedBag, Source, plan_each, register_source
 from milcache.store.tables import BagSpec
 
 _CAM_SIDE = 64  # side of the CAM kept in the store (for drawing)
@@ -272,16 +272,13 @@ class CamSource(Source):
             cams, view_embeddings = self._cams(torch.cat([p["views"] for p in prepared]), embedder)
         except Exception:
             return super().plan_prepared_many(bags, prepared, embedder)
-        ends = np.cumsum(counts)
-        results: list[PlannedBag | str] = []
-        for bag, items, end, count in zip(bags, prepared, ends, counts, strict=True):
-            mine = slice(int(end) - count, int(end))
-            try:
-                embedded = None if view_embeddings is None else view_embeddings[mine]
-                results.append(self._planned(bag, items, cams[mine], embedded))
-            except Exception as exc:  # a bag's failure, named; the others go on
-                results.append(failure_reason(exc))
-        return results
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+
+        def plan_one(i: int, bag: BagSpec, items: dict) -> PlannedBag:
+            mine = slice(starts[i], starts[i + 1])
+            return self._planned(bag, items, cams[mine], None if view_embeddings is None else view_embeddings[mine])
+
+        return plan_each(bags, prepared, plan_one)
 
     def _cams(self, views: torch.Tensor, embedder) -> tuple[np.ndarray, torch.Tensor | None]:
         """The CAMs of global views (n × side × side × 3 uint8), and their embeddings when the same

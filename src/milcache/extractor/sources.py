@@ -62,6 +62,20 @@ def failure_reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, MilcacheError) else f"{type(exc).__name__}: {exc}"
 
 
+def plan_each(
+    bags: list[BagSpec], prepared: list[dict], plan_one: Callable[[int, BagSpec, dict], PlannedBag]
+) -> list[PlannedBag | str]:
+    """``plan_one(i, bag, prepared)`` of every bag: its plan, or why it failed (a bag's failure,
+    named; the others go on)."""
+    results: list[PlannedBag | str] = []
+    for i, (bag, items) in enumerate(zip(bags, prepared, strict=True)):
+        try:
+            results.append(plan_one(i, bag, items))
+        except Exception as exc:
+            results.append(failure_reason(exc))
+    return results
+
+
 class Source:
     """Base of every source. Instances are created in the main process and pickled into the data
     loader's workers, so they hold settings only; file handles are opened lazily, per process."""
@@ -98,13 +112,7 @@ class Source:
     def plan_prepared_many(self, bags: list[BagSpec], prepared: list[dict], embedder) -> list[PlannedBag | str]:
         """``plan_prepared`` of several bags, each bag's result or, when it failed, why. Sources whose
         planning runs a network override this to run it once on all the bags' inputs."""
-        results: list[PlannedBag | str] = []
-        for bag, items in zip(bags, prepared, strict=True):
-            try:
-                results.append(self.plan_prepared(bag, items, embedder))
-            except Exception as exc:  # a bag's failure, named; the others go on
-                results.append(failure_reason(exc))
-        return results
+        return plan_each(bags, prepared, lambda _, bag, items: self.plan_prepared(bag, items, embedder))
 
     def read(self, bag: BagSpec, plan: BagPlan, indices: np.ndarray) -> np.ndarray:
         """Pixels of the instances ``indices`` of ``plan``: uint8 (b × H × W × C)."""
