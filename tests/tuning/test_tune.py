@@ -180,6 +180,38 @@ def test_of_workers_opening_one_study_together_exactly_one_creates_it(tmp_path, 
     assert sorted(answers) == ["False", "False", "False", "True"]
 
 
+def test_a_worker_that_loses_sqlites_race_to_create_the_tables_retries_and_other_errors_do_not(tmp_path, monkeypatch):
+    """SQLite reports the schema race of workers started together as an OperationalError ("table …
+    already exists", or the file locked): retried, as PostgreSQL's IntegrityError is. A file that
+    cannot be opened is not a race: refused at once, naming the storage."""
+    import sqlalchemy.exc
+
+    import milcache.tuning.study as study_module
+
+    calls, real = [], optuna.storages.RDBStorage
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(study_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert study_module.open_storage(url) is not None and len(calls) == 2
+
+    def unopenable(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("connect", {}, Exception("unable to open database file"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", unopenable)
+    with pytest.raises(MilcacheError, match="cannot open the study storage sqlite:///.*unable to open database file"):
+        study_module.open_storage(url)
+    assert len(calls) == 1
+
+
 def _postgres_reachable() -> str | None:
     try:
         import sqlalchemy

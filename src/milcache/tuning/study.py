@@ -58,9 +58,18 @@ def open_storage(url: str):
             with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, and what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
             # Workers started together race to create optuna's tables and types in an empty
-            # database ("already exists"); the loser finds them made on its next try.
+            # database ("already exists"; SQLite says so as an OperationalError, or finds the file
+            # locked by the winner); the loser finds them made on its next try. Other operational
+            # errors (a file that cannot be opened, a server down) are not a race.
+            racing = not isinstance(exc, sqlalchemy.exc.OperationalError) or any(
+                sign in str(exc) for sign in ("already exists", "database is locked")
+            )
+            if not racing:
+                raise MilcacheError(
+                    f"cannot open the study storage {safe_url(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                ) from None
             if attempt + 1 == _STORAGE_ATTEMPTS:
                 raise MilcacheError(
                     f"cannot create the study tables in {safe_url(url)}: {str(exc).splitlines()[0]}"
