@@ -26,9 +26,10 @@ import torch
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
 from milcache.aggregator.trainer import infer
+from milcache.tuning.selection import bootstrap_comparison, chosen_trial
 from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
-from milcache.tuning.study import TuneSettings, _pruner, chosen_trial, enqueue_defaults, make_objective
+from milcache.tuning.study import TuneSettings, _pruner, enqueue_defaults, make_objective
 from quality import DATASETS, bench_splits, cohort_of, load_dataset
 
 
@@ -47,13 +48,21 @@ def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dic
     return _scores(cohort, model, config, test)
 
 
-def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, repeats: int | None = None) -> dict:
+def tuned_fold(
+    cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, studies: Path, repeats: int | None = None
+) -> dict:
     """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
-    trial), then the refit of the trial that ``--select one-se`` keeps and, beside it, of the best
-    trial (``--select best``): one study scores both rules."""
+    trial), then the refit of the trial each ``--select`` rule keeps: one study scores them all.
+    The study is kept in ``studies`` (SQLite), so a rerun continues it, and reuses it once done."""
     settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats).resolve(len(train))
+    studies.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(settings.pruner)
+        storage=f"sqlite:///{studies.resolve() / f'seed{seed}-repeats{settings.repeats}.db'}",
+        study_name="milcache",
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=_pruner(settings.pruner),
     )
 
     def said(study, trial) -> None:  # one line a trial: a study of 50 is long on a CPU
@@ -63,13 +72,20 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
         print(f"    trial {trial.number:3d} {trial.state.name:8s} {head!s:16s} {value:6s} {seconds:6.1f}s", flush=True)
 
     space = load_space(None)
-    enqueue_defaults(study, space)
-    study.optimize(
-        make_objective(cohort, space, settings, train), n_trials=trials, catch=(RuntimeError,), callbacks=[said]
-    )
-    result = {}
+    if not study.trials:
+        enqueue_defaults(study, space)
+    for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):  # a killed run's trial
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = trials - len(study.get_trials(states=done))
+    if remaining > 0:
+        study.optimize(
+            make_objective(cohort, space, settings, train), n_trials=remaining, catch=(RuntimeError,), callbacks=[said]
+        )
+    comparison = bootstrap_comparison(study, cohort.task, cohort.y, cohort.groups, settings.metric, seed)
+    result = {"comparison": comparison}
     for selection in SELECTIONS:
-        kept = chosen_trial(study, settings.metric, settings.folds, selection)
+        kept = chosen_trial(study, settings.metric, settings.folds, selection, comparison)
         config = TrainConfig.from_stored(kept.user_attrs["config"])
         model = refit(cohort, config, int(kept.user_attrs["epochs"]), bags=train)
         scores = _scores(cohort, model, config, test)
@@ -81,6 +97,19 @@ def tuned_fold(cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: i
             "repeats": settings.repeats,
         }
     return result
+
+
+def _fold_line(defaults: dict, tuned: dict) -> str:
+    line = f"defaults {defaults['accuracy']:.3f} / {defaults['auc']:.3f}"
+    for selection in SELECTIONS:
+        kept = tuned[selection]
+        line += f"; {selection} trial {kept['trial']} {kept['head']} {kept['accuracy']:.3f} / {kept['auc']:.3f}"
+        line += f" (inner {kept['inner_auc']:.3f})"
+    comparison = tuned["comparison"]
+    if comparison is not None:
+        line += f"; bootstrap gain {comparison['gain']:+.3f}, tuned {comparison['tuned']:.3f}"
+        line += f" vs defaults {comparison['defaults']:.3f} out of bootstrap"
+    return line
 
 
 def _mean_se(values) -> str:
@@ -100,6 +129,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--json", type=Path, help="also write every fold's scores here")
+    parser.add_argument(
+        "--studies", type=Path, default=Path(".bench-cache/studies"), help="where each outer fold's study is kept"
+    )
     args = parser.parse_args()
     if args.outer < 2 or args.trials < 1:
         parser.error("--outer takes 2 or more, --trials 1 or more")
@@ -120,8 +152,9 @@ def main() -> None:
         ours, tuned = [], []
         for k, (train, test) in enumerate(splits):
             ours.append(defaults_fold(cohort, train, test, args.seed + k))
-            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, repeats))
-            print(f"  {name} fold {k}: defaults {ours[-1]}, tuned {tuned[-1]}", flush=True)
+            studies = args.studies / f"{name}-outer{args.outer}-trials{args.trials}-fold{k}"
+            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, studies, repeats))
+            print(f"  {name} fold {k}: {_fold_line(ours[-1], tuned[-1])}", flush=True)
         seconds = time.perf_counter() - start
         for selection in SELECTIONS:
             kept = [t[selection] for t in tuned]

@@ -20,6 +20,7 @@ from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, 
 from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
+from milcache.tuning.selection import bootstrap_comparison, chosen_trial
 from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import default_params, load_space, sample_config
 
@@ -188,7 +189,7 @@ def make_objective(
                 raise optuna.TrialPruned()
 
         try:
-            metrics, _, best_epochs, _ = cross_validate(
+            metrics, out_of_fold, best_epochs, _ = cross_validate(
                 cohort,
                 config,
                 settings.folds,
@@ -204,9 +205,22 @@ def make_objective(
         value = metrics[settings.metric]  # a metric of this task (checked before the study ran)
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "folds"})
         trial.set_user_attr("epochs", int(np.median(best_epochs)))  # what a refit of this trial trains for
+        trial.set_user_attr("out_of_fold", out_of_fold_outputs(cohort, out_of_fold))
         return float(value)
 
     return objective
+
+
+def out_of_fold_outputs(cohort: Cohort, table: pl.DataFrame) -> dict:
+    """A trial's out-of-fold outputs, each bag's averaged over the repeats, stored with the trial
+    (4 decimals: a few bytes a bag) for the bootstrap selection: {"bags": cohort indices, "outputs"}."""
+    columns = [c for c in table.columns if c.startswith("prob_")] or ["prediction"]
+    mean = table.group_by("bag_id", maintain_order=True).agg(pl.col(columns).mean())
+    index = {bag_id: i for i, bag_id in enumerate(cohort.data.bag_ids)}
+    return {
+        "bags": [index[b] for b in mean["bag_id"]],
+        "outputs": np.round(mean.select(columns).to_numpy(), 4).tolist(),
+    }
 
 
 def tune(
@@ -353,27 +367,6 @@ def enqueue_defaults(study, space: dict) -> None:
         study.enqueue_trial(params, user_attrs={"defaults": True}, skip_if_exists=True)
 
 
-def chosen_trial(study, metric: str, folds: int, selection: str):
-    """The trial whose configuration the study keeps. With "one-se", the defaults' trial when the
-    best trial beats it by no more than one standard error of the best's cross-validated score:
-    the best of many trials is optimistic, and the defaults were calibrated on other data, so a
-    lead within the folds' noise is more likely luck than a better configuration."""
-    import optuna
-
-    best = study.best_trial
-    if selection == "best" or best.user_attrs.get("defaults"):
-        return best
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
-    spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
-    if defaults is None or spread is None or not np.isfinite(spread):
-        return best
-    # The std is the population one over all folds × repeats; repeats steady the mean's partition
-    # noise, not the sampling noise of a cohort this size, so the folds alone set the error.
-    standard_error = spread / np.sqrt(folds - 1)
-    return defaults if abs(best.value - defaults.value) <= standard_error else best
-
-
 def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(study bags, held-out bags): grouped by patient and stratified, the same on every worker."""
     every = np.arange(len(cohort.y))
@@ -410,7 +403,8 @@ def _report(
     best = study.best_trial
     # Chosen once, here: a worker sharing the study may finish a better trial meanwhile, and
     # best.json, RUN/best and the held-out estimate must all be of the same configuration.
-    chosen = chosen_trial(study, settings.metric, settings.folds, settings.selection)
+    comparison = bootstrap_comparison(study, cohort.task, cohort.y, cohort.groups, settings.metric, settings.seed)
+    chosen = chosen_trial(study, settings.metric, settings.folds, settings.selection, comparison)
     config = TrainConfig.from_stored(chosen.user_attrs["config"])
     summary = {
         "metric": settings.metric,
@@ -423,6 +417,7 @@ def _report(
             "value": best.value,
             "head": TrainConfig.from_stored(best.user_attrs["config"]).head,
         },
+        "bootstrap": comparison,
         "head": config.head,
         "config": config.to_dict(),
         "metrics": chosen.user_attrs.get("metrics", {}),

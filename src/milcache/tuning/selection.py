@@ -1,0 +1,128 @@
+"""Which trial a study keeps (`milcache tune --select`), and how much keeping it is worth.
+
+The best of many trials is optimistic: on a small cohort its inner-CV lead over the calibrated
+defaults is partly the luck of being scored on the same few bags as its 49 rivals. Two rules weigh
+that luck. "one-se" keeps the defaults unless the best trial leads by more than one standard error
+of its cross-validated score. "bootstrap" asks the question directly, after the bootstrap bias
+correction of Tsamardinos et al. (2018, "Bootstrapping the out-of-sample predictions for efficient
+and accurate cross-validation"): every trial's out-of-fold outputs are resampled by patient; on
+each resample the trial that scores best on the drawn bags is picked, as a study would pick it, and
+scored beside the defaults on the bags left out. The mean of that difference is what picking the
+best trial gains on bags no choice has seen; the defaults are kept unless it is positive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+from milcache.aggregator.config import MINIMISED
+from milcache.aggregator.tasks import Task
+
+BOOTSTRAP_SAMPLES = 300
+
+
+def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dict | None = None):
+    """The trial whose configuration the study keeps, by ``selection`` (see the module's text).
+    "bootstrap" needs ``comparison`` (from ``bootstrap_comparison``); without one (a study of
+    trials that stored no out-of-fold outputs) it keeps what "one-se" keeps."""
+    import optuna
+
+    best = study.best_trial
+    if selection == "best" or best.user_attrs.get("defaults"):
+        return best
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
+    if defaults is None:
+        return best
+    if selection == "bootstrap" and comparison is not None:
+        return best if comparison["gain"] > 0 else defaults
+    spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
+    if spread is None or not np.isfinite(spread):
+        return best
+    # The std is the population one over all folds × repeats; repeats steady the mean's partition
+    # noise, not the sampling noise of a cohort this size, so the folds alone set the error.
+    standard_error = spread / np.sqrt(folds - 1)
+    return defaults if abs(best.value - defaults.value) <= standard_error else best
+
+
+def bootstrap_comparison(
+    study, task: Task, y: np.ndarray, groups: np.ndarray, metric: str, seed: int = 0
+) -> dict | None:
+    """What keeping the study's best trial is worth against its defaults trial on bags no choice
+    saw: {"gain", "tuned", "defaults", "samples"}, means over out-of-bootstrap bags (the tuned one
+    is the bias-corrected estimate of the study's pick). ``y`` and ``groups`` are the cohort's,
+    indexed by the bag numbers the trials stored. None when the study has no defaults trial or
+    its trials stored no out-of-fold outputs."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
+    if defaults is None or "out_of_fold" not in defaults.user_attrs:
+        return None
+    bags = np.sort(defaults.user_attrs["out_of_fold"]["bags"])
+    outputs = [_aligned(t, bags) for t in complete]
+    kept = [k for k, o in enumerate(outputs) if o is not None]  # trials of an older run may lack them
+    if len(kept) < 2:
+        return None
+    outputs = np.stack([outputs[k] for k in kept])  # trials × bags × outputs
+    first = kept.index(complete.index(defaults))
+    sign = -1.0 if metric in MINIMISED else 1.0
+    drawn_bags, left_out = _resamples(groups[bags], BOOTSTRAP_SAMPLES, seed)
+    tuned, baseline = [], []
+    for inside, outside in zip(drawn_bags, left_out, strict=True):
+        scores = sign * _scores(task, metric, y[bags][inside], outputs[:, inside])
+        if not np.isfinite(scores).any():
+            continue
+        pick = int(np.nanargmax(scores))
+        left = _scores(task, metric, y[bags][outside], outputs[[pick, first]][:, outside])
+        if np.isfinite(left).all():
+            tuned.append(left[0])
+            baseline.append(left[1])
+    if not tuned:
+        return None
+    tuned_mean, defaults_mean = float(np.mean(tuned)), float(np.mean(baseline))
+    return {
+        "gain": sign * (tuned_mean - defaults_mean),
+        "tuned": tuned_mean,
+        "defaults": defaults_mean,
+        "samples": len(tuned),
+    }
+
+
+def _aligned(trial, bags: np.ndarray) -> np.ndarray | None:
+    """A trial's out-of-fold outputs in the order of ``bags`` (None if it scored other bags)."""
+    stored = trial.user_attrs.get("out_of_fold")
+    if stored is None or len(stored["bags"]) != len(bags):
+        return None
+    order = np.argsort(stored["bags"])
+    if not np.array_equal(np.asarray(stored["bags"])[order], bags):
+        return None
+    return np.asarray(stored["outputs"], dtype=np.float64)[order]
+
+
+def _resamples(groups: np.ndarray, samples: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Bootstrap resamples of patients (a slide comes with the other slides of its patient): per
+    resample, the drawn bag positions (with repeats) and the positions of the bags left out."""
+    rng = np.random.default_rng(seed)
+    _, group_of = np.unique(groups.astype(str), return_inverse=True)
+    n_groups = group_of.max() + 1
+    inside, outside = [], []
+    for _ in range(samples):
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_of]
+        inside.append(np.repeat(np.arange(len(groups)), counts))
+        outside.append(np.flatnonzero(counts == 0))
+    return inside, outside
+
+
+def _scores(task: Task, metric: str, y: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """``metric`` of each trial's outputs (trials × bags × outputs) on bags ``y``: a binary AUC for
+    all trials at once from ranks (the Mann-Whitney statistic), any other metric trial by trial."""
+    if metric == "auc" and task.kind == "binary":
+        positive = y == 1
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            return np.full(len(outputs), np.nan)
+        ranks = rankdata(outputs[:, :, 1], axis=1)  # ties share their mean rank, as roc_auc_score counts them
+        return (ranks[:, positive].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.array([task.metrics(y, o, only=metric)[metric] for o in outputs])
