@@ -651,7 +651,9 @@ def predict_command(
     show_default=True,
     help="Which trial to keep. The first trial is the calibrated defaults (when the space holds "
     "their head); one-se keeps them unless the best trial beats them by more than one standard error "
-    "of its CV score; best keeps the best trial (whose score is the most optimistic).",
+    "of its CV score; bootstrap keeps them unless picking the best trial gains on the bags that "
+    "bootstrap resamples of the trials' out-of-fold outputs leave out; best keeps the best trial "
+    "(whose score is the most optimistic).",
 )
 @task_option
 @classes_option
@@ -706,12 +708,24 @@ def _chosen_line(best: dict) -> str:
     if not best["defaults"] or top["trial"] == best["trial"]:
         kept = "the calibrated defaults" if best["defaults"] else best["head"]
         score = f"{metric} {best['value']:.4f}"
-        return f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
-    return (
-        f"kept: trial {best['trial']}, the calibrated defaults, {metric} {best['value']:.4f} ({scored}); "
-        f"the best trial {top['trial']} ({top['head']}, {top['value']:.4f}) leads by less than one "
-        "standard error of its score, which the choice among many trials inflates (--select best keeps it)"
-    )
+        line = f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
+    else:
+        why = (
+            "gains nothing over them on the bags that bootstrap resamples of the study leave out"
+            if best.get("selection") == "bootstrap"
+            else "leads by less than one standard error of its score, which the choice among many trials inflates"
+        )
+        line = (
+            f"kept: trial {best['trial']}, the calibrated defaults, {metric} {best['value']:.4f} ({scored}); "
+            f"the best trial {top['trial']} ({top['head']}, {top['value']:.4f}) {why} (--select best keeps it)"
+        )
+    comparison = best.get("bootstrap")
+    if comparison:
+        line += (
+            f"\nbias-corrected {metric} of picking the best trial: {comparison['tuned']:.4f}, of the defaults: "
+            f"{comparison['defaults']:.4f} (on bags left out of {comparison['samples']} bootstrap resamples)"
+        )
+    return line
 
 
 @cli.command("extract", cls=_ExtractCommand)

@@ -17,8 +17,9 @@ from milcache.aggregator.run import train_head
 from milcache.cli import cli
 from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store
+from milcache.tuning.selection import chosen_trial
 from milcache.tuning.space import default_params, load_space, sample_config
-from milcache.tuning.study import TuneSettings, chosen_trial, safe_url, tune
+from milcache.tuning.study import TuneSettings, safe_url, tune
 
 POSTGRES_URL = os.environ.get(
     "MILCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://milcache:milcache@127.0.0.1:5432/milcache"
@@ -416,6 +417,11 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
     assert first.user_attrs["defaults"] and first.params["head"] == "gated-attention"
     assert first.params["lr"] == TrainConfig.lr and first.params["weight_decay"] == TrainConfig.weight_decay
     assert best["best_trial"]["value"] == study.best_value and best["selection"] == "one-se"
+    # Every trial keeps each study bag's out-of-fold outputs, which the bootstrap comparison reads.
+    stored = first.user_attrs["out_of_fold"]
+    assert sorted(stored["bags"]) == list(range(100)) and np.asarray(stored["outputs"]).shape == (100, 2)
+    assert np.allclose(np.asarray(stored["outputs"]).sum(1), 1, atol=1e-3)
+    assert best["bootstrap"]["samples"] > 200 and 0 <= best["bootstrap"]["tuned"] <= 1
     kept = study.trials[best["trial"]]
     assert best["value"] == kept.value and best["defaults"] == (kept.number == 0)
     from milcache.cli import _chosen_line
@@ -424,6 +430,17 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
         {**best, "trial": 0, "defaults": True, "value": 0.8, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
     )
     assert "the calibrated defaults" in line and "trial 2 (max, 0.8100)" in line and "--select best" in line
+    assert f"bias-corrected auc of picking the best trial: {best['bootstrap']['tuned']:.4f}" in line
+    line = _chosen_line(
+        {
+            **best,
+            "selection": "bootstrap",
+            "trial": 0,
+            "defaults": True,
+            "best_trial": {"trial": 2, "value": 0.81, "head": "max"},
+        }
+    )
+    assert "gains nothing over them on the bags that bootstrap resamples of the study leave out" in line
     assert "2-fold CV × 1" in line  # 100 study bags: auto chose one repeat
     assert "the best trial, so optimistic" in _chosen_line(
         {**best, "defaults": False, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
