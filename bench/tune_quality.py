@@ -1,6 +1,6 @@
 """Does `milcache tune` beat the defaults? Nested cross-validation on the calibration sets of
 bench/quality.py: in each outer fold, a study of ``--trials`` trials (the default search space,
-the defaults as its first trial, TPE, median pruning, 5 inner folds, exactly what `milcache tune`
+the defaults and every other head as its first trials, TPE, median pruning, 5 inner folds, exactly what `milcache tune`
 runs) sees only the outer training bags; the configuration it keeps (by each ``--select`` rule),
 refit on them as tune refits it, is scored on the outer test bags, and so is the model
 `milcache train-head` makes with its defaults from the same bags (a CV for the epochs, then a
@@ -15,6 +15,7 @@ to show how optimistic it is.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from milcache.aggregator.trainer import infer
 from milcache.tuning.selection import bootstrap_comparison, chosen_trial
 from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
-from milcache.tuning.study import TuneSettings, _pruner, enqueue_defaults, make_objective
+from milcache.tuning.study import TuneSettings, _pruner, enqueue_start, make_objective, start_trials
 from quality import DATASETS, bench_splits, cohort_of, load_dataset
 
 
@@ -55,9 +56,12 @@ def tuned_fold(
     trial), then the refit of the trial each ``--select`` rule keeps: one study scores them all.
     The study is kept in ``studies`` (SQLite), so a rerun continues it, and reuses it once done."""
     settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats).resolve(len(train))
+    space = load_space(None)
+    # The study's first trials name its file: a study begun another way is not continued as this one.
+    start = hashlib.sha1(json.dumps(start_trials(space), sort_keys=True).encode()).hexdigest()[:8]
     studies.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        storage=f"sqlite:///{studies.resolve() / f'seed{seed}-repeats{settings.repeats}.db'}",
+        storage=f"sqlite:///{studies.resolve() / f'seed{seed}-repeats{settings.repeats}-start{start}.db'}",
         study_name="milcache",
         load_if_exists=True,
         direction="maximize",
@@ -71,9 +75,8 @@ def tuned_fold(
         value = "" if trial.value is None else f"{trial.value:.4f}"
         print(f"    trial {trial.number:3d} {trial.state.name:8s} {head!s:16s} {value:6s} {seconds:6.1f}s", flush=True)
 
-    space = load_space(None)
     if not study.trials:
-        enqueue_defaults(study, space)
+        enqueue_start(study, space, trials)
     for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):  # a killed run's trial
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

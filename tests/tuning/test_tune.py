@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from milcache.aggregator.config import TrainConfig
+from milcache.aggregator.heads import list_heads
 from milcache.aggregator.model import load_model
 from milcache.aggregator.run import train_head
 from milcache.cli import cli
@@ -19,7 +21,7 @@ from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store
 from milcache.tuning.selection import chosen_trial
 from milcache.tuning.space import default_params, load_space, sample_config
-from milcache.tuning.study import TuneSettings, safe_url, tune
+from milcache.tuning.study import TuneSettings, enqueue_start, safe_url, start_trials, tune
 
 POSTGRES_URL = os.environ.get(
     "MILCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://milcache:milcache@127.0.0.1:5432/milcache"
@@ -378,6 +380,70 @@ def test_the_defaults_lie_in_the_default_space_and_sample_back_to_themselves():
     fixed_head = default_params(load_space(None, {"head": "mean", "epochs": 5}))
     assert "head" not in fixed_head and "epochs" not in fixed_head and fixed_head["hidden"] == 128
     assert default_params(load_space(None, {"head": ["mean", "max"]})) is None  # no default head to try
+
+
+def test_a_study_starts_with_the_defaults_then_every_other_head_once_with_the_default_training():
+    space = load_space(None)
+    start = start_trials(space)
+    heads = [params["head"] for params, _ in start]
+    assert heads == ["gated-attention"] + [h for h in list_heads() if h != "gated-attention"]
+    assert start[0][1] == {"defaults": True} and all(marks == {"sweep": True} for _, marks in start[1:])
+    from milcache.aggregator.heads import resolved_options
+
+    # As a study asks for them: each its head with its default options (those the space admits; the
+    # sampler draws the rest), and every training setting the defaults'.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    enqueue_start(study, space, 50)
+    for head in heads:
+        trial = study.ask()
+        config = sample_config(trial, space)
+        assert config.head == head
+        assert dataclasses.replace(config, head=TrainConfig.head, head_options={}) == TrainConfig()
+        options = resolved_options(head, {})
+        assert {k: config.head_options[k] for k in options if k in space and _in(space[k], options[k])} == {
+            k: v for k, v in options.items() if k in space and _in(space[k], v)
+        }
+        study.tell(trial, 0.5)
+    # A list of heads without the default one: no defaults trial, a sweep of the listed heads.
+    assert [p["head"] for p, _ in start_trials(load_space(None, {"head": ["mean", "max"]}))] == ["mean", "max"]
+    assert len(start_trials(load_space(None, {"head": "mean"}))) == 1  # a fixed head: the defaults alone
+
+
+def _in(spec, value) -> bool:
+    return value in spec["choices"] if spec["type"] == "categorical" else spec["low"] <= value <= spec["high"]
+
+
+def test_a_short_study_enqueues_no_more_first_trials_than_it_runs_and_a_resume_the_rest():
+    study = optuna.create_study()
+    space = load_space(None)
+    enqueue_start(study, space, 3)
+    assert [t.params.get("head") or t.system_attrs["fixed_params"]["head"] for t in study.trials] == [
+        "gated-attention",
+        "attention",
+        "clam-sb",
+    ]
+    enqueue_start(study, space, 50)  # a resume asking for more: the rest of the sweep, nothing twice
+    assert len(study.trials) == len(list_heads())
+
+
+class _PruneEverything(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_no_pruner_stops_the_first_trials_so_every_head_is_judged_on_a_whole_trial(cohort):
+    from milcache.aggregator.run import load_cohort
+    from milcache.tuning.study import make_objective
+
+    loaded = load_cohort(cohort / "store", cohort / "labels.csv", device="cpu")
+    space = load_space(None, {**SMALL, "head": ["gated-attention", "mean", "max"], "epochs": 3})
+    study = optuna.create_study(direction="maximize", pruner=_PruneEverything())
+    enqueue_start(study, space, 50)
+    settings = TuneSettings(n_trials=4, folds=2, repeats=1, holdout=0.0)
+    study.optimize(make_objective(loaded, space, settings), n_trials=4)
+    states = [(t.params["head"], t.state.name) for t in study.trials]
+    assert states[:3] == [("gated-attention", "COMPLETE"), ("mean", "COMPLETE"), ("max", "COMPLETE")]
+    assert states[3][1] == "PRUNED"  # a sampled trial is the pruner's
 
 
 def _study_of(values_and_stds, direction="maximize"):

@@ -149,14 +149,28 @@ def default_params(space: dict) -> dict | None:
     space leaves out the default head, so there are no defaults to try."""
     head_spec = space["head"]
     searched_head = isinstance(head_spec, (list, dict))
-    head = TrainConfig.head if searched_head else head_spec
-    if searched_head and not _admits(head_spec, head):
+    if searched_head and not _admits(head_spec, TrainConfig.head):
         return None
+    return head_params(space, TrainConfig.head if searched_head else head_spec)
+
+
+def swept_heads(space: dict) -> list[str]:
+    """The heads a study tries first, each once, beside the defaults: every head the space
+    searches but the default one (none when the head is fixed)."""
+    head_spec = space["head"]
+    if not isinstance(head_spec, (list, dict)):
+        return []
+    return [head for head in _candidates(head_spec) if head != TrainConfig.head]
+
+
+def head_params(space: dict, head: str) -> dict:
+    """``head`` with its default options and the calibrated training defaults, as a trial's
+    parameters: those the space searches and admits; the sampler draws the rest."""
     head_defaults = resolved_options(head, {})
     defaults = {**TrainConfig().to_dict(), **head_defaults}
     if defaults.get("instances") is None:
         defaults["instances"] = 0  # the space's name for "all instances"
-    params = {"head": head} if searched_head else {}
+    params = {"head": head} if isinstance(space["head"], (list, dict)) else {}
     for name, spec in space.items():
         if name != "head" and (name in _TRAIN_FIELDS or name in head_defaults) and _admits(spec, defaults[name]):
             params[name] = defaults[name]

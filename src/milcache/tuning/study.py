@@ -22,7 +22,7 @@ from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
 from milcache.tuning.selection import bootstrap_comparison, chosen_trial
 from milcache.tuning.settings import PRUNERS, TuneSettings
-from milcache.tuning.space import default_params, load_space, sample_config
+from milcache.tuning.space import default_params, head_params, load_space, sample_config, swept_heads
 
 if TYPE_CHECKING:  # optuna is imported where it is used: `import milcache` stays light
     from optuna.trial import FrozenTrial
@@ -181,11 +181,14 @@ def make_objective(
         config = sample_config(trial, space, settings.seed)
         trial.set_user_attr("config", {**config.to_dict()})
         on_epoch = None if bar is None else (lambda done, total: bar.epochs(trial.number, done, total))
+        # The first trials (the defaults, one of each head) run to the end: a pruner judging them by
+        # their early epochs would rule out a slow-starting head (noisy-and) for the whole study.
+        prunable = not (trial.user_attrs.get("defaults") or trial.user_attrs.get("sweep"))
 
         def report(step: int, value: float) -> None:
             if np.isfinite(value):
                 trial.report(float(value), step)
-            if trial.should_prune():
+            if prunable and trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
@@ -266,7 +269,7 @@ def tune(
     if settings.resume and not shared:
         _fail_interrupted(study)
     if created or not shared:  # one worker of a shared study: Optuna's skip_if_exists is no lock
-        enqueue_defaults(study, space)
+        enqueue_start(study, space, settings.n_trials)
     _check_scoring(study, settings, url)  # what the options fix, before the cohort is read
     start = time.perf_counter()
     cohort = load_cohort(
@@ -358,13 +361,25 @@ def _check_scoring(study, settings: TuneSettings, url: str) -> None:
         )
 
 
-def enqueue_defaults(study, space: dict) -> None:
-    """The calibrated defaults as the study's first trial: the baseline every other trial must
-    beat, and the one ``chosen_trial`` may keep. Of workers sharing a study only its creator calls
-    this, so the defaults run once."""
-    params = default_params(space)
-    if params is not None:
-        study.enqueue_trial(params, user_attrs={"defaults": True}, skip_if_exists=True)
+def enqueue_start(study, space: dict, trials: int | None = None) -> None:
+    """The study's first trials: the calibrated defaults (the baseline every other trial must beat,
+    and the one ``chosen_trial`` may keep), then every other head the space searches, each with
+    its default options and the default training settings. The sweep stands in for the sampler's
+    random start-up trials: ten random draws over ten heads often miss the head that suits a data
+    set, and TPE, which samples near what it has seen, may then never try it (on one of
+    web_recommendation_1's outer folds 50 trials never tried noisy-and, the best head of the other
+    two). No pruner stops them (see ``make_objective``). At most ``trials`` are enqueued (a short
+    study runs no more than it asked for; a resume asking for more enqueues the rest). Of workers
+    sharing a study only its creator calls this, so each runs once."""
+    for params, marks in start_trials(space)[:trials]:
+        study.enqueue_trial(params, user_attrs=marks, skip_if_exists=True)
+
+
+def start_trials(space: dict) -> list[tuple[dict, dict]]:
+    """What ``enqueue_start`` enqueues: (parameters, user attributes) of each first trial."""
+    defaults = default_params(space)
+    first = [] if defaults is None else [(defaults, {"defaults": True})]
+    return first + [(head_params(space, head), {"sweep": True}) for head in swept_heads(space)]
 
 
 def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
