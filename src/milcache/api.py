@@ -232,7 +232,8 @@ def tune(
 ) -> TuneResult:
     """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the chosen
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
-    (``{"head": "attention"}``). The study's first trial is the calibrated defaults; ``select``
+    (``{"head": "attention"}``). The study's first trial is the calibrated defaults, the next ones
+    every other head with its defaults (never pruned); ``select``
     "one-se" keeps them unless the best trial beats them by more than a standard error,
     "bootstrap" unless picking the best trial gains on out-of-bootstrap bags, "best" keeps the
     best trial (see milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort (more for

@@ -590,7 +590,8 @@ def predict_command(
     default=50,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Finished trials (complete or pruned) wanted.",
+    help="Finished trials (complete or pruned) wanted. The first are the calibrated defaults and then "
+    "every other head with its defaults, never pruned; the sampler takes over after them.",
 )
 @click.option(
     "--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds."
