@@ -10,6 +10,7 @@ to show how optimistic it is.
 
     python bench/tune_quality.py --datasets mnist_bags,ucsb_breast_cancer --trials 50
     python bench/tune_quality.py --datasets protein --outer 3 --trials 20     # a quicker look
+    python bench/tune_quality.py --datasets web_recommendation_1 --outer 3 --every-trial
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from scipy.stats import spearmanr
 
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
@@ -50,11 +52,20 @@ def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dic
 
 
 def tuned_fold(
-    cohort, train: np.ndarray, test: np.ndarray, trials: int, seed: int, studies: Path, repeats: int | None = None
+    cohort,
+    train: np.ndarray,
+    test: np.ndarray,
+    trials: int,
+    seed: int,
+    studies: Path,
+    repeats: int | None = None,
+    every_trial: bool = False,
 ) -> dict:
     """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
     trial), then the refit of the trial each ``--select`` rule keeps: one study scores them all.
-    The study is kept in ``studies`` (SQLite), so a rerun continues it, and reuses it once done."""
+    The study is kept in ``studies`` (SQLite), so a rerun continues it, and reuses it once done.
+    ``every_trial`` also refits every complete trial and scores it on ``test``: how well the
+    study's ranking of its trials predicts their ranking on bags it never saw."""
     settings = TuneSettings(n_trials=trials, seed=seed, holdout=0.0, repeats=repeats).resolve(len(train))
     space = load_space(None)
     # The study's first trials name its file: a study begun another way is not continued as this one.
@@ -99,7 +110,28 @@ def tuned_fold(
             "trial": kept.number,
             "repeats": settings.repeats,
         }
+    if every_trial:
+        result["ranking"] = _ranking(cohort, study, train, test)
     return result
+
+
+def _ranking(cohort, study, train: np.ndarray, test: np.ndarray) -> dict:
+    """Every complete trial refit on ``train`` and scored on ``test``: the Spearman correlation of
+    its inner-CV score with its outside AUC, and the outside AUC of the best and the median trial."""
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    outside = []
+    for trial in complete:
+        config = TrainConfig.from_stored(trial.user_attrs["config"])
+        model = refit(cohort, config, int(trial.user_attrs["epochs"]), bags=train)
+        outside.append(_scores(cohort, model, config, test))
+    inner = [t.value for t in complete]
+    auc = np.array([o["auc"] for o in outside])
+    return {
+        "trials": len(complete),
+        "spearman": float(spearmanr(inner, auc).statistic),
+        "best_outside": float(auc.max()),
+        "median_outside": float(np.median(auc)),
+    }
 
 
 def _fold_line(defaults: dict, tuned: dict) -> str:
@@ -112,6 +144,10 @@ def _fold_line(defaults: dict, tuned: dict) -> str:
     if comparison is not None:
         line += f"; bootstrap gain {comparison['gain']:+.3f}, tuned {comparison['tuned']:.3f}"
         line += f" vs defaults {comparison['defaults']:.3f} out of bootstrap"
+    ranking = tuned.get("ranking")
+    if ranking is not None:
+        line += f"; {ranking['trials']} complete trials outside: median AUC {ranking['median_outside']:.3f}, "
+        line += f"best {ranking['best_outside']:.3f}, Spearman of inner and outside {ranking['spearman']:+.2f}"
     return line
 
 
@@ -135,6 +171,11 @@ def main() -> None:
     parser.add_argument(
         "--studies", type=Path, default=Path(".bench-cache/studies"), help="where each outer fold's study is kept"
     )
+    parser.add_argument(
+        "--every-trial",
+        action="store_true",
+        help="also refit every complete trial and score it outside its study (how much its ranking means)",
+    )
     args = parser.parse_args()
     if args.outer < 2 or args.trials < 1:
         parser.error("--outer takes 2 or more, --trials 1 or more")
@@ -156,7 +197,9 @@ def main() -> None:
         for k, (train, test) in enumerate(splits):
             ours.append(defaults_fold(cohort, train, test, args.seed + k))
             studies = args.studies / f"{name}-outer{args.outer}-trials{args.trials}-fold{k}"
-            tuned.append(tuned_fold(cohort, train, test, args.trials, args.seed + k, studies, repeats))
+            tuned.append(
+                tuned_fold(cohort, train, test, args.trials, args.seed + k, studies, repeats, args.every_trial)
+            )
             print(f"  {name} fold {k}: {_fold_line(ours[-1], tuned[-1])}", flush=True)
         seconds = time.perf_counter() - start
         for selection in SELECTIONS:

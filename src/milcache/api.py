@@ -226,18 +226,18 @@ def tune(
     seed: int = 0,
     memory_budget: str | int | None = None,
     skip_duplicates: bool = False,
-    select: str = "one-se",
+    select: str = "bootstrap",
     device: str = "auto",
     progress: bool = False,
 ) -> TuneResult:
     """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the chosen
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
     (``{"head": "attention"}``). The study's first trial is the calibrated defaults, the next ones
-    every other head with its defaults (never pruned); ``select``
-    "one-se" keeps them unless the best trial beats them by more than a standard error,
-    "bootstrap" unless picking the best trial gains on out-of-bootstrap bags, "best" keeps the
-    best trial (see milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort (more for
-    fewer bags)."""
+    every other head with its defaults (never pruned); ``select`` "bootstrap" (the default) keeps
+    the defaults unless picking the best trial gains on out-of-bootstrap bags, "one-se" unless the
+    best trial beats them by more than a standard error, "best" keeps the best trial (see
+    milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort
+    (more for fewer bags)."""
     from milcache.tuning.settings import TuneSettings
     from milcache.tuning.study import tune as run_study
 

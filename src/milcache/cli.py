@@ -648,12 +648,12 @@ def predict_command(
 @click.option(
     "--select",
     type=click.Choice(SELECTIONS),
-    default="one-se",
+    default="bootstrap",
     show_default=True,
     help="Which trial to keep. The first trial is the calibrated defaults (when the space holds "
-    "their head); one-se keeps them unless the best trial beats them by more than one standard error "
-    "of its CV score; bootstrap keeps them unless picking the best trial gains on the bags that "
-    "bootstrap resamples of the trials' out-of-fold outputs leave out; best keeps the best trial "
+    "their head); bootstrap keeps them unless picking the best trial gains on the bags that "
+    "bootstrap resamples of the trials' out-of-fold outputs leave out; one-se keeps them unless the "
+    "best trial beats them by more than one standard error of its CV score; best keeps the best trial "
     "(whose score is the most optimistic).",
 )
 @task_option

@@ -482,7 +482,7 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
     first = study.trials[0]
     assert first.user_attrs["defaults"] and first.params["head"] == "gated-attention"
     assert first.params["lr"] == TrainConfig.lr and first.params["weight_decay"] == TrainConfig.weight_decay
-    assert best["best_trial"]["value"] == study.best_value and best["selection"] == "one-se"
+    assert best["best_trial"]["value"] == study.best_value and best["selection"] == "bootstrap"
     # Every trial keeps each study bag's out-of-fold outputs, which the bootstrap comparison reads.
     stored = first.user_attrs["out_of_fold"]
     assert sorted(stored["bags"]) == list(range(100)) and np.asarray(stored["outputs"]).shape == (100, 2)

@@ -10,11 +10,11 @@ from milcache import checks
 from milcache.aggregator.config import METRICS
 
 PRUNERS = ("median", "hyperband", "none")
-# Which trial a study keeps (milcache.tuning.selection): "one-se" the calibrated defaults (its first
-# trial) unless the best trial beats them by more than one standard error of its cross-validated
-# score, "bootstrap" the defaults unless picking the best trial gains on out-of-bootstrap bags,
-# "best" the best trial.
-SELECTIONS = ("one-se", "bootstrap", "best")
+# Which trial a study keeps (milcache.tuning.selection): "bootstrap" (the default) the calibrated
+# defaults (its first trial) unless picking the best trial gains on out-of-bootstrap bags, "one-se"
+# the defaults unless the best trial beats them by more than one standard error of its
+# cross-validated score, "best" the best trial.
+SELECTIONS = ("bootstrap", "one-se", "best")
 # On a small cohort a trial's score rests on a handful of test bags per inner fold, and the best of
 # many trials is then mostly the luckiest. With repeats left to the cohort, the inner CV is repeated
 # until its test folds hold at least this many bags together (at most MAX_AUTO_REPEATS times): 3
@@ -38,7 +38,7 @@ class TuneSettings:
     seed: int = 0
     holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
     skip_duplicates: bool = False  # leave out the near-duplicate instances `index dedup` marked
-    selection: str = "one-se"  # one of SELECTIONS
+    selection: str = "bootstrap"  # one of SELECTIONS
 
     def __post_init__(self) -> None:
         checks.at_least("--n-trials", self.n_trials, 1)
