@@ -1,12 +1,12 @@
 """Does `milcache tune` beat the defaults? Nested cross-validation on the calibration sets of
 bench/quality.py: in each outer fold, a study of ``--trials`` trials (the default search space,
-the defaults and every other head as its first trials, TPE, median pruning, 5 inner folds, exactly what `milcache tune`
-runs) sees only the outer training bags; the configuration it keeps (by each ``--select`` rule),
-refit on them as tune refits it, is scored on the outer test bags, and so is the model
-`milcache train-head` makes with its defaults from the same bags (a CV for the epochs, then a
-refit). No score of a study's choice is ever computed on bags the
-study saw, so the comparison is unbiased; the study's own best inner-CV score is printed beside it
-to show how optimistic it is.
+the defaults and every other head as its first trials, TPE, median pruning, 5 inner folds,
+exactly what `milcache tune` runs) sees only the outer training bags; the configuration it keeps
+(by each ``--select`` rule), refit on them as tune refits it, is scored on the outer test bags,
+and so is the model `milcache train-head` makes with its defaults from the same bags (a CV for
+the epochs, then a refit). No score of a study's choice is ever computed on bags the study saw,
+so the comparison is unbiased; the study's own best inner-CV score is printed beside it to show
+how optimistic it is.
 
     python bench/tune_quality.py --datasets mnist_bags,ucsb_breast_cancer --trials 50
     python bench/tune_quality.py --datasets protein --outer 3 --trials 20     # a quicker look
@@ -61,8 +61,8 @@ def tuned_fold(
     repeats: int | None = None,
     every_trial: bool = False,
 ) -> dict:
-    """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults its first
-    trial), then the refit of the trial each ``--select`` rule keeps: one study scores them all.
+    """What `milcache tune --n-trials N` makes from ``train``: the study (the defaults and every
+    other head its first trials), then the refit of the trial each ``--select`` rule keeps: one study scores them all.
     The study is kept in ``studies`` (SQLite), so a rerun continues it, and reuses it once done.
     ``every_trial`` also refits every complete trial and scores it on ``test``: how well the
     study's ranking of its trials predicts their ranking on bags it never saw."""

@@ -20,7 +20,7 @@ from milcache.cli import cli
 from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store
 from milcache.tuning.selection import chosen_trial
-from milcache.tuning.space import default_params, load_space, sample_config
+from milcache.tuning.space import _admits, default_params, load_space, sample_config
 from milcache.tuning.study import TuneSettings, enqueue_start, safe_url, start_trials, tune
 
 POSTGRES_URL = os.environ.get(
@@ -400,17 +400,13 @@ def test_a_study_starts_with_the_defaults_then_every_other_head_once_with_the_de
         assert config.head == head
         assert dataclasses.replace(config, head=TrainConfig.head, head_options={}) == TrainConfig()
         options = resolved_options(head, {})
-        assert {k: config.head_options[k] for k in options if k in space and _in(space[k], options[k])} == {
-            k: v for k, v in options.items() if k in space and _in(space[k], v)
+        assert {k: config.head_options[k] for k in options if k in space and _admits(space[k], options[k])} == {
+            k: v for k, v in options.items() if k in space and _admits(space[k], v)
         }
         study.tell(trial, 0.5)
     # A list of heads without the default one: no defaults trial, a sweep of the listed heads.
     assert [p["head"] for p, _ in start_trials(load_space(None, {"head": ["mean", "max"]}))] == ["mean", "max"]
     assert len(start_trials(load_space(None, {"head": "mean"}))) == 1  # a fixed head: the defaults alone
-
-
-def _in(spec, value) -> bool:
-    return value in spec["choices"] if spec["type"] == "categorical" else spec["low"] <= value <= spec["high"]
 
 
 def test_a_short_study_enqueues_no_more_first_trials_than_it_runs_and_a_resume_the_rest():

@@ -148,19 +148,22 @@ def default_params(space: dict) -> dict | None:
     parameters: those the space searches and admits; the sampler draws the rest. None when the
     space leaves out the default head, so there are no defaults to try."""
     head_spec = space["head"]
-    searched_head = isinstance(head_spec, (list, dict))
-    if searched_head and not _admits(head_spec, TrainConfig.head):
-        return None
-    return head_params(space, TrainConfig.head if searched_head else head_spec)
+    if not _head_searched(space):
+        return head_params(space, head_spec)
+    return head_params(space, TrainConfig.head) if _admits(head_spec, TrainConfig.head) else None
 
 
 def swept_heads(space: dict) -> list[str]:
     """The heads a study tries first, each once, beside the defaults: every head the space
     searches but the default one (none when the head is fixed)."""
-    head_spec = space["head"]
-    if not isinstance(head_spec, (list, dict)):
+    if not _head_searched(space):
         return []
-    return [head for head in _candidates(head_spec) if head != TrainConfig.head]
+    return [head for head in _candidates(space["head"]) if head != TrainConfig.head]
+
+
+def _head_searched(space: dict) -> bool:
+    """Whether the space searches the head (a list or distribution of them), or fixes one."""
+    return isinstance(space["head"], (list, dict))
 
 
 def head_params(space: dict, head: str) -> dict:
@@ -170,7 +173,7 @@ def head_params(space: dict, head: str) -> dict:
     defaults = {**TrainConfig().to_dict(), **head_defaults}
     if defaults.get("instances") is None:
         defaults["instances"] = 0  # the space's name for "all instances"
-    params = {"head": head} if isinstance(space["head"], (list, dict)) else {}
+    params = {"head": head} if _head_searched(space) else {}
     for name, spec in space.items():
         if name != "head" and (name in _TRAIN_FIELDS or name in head_defaults) and _admits(spec, defaults[name]):
             params[name] = defaults[name]
