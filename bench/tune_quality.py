@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
 from milcache.aggregator.trainer import infer
-from milcache.tuning.selection import bootstrap_comparison, chosen_trial
+from milcache.tuning.selection import blend_score, bootstrap_comparison, kept_trials
 from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
 from milcache.tuning.study import TuneSettings, _pruner, enqueue_start, make_objective, start_trials
@@ -38,8 +38,24 @@ from quality import DATASETS, bench_splits, cohort_of, load_dataset
 
 def _scores(cohort, model, config: TrainConfig, test: np.ndarray) -> dict:
     logits, _ = infer(model, cohort.data, test, config)
-    metrics = cohort.task.metrics(cohort.y[test], cohort.task.outputs(logits).cpu().numpy())
-    return {k: metrics[k] for k in ("accuracy", "auc")}
+    return _metrics(cohort, logits, test)
+
+
+def _metrics(cohort, logits: torch.Tensor, test: np.ndarray) -> dict:
+    outputs = cohort.task.outputs(logits).cpu().numpy()
+    metrics = cohort.task.metrics(cohort.y[test], outputs)
+    return {**{k: metrics[k] for k in ("accuracy", "auc")}, "outputs": np.round(outputs, 5).tolist()}
+
+
+def _kept_scores(cohort, kept: list, train: np.ndarray, test: np.ndarray) -> dict:
+    """The kept trials refit on ``train`` as tune refits them, scored on ``test`` (a blend's
+    outputs averaged as predict averages them)."""
+    logits = []
+    for trial in kept:
+        config = TrainConfig.from_stored(trial.user_attrs["config"])
+        model = refit(cohort, config, int(trial.user_attrs["epochs"]), bags=train)
+        logits.append(infer(model, cohort.data, test, config)[0])
+    return _metrics(cohort, cohort.task.combine_streams(logits) if len(logits) > 1 else logits[0], test)
 
 
 def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
@@ -99,15 +115,12 @@ def tuned_fold(
     comparison = bootstrap_comparison(study, cohort.task, cohort.y, cohort.groups, settings.metric, seed)
     result = {"comparison": comparison}
     for selection in SELECTIONS:
-        kept = chosen_trial(study, settings.metric, settings.folds, selection, comparison)
-        config = TrainConfig.from_stored(kept.user_attrs["config"])
-        model = refit(cohort, config, int(kept.user_attrs["epochs"]), bags=train)
-        scores = _scores(cohort, model, config, test)
+        kept = kept_trials(study, settings.metric, settings.folds, selection, comparison)
         result[selection] = {
-            **scores,
-            "inner_auc": kept.value,
-            "head": config.head,
-            "trial": kept.number,
+            **_kept_scores(cohort, kept, train, test),
+            "inner_auc": blend_score(kept, cohort.task, cohort.y, settings.metric) if len(kept) > 1 else kept[-1].value,
+            "head": "+".join(TrainConfig.from_stored(t.user_attrs["config"]).head for t in kept),
+            "trial": kept[-1].number,
             "repeats": settings.repeats,
         }
     if every_trial:
@@ -127,6 +140,8 @@ def _ranking(cohort, study, train: np.ndarray, test: np.ndarray) -> dict:
     inner = [t.value for t in complete]
     auc = np.array([o["auc"] for o in outside])
     return {
+        "numbers": [t.number for t in complete],
+        "outside": outside,
         "trials": len(complete),
         "spearman": float(spearmanr(inner, auc).statistic),
         "best_outside": float(auc.max()),
@@ -142,7 +157,8 @@ def _fold_line(defaults: dict, tuned: dict) -> str:
         line += f" (inner {kept['inner_auc']:.3f})"
     comparison = tuned["comparison"]
     if comparison is not None:
-        line += f"; bootstrap gain {comparison['gain']:+.3f}, tuned {comparison['tuned']:.3f}"
+        line += f"; bootstrap gain {comparison['gain']:+.3f} (blend {comparison['blend_gain']:+.3f})"
+        line += f", tuned {comparison['tuned']:.3f}"
         line += f" vs defaults {comparison['defaults']:.3f} out of bootstrap"
     ranking = tuned.get("ranking")
     if ranking is not None:

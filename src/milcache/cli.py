@@ -652,7 +652,8 @@ def predict_command(
     show_default=True,
     help="Which trial to keep. The first trial is the calibrated defaults (when the space holds "
     "their head); bootstrap keeps them unless picking the best trial gains on the bags that "
-    "bootstrap resamples of the trials' out-of-fold outputs leave out; one-se keeps them unless the "
+    "bootstrap resamples of the trials' out-of-fold outputs leave out; blend keeps them together with "
+    "the best trial (outputs averaged) unless that blend gains nothing so; one-se keeps them unless the "
     "best trial beats them by more than one standard error of its CV score; best keeps the best trial "
     "(whose score is the most optimistic).",
 )
@@ -706,14 +707,19 @@ def _chosen_line(best: dict) -> str:
     """Which trial the study kept and why, from best.json."""
     top, metric = best["best_trial"], best["metric"]
     scored = f"cross-validated on the study's bags, {best['folds']}-fold CV × {best['repeats']}"
-    if not best["defaults"] or top["trial"] == best["trial"]:
+    if best.get("blend"):
+        line = (
+            f"kept: a blend of the calibrated defaults and trial {best['trial']} ({best['head']}), outputs averaged, "
+            f"{metric} {best['value']:.4f} ({scored}; the best trial alone {top['value']:.4f}, so optimistic)"
+        )
+    elif not best["defaults"] or top["trial"] == best["trial"]:
         kept = "the calibrated defaults" if best["defaults"] else best["head"]
         score = f"{metric} {best['value']:.4f}"
         line = f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
     else:
         why = (
             "gains nothing over them on the bags that bootstrap resamples of the study leave out"
-            if best.get("selection") == "bootstrap"
+            if best.get("selection") in ("bootstrap", "blend")
             else "leads by less than one standard error of its score, which the choice among many trials inflates"
         )
         line = (
@@ -723,8 +729,9 @@ def _chosen_line(best: dict) -> str:
     comparison = best.get("bootstrap")
     if comparison:
         line += (
-            f"\nbias-corrected {metric} of picking the best trial: {comparison['tuned']:.4f}, of the defaults: "
-            f"{comparison['defaults']:.4f} (on bags left out of {comparison['samples']} bootstrap resamples)"
+            f"\nbias-corrected {metric} of picking the best trial: {comparison['tuned']:.4f}, of blending it with "
+            f"the defaults: {comparison['blend']:.4f}, of the defaults: {comparison['defaults']:.4f} "
+            f"(on bags left out of {comparison['samples']} bootstrap resamples)"
         )
     return line
 

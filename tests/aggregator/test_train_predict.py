@@ -284,3 +284,61 @@ def test_same_seed_same_results(cohort, tmp_path):
     first = train_head(root / "store", root / "train.csv", tmp_path / "a", config, folds=2, device="cpu")
     second = train_head(root / "store", root / "train.csv", tmp_path / "b", config, folds=2, device="cpu")
     assert first["folds"] == second["folds"]
+
+
+def test_a_blend_of_two_heads_predicts_their_mean_with_the_attention_heads_scores(cohort, run, tmp_path):
+    """A blend (what tune --select blend keeps): a directory of run directories that predict
+    together. Probabilities are the members' mean; instance scores are the scoring head's alone
+    (max pooling gives none), so heatmaps still draw; --ensemble blends the members' fold models."""
+    import shutil
+
+    from milcache.aggregator.model import load_model, save_blend
+
+    root, labels = cohort
+    out, _ = run
+    blend = tmp_path / "blend"
+    shutil.copytree(out, blend / "defaults")
+    max_config = TrainConfig(head="max", epochs=10, patience=5, instances=None)
+    train_head(root / "store", root / "train.csv", blend / "trial-7", max_config, folds=3, device="cpu")
+    save_blend(blend, ["defaults", "trial-7"])
+    ids = labels.tail(40)["bag_id"].to_list()
+    members = [predict(blend / name, root / "store", bag_ids=ids, device="cpu") for name in ("defaults", "trial-7")]
+    scores_file = tmp_path / "scores.parquet"
+    table = predict(
+        blend, root / "store", bag_ids=ids, device="cpu", heatmaps=tmp_path / "maps", scores_file=scores_file
+    )
+    mean_p = (members[0]["prob_1"].to_numpy() + members[1]["prob_1"].to_numpy()) / 2
+    np.testing.assert_allclose(table["prob_1"].to_numpy(), mean_p, rtol=1e-4, atol=1e-5)
+    attention = predict(
+        blend / "defaults", root / "store", bag_ids=ids[:1], device="cpu", scores_file=tmp_path / "a.parquet"
+    )
+    assert len(attention) == 1
+    np.testing.assert_allclose(
+        pl.read_parquet(scores_file).filter(pl.col("bag_id") == ids[0])["score"].to_numpy(),
+        pl.read_parquet(tmp_path / "a.parquet")["score"].to_numpy(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 40
+    model, config, _ = load_model(blend, "cpu", ensemble=True)
+    assert config["blend"] == {"defaults": "gated-attention", "trial-7": "max"}
+    assert [len(member.members) for member in model.members] == [3, 3]
+    both = predict(blend, root / "store", bag_ids=ids, device="cpu", ensemble=True)
+    assert roc_auc_score(labels.tail(40)["label"].to_numpy(), both["prob_1"].to_numpy()) > 0.95
+
+
+def test_a_blend_of_runs_for_other_tasks_is_refused(cohort, run, tmp_path):
+    import shutil
+
+    from milcache.aggregator.model import CONFIG_FILE, load_model, save_blend
+    from milcache.errors import MilcacheError
+
+    out, _ = run
+    for name in ("a", "b"):
+        shutil.copytree(out, tmp_path / name)
+    config = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    config["store"] = {**config["store"], "backbone": "another"}
+    (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps(config))
+    save_blend(tmp_path, ["a", "b"])
+    with pytest.raises(MilcacheError, match="different tasks or embeddings"):
+        load_model(tmp_path, "cpu")

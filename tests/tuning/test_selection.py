@@ -4,7 +4,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from milcache.aggregator.tasks import Task
-from milcache.tuning.selection import _resamples, _scores, bootstrap_comparison, chosen_trial
+from milcache.tuning.selection import (
+    _resamples,
+    _scores,
+    blend_score,
+    bootstrap_comparison,
+    chosen_trial,
+    kept_trials,
+)
 
 BINARY = Task("binary", [0, 1])
 
@@ -46,6 +53,8 @@ def test_picking_the_luckiest_of_many_noise_trials_gains_nothing_over_real_defau
     assert chosen_trial(study, "auc", 5, "bootstrap", comparison).number == 0
     assert chosen_trial(study, "auc", 5, "one-se", comparison).number == study.best_trial.number
     assert chosen_trial(study, "auc", 5, "best", comparison).number == study.best_trial.number
+    assert comparison["blend_gain"] < 0  # half the weight on noise still loses to the defaults
+    assert [t.number for t in kept_trials(study, "auc", 5, "blend", comparison)] == [0]
 
 
 def test_a_trial_clearly_better_than_the_defaults_is_kept():
@@ -60,6 +69,32 @@ def test_a_trial_clearly_better_than_the_defaults_is_kept():
     comparison = bootstrap_comparison(study, BINARY, labels, np.arange(160).astype(object), "auc")
     assert comparison["gain"] > 0.2
     assert chosen_trial(study, "auc", 5, "bootstrap", comparison).number == 11
+    assert comparison["blend_gain"] > 0.1
+    assert [t.number for t in kept_trials(study, "auc", 5, "blend", comparison)] == [0, 11]
+    assert [t.number for t in kept_trials(study, "auc", 5, "bootstrap", comparison)] == [11]
+
+
+def test_the_blend_comparison_equals_a_plain_bootstrap_of_averaged_outputs():
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1], 15)
+    bags = np.arange(30)
+    trials = [1 / (1 + np.exp(-(s * (y - 0.5) + rng.normal(size=30)))) for s in (0.5, 1.0, 1.5, 0.2)]
+    study = _study_of(trials, bags, y)
+    comparison = bootstrap_comparison(study, BINARY, y, bags.astype(object), "auc", seed=3)
+    blends, picks = [], []
+    for inside, outside in zip(*_resamples(bags.astype(object), 300, seed=3), strict=True):
+        if len(set(y[inside])) < 2 or len(set(y[outside])) < 2:
+            continue
+        inner = np.array([roc_auc_score(y[inside], t[inside]) for t in trials])
+        pick = int(np.flatnonzero(inner >= inner.max() - 1e-12)[0])  # the first of tied trials
+        picks.append(roc_auc_score(y[outside], trials[pick][outside]))
+        blends.append(roc_auc_score(y[outside], (trials[pick][outside] + trials[0][outside]) / 2))
+    assert comparison["samples"] == len(blends)
+    assert comparison["tuned"] == pytest.approx(np.mean(picks))
+    assert comparison["blend"] == pytest.approx(np.mean(blends))
+    assert comparison["blend_gain"] == pytest.approx(np.mean(blends) - comparison["defaults"])
+    kept = [study.trials[0], study.trials[2]]
+    assert blend_score(kept, BINARY, y, "auc") == pytest.approx(roc_auc_score(y, (trials[0] + trials[2]) / 2))
 
 
 def test_without_stored_outputs_bootstrap_keeps_what_one_se_keeps():

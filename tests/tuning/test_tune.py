@@ -11,6 +11,7 @@ import optuna
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
 
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.heads import list_heads
@@ -578,3 +579,39 @@ def test_tune_cli_refuses_a_repeats_that_is_neither_auto_nor_a_count(cohort, tmp
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--repeats" in result.output and "auto" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_kept_blend_is_written_as_one_model_that_predicts_and_is_scored_on_the_held_out_bags(
+    cohort, tmp_path, monkeypatch
+):
+    """--select blend keeps the defaults and the best trial together when the blend gains (the rule
+    is tested in test_selection): RUN/best then holds both retrained as train-head would, and
+    predict on RUN/best averages them; best.json names both and scores their averaged outputs."""
+    import milcache.tuning.study as study_module
+    from milcache.aggregator.predict import predict
+
+    monkeypatch.setattr(study_module, "kept_trials", lambda study, *args: [study.trials[0], study.trials[1]])
+    settings = TuneSettings(n_trials=2, folds=2, pruner="none", holdout=0.25, selection="blend")
+    out = tmp_path / "study"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "stale.txt").write_text("from an earlier run of the study")
+    best = tune(cohort / "store", cohort / "labels.csv", out, settings, fixed=SMALL, device="cpu")
+    study = optuna.load_study(study_name="milcache", storage=f"sqlite:///{out / 'study.db'}")
+    assert best["blend"] == [0, 1] and best["trial"] == 1 and best["head"] == study.trials[1].params["head"]
+    y = study_module.load_cohort(cohort / "store", cohort / "labels.csv", device="cpu").y
+    stored = [study.trials[k].user_attrs["out_of_fold"] for k in (0, 1)]
+    assert stored[0]["bags"] == stored[1]["bags"]
+    mean = (np.asarray(stored[0]["outputs"])[:, 1] + np.asarray(stored[1]["outputs"])[:, 1]) / 2
+    assert best["value"] == pytest.approx(roc_auc_score(y[stored[0]["bags"]], mean))  # the blend's own CV score
+    assert 0.0 <= best["holdout"]["value"] <= 1.0 and best["holdout"]["bags"] == 25
+    assert sorted(p.name for p in (out / "best").iterdir()) == ["blend.json", "defaults", "trial-1"]
+    ids = pl.read_csv(cohort / "labels.csv")["bag_id"].to_list()[:10]
+    each = [
+        predict(out / "best" / name, cohort / "store", bag_ids=ids, device="cpu") for name in ("defaults", "trial-1")
+    ]
+    table = predict(out / "best", cohort / "store", bag_ids=ids, device="cpu")
+    expected = (each[0]["prob_1"].to_numpy() + each[1]["prob_1"].to_numpy()) / 2
+    np.testing.assert_allclose(table["prob_1"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    from milcache.cli import _chosen_line
+
+    assert "a blend of the calibrated defaults and trial 1" in _chosen_line(best)

@@ -16,6 +16,7 @@ from milcache.errors import MilcacheError
 WEIGHTS_FILE = "model.safetensors"
 FOLDS_FILE = "folds.safetensors"  # the cross-validation's fold models, keys prefixed "fold<k>."
 CONFIG_FILE = "config.json"
+BLEND_FILE = "blend.json"  # a blend of run directories (its members), which predict together
 
 
 class MILModel(nn.Module):
@@ -54,19 +55,27 @@ class MILModel(nn.Module):
         return self.head.combine_loss(bag_loss, out, targets, bag_weight)
 
 
-class FoldEnsemble(nn.Module):
-    """The fold models of a cross-validation as one predictor: their outputs averaged as the task
-    averages a head's streams (probabilities, or values), their instance scores averaged."""
+class Ensemble(nn.Module):
+    """Models that predict together: a cross-validation's fold models (``predict --ensemble``), or
+    the blend `milcache tune --select blend` keeps (the defaults and the best trial, whose heads
+    differ). Their outputs are averaged as the task averages a head's streams (probabilities, or
+    values). Instance scores are averaged over the members with the first scoring member's head
+    only: an attention weight and a DSMIL instance score do not share a scale."""
 
-    def __init__(self, models: list[MILModel]) -> None:
+    def __init__(self, models: list[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(models)
-        self.task, self.head = models[0].task, models[0].head
+        self.task = models[0].task
+        scoring = [m for m in models if m.head.has_instance_scores]
+        self.head = scoring[0].head if scoring else models[0].head
+        self._scoring = [k for k, m in enumerate(models) if type(m.head) is type(self.head)]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> HeadOutput:
         outs = [member(x, mask, slots) for member in self.members]
-        scores = None if outs[0].scores is None else torch.stack([o.scores.float() for o in outs]).mean(0)
-        return HeadOutput(self.task.combine_streams([o.logits for o in outs]), scores)
+        scores = [outs[k].scores.float() for k in self._scoring if outs[k].scores is not None]
+        return HeadOutput(
+            self.task.combine_streams([o.logits for o in outs]), torch.stack(scores).mean(0) if scores else None
+        )
 
 
 def build_model(head: str, head_options: dict, dim: int, task: Task) -> MILModel:
@@ -98,12 +107,16 @@ def save_fold_models(models: list[MILModel], run_dir: Path) -> None:
 
 def load_model(
     run_dir: str | Path, device: torch.device | str = "cpu", ensemble: bool = False
-) -> tuple[MILModel | FoldEnsemble, dict, Task]:
+) -> tuple[MILModel | Ensemble, dict, Task]:
     """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``), or with
-    ``ensemble`` its cross-validation's fold models as one ``FoldEnsemble`` (``folds.safetensors``)."""
+    ``ensemble`` its cross-validation's fold models as one ``Ensemble`` (``folds.safetensors``).
+    A blend's directory (``blend.json``) gives its members as one ``Ensemble`` (each of them its
+    fold models with ``ensemble``), with the first member's config."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
+    if (run_dir / BLEND_FILE).is_file():
+        return _load_blend(run_dir, device, ensemble)
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / WEIGHTS_FILE).is_file():
         raise MilcacheError(f"{run_dir} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads((run_dir / CONFIG_FILE).read_text())
@@ -126,4 +139,23 @@ def load_model(
         fold, name = key.split(".", 1)
         states.setdefault(int(fold.removeprefix("fold")), {})[name] = value
     members = [rebuilt(states[k]) for k in sorted(states)]
-    return FoldEnsemble(members).to(device).eval(), config, task
+    return Ensemble(members).to(device).eval(), config, task
+
+
+def save_blend(run_dir: Path, members: list[str]) -> None:
+    """Marks ``run_dir`` as a blend of its subdirectories ``members`` (run directories)."""
+    (run_dir / BLEND_FILE).write_text(json.dumps({"members": members}, indent=2))
+
+
+def _load_blend(run_dir: Path, device: torch.device | str, ensemble: bool) -> tuple[Ensemble, dict, Task]:
+    names = json.loads((run_dir / BLEND_FILE).read_text())["members"]
+    loaded = [load_model(run_dir / name, device, ensemble) for name in names]
+    config, task = loaded[0][1], loaded[0][2]
+    for name, (_, other, _) in zip(names, loaded, strict=True):
+        if other["task"] != config["task"] or other["store"] != config["store"]:
+            raise MilcacheError(
+                f"the members of the blend {run_dir} were trained for different tasks or embeddings "
+                f"({names[0]} and {name}); predict with one of them"
+            )
+    blend_config = {**config, "blend": {name: other["head"] for name, (_, other, _) in zip(names, loaded, strict=True)}}
+    return Ensemble([model for model, _, _ in loaded]).to(device).eval(), blend_config, task

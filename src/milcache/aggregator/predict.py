@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from milcache import checks
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.data import load_bags
 from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
-from milcache.aggregator.model import load_model
+from milcache.aggregator.model import Ensemble, MILModel, load_model
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import MODEL_INPUT_FIELDS, store_identity
 from milcache.aggregator.trainer import infer
@@ -74,9 +75,8 @@ def predict(
         sizes = store.sizes()
         budget = memory_budget or default_budget(torch_device)
         lengths = np.array([sizes[b] for b in ids])
-        check_bags_fit(
-            measure_head(model.head, model.head.in_dim), budget, lengths, ids, config["head"], training=False
-        )
+        for name, head in _heads(model, config):  # a blend's members run one after the other
+            check_bags_fit(measure_head(head, head.in_dim), budget, lengths, ids, name, training=False)
         data = load_bags(store, ids, torch_device)
         train = TrainConfig.from_stored(config["train"])
         logits, scores = infer(model, data, np.arange(len(ids)), train, scores=True)
@@ -101,6 +101,20 @@ def predict(
         else:
             table.write_parquet(out_file)
     return table
+
+
+def _heads(model: MILModel | Ensemble, config: dict) -> list[tuple[str, torch.nn.Module]]:
+    """(name, head) of each head a prediction runs: one per member of a blend (its fold models share
+    their member's head and size)."""
+    if "blend" not in config:
+        return [(config["head"], model.head)]
+    return [
+        (name, _first_model(member).head) for name, member in zip(config["blend"].values(), model.members, strict=True)
+    ]
+
+
+def _first_model(model: MILModel | Ensemble) -> MILModel:
+    return model.members[0] if isinstance(model, Ensemble) else model
 
 
 def _table(ids, outputs, task, scores, bags: list[Bag], names: list[str], top_k: int) -> pl.DataFrame:

@@ -9,6 +9,10 @@ and accurate cross-validation"): every trial's out-of-fold outputs are resampled
 each resample the trial that scores best on the drawn bags is picked, as a study would pick it, and
 scored beside the defaults on the bags left out. The mean of that difference is what picking the
 best trial gains on bags no choice has seen; the defaults are kept unless it is positive.
+"blend" hedges that bet: it keeps the defaults and the best trial together (their outputs
+averaged) unless the blend, scored the same way, gains nothing over the defaults alone. Where the
+study's ranking is noise, half the weight stays on the calibrated model; where the best trial is
+better, the average of two good, different models is usually better than either.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dic
     defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
     if defaults is None:
         return best
-    if selection == "bootstrap" and comparison is not None:
-        return best if comparison["gain"] > 0 else defaults
+    if selection in ("bootstrap", "blend") and comparison is not None:
+        return best if comparison["gain" if selection == "bootstrap" else "blend_gain"] > 0 else defaults
     spread = best.user_attrs.get("metrics", {}).get(f"{metric}_std")
     if spread is None or not np.isfinite(spread):
         return best
@@ -46,12 +50,25 @@ def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dic
     return defaults if abs(best.value - defaults.value) <= standard_error else best
 
 
+def kept_trials(study, metric: str, folds: int, selection: str, comparison: dict | None = None) -> list:
+    """The trials whose configurations the study keeps: ``chosen_trial``'s, and for "blend" the
+    defaults trial before it when it is another (the two predict together)."""
+    chosen = chosen_trial(study, metric, folds, selection, comparison)
+    if selection != "blend" or chosen.user_attrs.get("defaults"):
+        return [chosen]
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [next(t for t in complete if t.user_attrs.get("defaults")), chosen]
+
+
 def bootstrap_comparison(
     study, task: Task, y: np.ndarray, groups: np.ndarray, metric: str, seed: int = 0
 ) -> dict | None:
     """What keeping the study's best trial is worth against its defaults trial on bags no choice
-    saw: {"gain", "tuned", "defaults", "samples"}, means over out-of-bootstrap bags (the tuned one
-    is the bias-corrected estimate of the study's pick). ``y`` and ``groups`` are the cohort's,
+    saw: {"gain", "tuned", "defaults", "blend", "blend_gain", "samples"}, means over
+    out-of-bootstrap bags (the tuned one is the bias-corrected estimate of the study's pick, the
+    blend one of its outputs averaged with the defaults'). ``y`` and ``groups`` are the cohort's,
     indexed by the bag numbers the trials stored. None when the study has no defaults trial or
     its trials stored no out-of-fold outputs."""
     import optuna
@@ -69,25 +86,35 @@ def bootstrap_comparison(
     first = kept.index(complete.index(defaults))
     sign = -1.0 if metric in MINIMISED else 1.0
     drawn_bags, left_out = _resamples(groups[bags], BOOTSTRAP_SAMPLES, seed)
-    tuned, baseline = [], []
+    scored = []  # per resample: the pick's, the defaults' and their blend's score on the bags left out
     for inside, outside in zip(drawn_bags, left_out, strict=True):
         scores = sign * _scores(task, metric, y[bags][inside], outputs[:, inside])
         if not np.isfinite(scores).any():
             continue
         pick = int(np.nanargmax(scores))
-        left = _scores(task, metric, y[bags][outside], outputs[[pick, first]][:, outside])
+        candidates = outputs[[pick, first]][:, outside]
+        candidates = np.concatenate([candidates, candidates.mean(0, keepdims=True)])
+        left = _scores(task, metric, y[bags][outside], candidates)
         if np.isfinite(left).all():
-            tuned.append(left[0])
-            baseline.append(left[1])
-    if not tuned:
+            scored.append(left)
+    if not scored:
         return None
-    tuned_mean, defaults_mean = float(np.mean(tuned)), float(np.mean(baseline))
+    tuned, defaults_mean, blend = (float(v) for v in np.mean(scored, axis=0))
     return {
-        "gain": sign * (tuned_mean - defaults_mean),
-        "tuned": tuned_mean,
+        "gain": sign * (tuned - defaults_mean),
+        "tuned": tuned,
         "defaults": defaults_mean,
-        "samples": len(tuned),
+        "blend": blend,
+        "blend_gain": sign * (blend - defaults_mean),
+        "samples": len(scored),
     }
+
+
+def blend_score(trials: list, task: Task, y: np.ndarray, metric: str) -> float:
+    """``metric`` of the trials' out-of-fold outputs averaged (a blend's cross-validated score)."""
+    bags = np.sort(trials[0].user_attrs["out_of_fold"]["bags"])
+    outputs = np.mean([_aligned(t, bags) for t in trials], axis=0)
+    return float(task.metrics(y[bags], outputs, only=metric)[metric])
 
 
 def _aligned(trial, bags: np.ndarray) -> np.ndarray | None:

@@ -13,8 +13,9 @@ PRUNERS = ("median", "hyperband", "none")
 # Which trial a study keeps (milcache.tuning.selection): "bootstrap" (the default) the calibrated
 # defaults (its first trial) unless picking the best trial gains on out-of-bootstrap bags, "one-se"
 # the defaults unless the best trial beats them by more than one standard error of its
-# cross-validated score, "best" the best trial.
-SELECTIONS = ("bootstrap", "one-se", "best")
+# cross-validated score, "best" the best trial, "blend" the defaults and the best trial averaged
+# unless that blend gains nothing over the defaults on out-of-bootstrap bags.
+SELECTIONS = ("bootstrap", "blend", "one-se", "best")
 # On a small cohort a trial's score rests on a handful of test bags per inner fold, and the best of
 # many trials is then mostly the luckiest. With repeats left to the cohort, the inner CV is repeated
 # until its test folds hold at least this many bags together (at most MAX_AUTO_REPEATS times): 3

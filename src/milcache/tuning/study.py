@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -15,12 +16,13 @@ import polars as pl
 
 from milcache import checks
 from milcache.aggregator.config import MINIMISED, TrainConfig
+from milcache.aggregator.model import save_blend
 from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
 from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
-from milcache.tuning.selection import bootstrap_comparison, chosen_trial
+from milcache.tuning.selection import blend_score, bootstrap_comparison, kept_trials
 from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import default_params, head_params, load_space, sample_config, swept_heads
 
@@ -393,21 +395,27 @@ def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarra
     return study, held_out
 
 
-def _holdout_estimate(kept, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings) -> dict | None:
-    """The kept trial's configuration refit on the study's bags and scored on the held-out ones."""
+def _holdout_estimate(
+    kept: list, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings
+) -> dict | None:
+    """The kept trials' configurations refit on the study's bags and scored on the held-out ones
+    (a blend's outputs averaged)."""
     if not len(held_out):
         return None
-    config = TrainConfig.from_stored(kept.user_attrs["config"])
-    model = refit(cohort, config, int(kept.user_attrs.get("epochs", config.epochs)), bags=study_bags)
-    logits, _ = infer(model, cohort.data, held_out, config)
-    metrics = cohort.task.metrics(cohort.y[held_out], cohort.task.outputs(logits).cpu().numpy())
+    logits = []
+    for trial in kept:
+        config = TrainConfig.from_stored(trial.user_attrs["config"])
+        model = refit(cohort, config, int(trial.user_attrs.get("epochs", config.epochs)), bags=study_bags)
+        logits.append(infer(model, cohort.data, held_out, config)[0])
+    outputs = cohort.task.outputs(cohort.task.combine_streams(logits)).cpu().numpy()
+    metrics = cohort.task.metrics(cohort.y[held_out], outputs)
     return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
 
 
 def _report(
     study, cohort, store_dir, labels, out: Path, settings, task_kind, device, seconds: float, progress: bool = False
-) -> tuple[dict, FrozenTrial]:
-    """best.json, the trials' table and plots, and RUN/best; returns the summary and the kept trial."""
+) -> tuple[dict, list[FrozenTrial]]:
+    """best.json, the trials' table and plots, and RUN/best; returns the summary and the kept trials."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -419,13 +427,16 @@ def _report(
     # Chosen once, here: a worker sharing the study may finish a better trial meanwhile, and
     # best.json, RUN/best and the held-out estimate must all be of the same configuration.
     comparison = bootstrap_comparison(study, cohort.task, cohort.y, cohort.groups, settings.metric, settings.seed)
-    chosen = chosen_trial(study, settings.metric, settings.folds, settings.selection, comparison)
+    kept = kept_trials(study, settings.metric, settings.folds, settings.selection, comparison)
+    chosen = kept[-1]
     config = TrainConfig.from_stored(chosen.user_attrs["config"])
+    blended = len(kept) > 1
     summary = {
         "metric": settings.metric,
-        "value": chosen.value,
+        "value": blend_score(kept, cohort.task, cohort.y, settings.metric) if blended else chosen.value,
         "trial": chosen.number,
         "defaults": bool(chosen.user_attrs.get("defaults")),
+        "blend": [t.number for t in kept] if blended else None,
         "selection": settings.selection,
         "best_trial": {
             "trial": best.number,
@@ -444,20 +455,37 @@ def _report(
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     plot_history(table, settings.metric, out / "history.png")
     plot_importances(study, out / "importances.png")
-    # The kept configuration's own CV and refit (out/best): its own bar, after the trials'.
-    train_head(
-        store_dir,
-        labels,
-        out / "best",
-        config,
-        settings.folds,
-        settings.repeats,
-        task_kind,
-        device,
-        cohort=cohort,
-        progress=progress,
-    )
-    return summary, chosen
+    _write_kept(kept, out / "best", cohort, store_dir, labels, settings, task_kind, device, progress)
+    return summary, kept
+
+
+def _write_kept(kept: list, best_dir: Path, cohort, store_dir, labels, settings, task_kind, device, progress) -> None:
+    """RUN/best: the kept configuration retrained as train-head would (its own CV, its own bar,
+    after the trials'), or for a blend each member so in a subdirectory and blend.json naming them.
+    What an earlier run of the study left there goes first: a stale blend.json would outrank it."""
+    if best_dir.is_dir():
+        shutil.rmtree(best_dir)
+    members = [""] if len(kept) == 1 else [_member_name(t) for t in kept]
+    for trial, member in zip(kept, members, strict=True):
+        config = TrainConfig.from_stored(trial.user_attrs["config"])
+        train_head(
+            store_dir,
+            labels,
+            best_dir / member,
+            config,
+            settings.folds,
+            settings.repeats,
+            task_kind,
+            device,
+            cohort=cohort,
+            progress=progress,
+        )
+    if len(kept) > 1:
+        save_blend(best_dir, members)
+
+
+def _member_name(trial) -> str:
+    return "defaults" if trial.user_attrs.get("defaults") else f"trial-{trial.number}"
 
 
 def trials_table(study) -> pl.DataFrame:
