@@ -264,3 +264,16 @@ def test_each_epoch_releases_kept_host_memory_before_its_workers_fork(cohort, tm
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert len(released) >= 2  # at least once an epoch
+
+
+def test_a_blend_is_refused_naming_its_members(tmp_path):
+    from milcache.aggregator.model import save_blend
+
+    for name in ("defaults", "trial-3"):
+        (tmp_path / "best" / name).mkdir(parents=True)
+    save_blend(tmp_path / "best", ["defaults", "trial-3"])
+    args = ["fine-tune", "--model", tmp_path / "best", "--manifest", tmp_path / "m.csv", "--out", tmp_path / "ft"]
+    (tmp_path / "m.csv").write_text("bag_id,path\n")
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 2 and "is a blend of several models" in result.output
+    assert str(tmp_path / "best" / "trial-3") in result.output and not (tmp_path / "ft").exists()

@@ -77,13 +77,16 @@ def fine_tune(
     progress: bool = False,
 ) -> FineTuneResult:
     """Fine-tune the backbone of ``store`` with the head of ``run`` on the images of ``manifest``."""
-    from milcache.aggregator.model import load_model, save_model
+    from milcache.aggregator.model import BLEND_FILE, load_model, save_model
     from milcache.devices import resolve_device, retain_freed_host_memory
     from milcache.extractor.backbones import file_digest
     from milcache.extractor.reread import source_of, store_backbone
     from milcache.store import FeatureStore, read_manifest
 
     run = Path(run)
+    if (run / BLEND_FILE).is_file():  # tune --select blend: two heads, and one backbone to tune for them
+        members = ", ".join(str(run / name) for name in json.loads((run / BLEND_FILE).read_text())["members"])
+        raise OptionError(f"{run} is a blend of several models; fine-tune one of them: {members}")
     out = checks.output_dir(out)
     torch_device = resolve_device(device)
     if torch_device.type == "cpu":
