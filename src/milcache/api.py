@@ -234,9 +234,10 @@ def tune(
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
     (``{"head": "attention"}``). The study's first trial is the calibrated defaults, the next ones
     every other head with its defaults (never pruned); ``select`` "bootstrap" (the default) keeps
-    the defaults unless picking the best trial gains on out-of-bootstrap bags, "one-se" unless the
-    best trial beats them by more than a standard error, "best" keeps the best trial (see
-    milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort
+    the defaults unless picking the best trial gains on out-of-bootstrap bags, "blend" the defaults
+    and the best trial together (outputs averaged) unless that blend gains nothing so, "one-se"
+    the defaults unless the best trial beats them by more than a standard error, "best" the best
+    trial (see milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort
     (more for fewer bags)."""
     from milcache.tuning.settings import TuneSettings
     from milcache.tuning.study import tune as run_study
