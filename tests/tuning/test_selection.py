@@ -105,6 +105,7 @@ def test_without_stored_outputs_bootstrap_keeps_what_one_se_keeps():
         )
     assert bootstrap_comparison(study, BINARY, np.zeros(4), np.arange(4), "auc") is None
     assert chosen_trial(study, "auc", 5, "bootstrap", None).number == 1  # 0.10 is 4 standard errors
+    assert [t.number for t in kept_trials(study, "auc", 5, "blend", None)] == [1]  # no outputs to blend
 
 
 def test_a_minimised_metric_gains_when_the_pick_is_lower():

@@ -52,9 +52,10 @@ def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dic
 
 def kept_trials(study, metric: str, folds: int, selection: str, comparison: dict | None = None) -> list:
     """The trials whose configurations the study keeps: ``chosen_trial``'s, and for "blend" the
-    defaults trial before it when it is another (the two predict together)."""
+    defaults trial before it when it is another (the two predict together). A blend needs the
+    trials' out-of-fold outputs: without a comparison "blend" keeps what "one-se" keeps, alone."""
     chosen = chosen_trial(study, metric, folds, selection, comparison)
-    if selection != "blend" or chosen.user_attrs.get("defaults"):
+    if selection != "blend" or comparison is None or chosen.user_attrs.get("defaults"):
         return [chosen]
     import optuna
 
