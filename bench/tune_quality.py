@@ -29,10 +29,17 @@ from scipy.stats import spearmanr
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.run import cross_validate, refit
 from milcache.aggregator.trainer import infer
-from milcache.tuning.selection import blend_score, bootstrap_comparison, kept_trials
+from milcache.tuning.selection import bootstrap_comparison, kept_score, kept_trials
 from milcache.tuning.settings import SELECTIONS
 from milcache.tuning.space import load_space
-from milcache.tuning.study import TuneSettings, _pruner, enqueue_start, make_objective, start_trials
+from milcache.tuning.study import (
+    TuneSettings,
+    _pruner,
+    enqueue_start,
+    make_objective,
+    refit_kept,
+    start_trials,
+)
 from quality import DATASETS, bench_splits, cohort_of, load_dataset
 
 
@@ -45,17 +52,6 @@ def _metrics(cohort, logits: torch.Tensor, test: np.ndarray) -> dict:
     outputs = cohort.task.outputs(logits).cpu().numpy()
     metrics = cohort.task.metrics(cohort.y[test], outputs)
     return {**{k: metrics[k] for k in ("accuracy", "auc")}, "outputs": np.round(outputs, 5).tolist()}
-
-
-def _kept_scores(cohort, kept: list, train: np.ndarray, test: np.ndarray) -> dict:
-    """The kept trials refit on ``train`` as tune refits them, scored on ``test`` (a blend's
-    outputs averaged as predict averages them)."""
-    logits = []
-    for trial in kept:
-        config = TrainConfig.from_stored(trial.user_attrs["config"])
-        model = refit(cohort, config, int(trial.user_attrs["epochs"]), bags=train)
-        logits.append(infer(model, cohort.data, test, config)[0])
-    return _metrics(cohort, cohort.task.combine_streams(logits) if len(logits) > 1 else logits[0], test)
 
 
 def defaults_fold(cohort, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
@@ -117,8 +113,8 @@ def tuned_fold(
     for selection in SELECTIONS:
         kept = kept_trials(study, settings.metric, settings.folds, selection, comparison)
         result[selection] = {
-            **_kept_scores(cohort, kept, train, test),
-            "inner_auc": blend_score(kept, cohort.task, cohort.y, settings.metric) if len(kept) > 1 else kept[-1].value,
+            **_metrics(cohort, refit_kept(kept, cohort, train, test), test),
+            "inner_auc": kept_score(kept, cohort.task, cohort.y, settings.metric),
             "head": "+".join(TrainConfig.from_stored(t.user_attrs["config"]).head for t in kept),
             "trial": kept[-1].number,
             "repeats": settings.repeats,

@@ -111,6 +111,11 @@ def bootstrap_comparison(
     }
 
 
+def kept_score(kept: list, task: Task, y: np.ndarray, metric: str) -> float:
+    """The cross-validated score of what a study keeps: its trial's value, or a blend's."""
+    return kept[0].value if len(kept) == 1 else blend_score(kept, task, y, metric)
+
+
 def blend_score(trials: list, task: Task, y: np.ndarray, metric: str) -> float:
     """``metric`` of the trials' out-of-fold outputs averaged (a blend's cross-validated score)."""
     bags = np.sort(trials[0].user_attrs["out_of_fold"]["bags"])

@@ -22,7 +22,7 @@ from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, 
 from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError
-from milcache.tuning.selection import blend_score, bootstrap_comparison, kept_trials
+from milcache.tuning.selection import bootstrap_comparison, kept_score, kept_trials
 from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import default_params, head_params, load_space, sample_config, swept_heads
 
@@ -398,18 +398,23 @@ def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarra
 def _holdout_estimate(
     kept: list, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings
 ) -> dict | None:
-    """The kept trials' configurations refit on the study's bags and scored on the held-out ones
-    (a blend's outputs averaged)."""
+    """The kept trials' configurations refit on the study's bags and scored on the held-out ones."""
     if not len(held_out):
         return None
+    outputs = cohort.task.outputs(refit_kept(kept, cohort, study_bags, held_out)).cpu().numpy()
+    metrics = cohort.task.metrics(cohort.y[held_out], outputs)
+    return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
+
+
+def refit_kept(kept: list, cohort: Cohort, bags: np.ndarray, scored: np.ndarray):
+    """The kept trials' configurations refit on ``bags`` as tune refits them, and their logits on
+    ``scored`` (a blend's combined as predict combines them)."""
     logits = []
     for trial in kept:
         config = TrainConfig.from_stored(trial.user_attrs["config"])
-        model = refit(cohort, config, int(trial.user_attrs.get("epochs", config.epochs)), bags=study_bags)
-        logits.append(infer(model, cohort.data, held_out, config)[0])
-    outputs = cohort.task.outputs(cohort.task.combine_streams(logits)).cpu().numpy()
-    metrics = cohort.task.metrics(cohort.y[held_out], outputs)
-    return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
+        model = refit(cohort, config, int(trial.user_attrs.get("epochs", config.epochs)), bags=bags)
+        logits.append(infer(model, cohort.data, scored, config)[0])
+    return logits[0] if len(logits) == 1 else cohort.task.combine_streams(logits)
 
 
 def _report(
@@ -433,7 +438,7 @@ def _report(
     blended = len(kept) > 1
     summary = {
         "metric": settings.metric,
-        "value": blend_score(kept, cohort.task, cohort.y, settings.metric) if blended else chosen.value,
+        "value": kept_score(kept, cohort.task, cohort.y, settings.metric),
         "trial": chosen.number,
         "defaults": bool(chosen.user_attrs.get("defaults")),
         "blend": [t.number for t in kept] if blended else None,
