@@ -128,11 +128,7 @@ def _ranking(cohort, study, train: np.ndarray, test: np.ndarray) -> dict:
     """Every complete trial refit on ``train`` and scored on ``test``: the Spearman correlation of
     its inner-CV score with its outside AUC, and the outside AUC of the best and the median trial."""
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    outside = []
-    for trial in complete:
-        config = TrainConfig.from_stored(trial.user_attrs["config"])
-        model = refit(cohort, config, int(trial.user_attrs["epochs"]), bags=train)
-        outside.append(_scores(cohort, model, config, test))
+    outside = [_metrics(cohort, refit_kept([trial], cohort, train, test), test) for trial in complete]
     inner = [t.value for t in complete]
     auc = np.array([o["auc"] for o in outside])
     return {
