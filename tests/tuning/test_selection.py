@@ -143,3 +143,26 @@ def test_a_patient_is_drawn_or_left_out_with_all_of_its_slides():
             slides = np.flatnonzero(groups == patient)
             counts = np.bincount(drawn, minlength=7)[slides]
             assert len(set(counts)) == 1  # every slide of the patient as often as the others
+
+
+def test_a_best_trial_without_stored_outputs_is_judged_by_one_se_and_kept_alone():
+    # A resumed study: its best trial came from an older milcache run that stored no out-of-fold
+    # outputs, the others did. The bootstrap compared another pick, so it cannot judge this one,
+    # and there is nothing to blend it with.
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 20)
+    bags = np.arange(40)
+    trials = [1 / (1 + np.exp(-(s * (y - 0.5) + rng.normal(size=40)))) for s in (1.0, 0.2, 0.4)]
+    study = _study_of(trials, bags, y)
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.99,
+            params={"x": 50.0},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 100)},
+            user_attrs={"defaults": False, "metrics": {"auc_std": 0.01}},
+        )
+    )
+    comparison = bootstrap_comparison(study, BINARY, y, bags.astype(object), "auc")
+    assert comparison is not None and comparison["gain"] <= 0  # the pick among stored outputs: no gain
+    assert chosen_trial(study, "auc", 5, "bootstrap", comparison).number == 3  # one-se: far ahead
+    assert [t.number for t in kept_trials(study, "auc", 5, "blend", comparison)] == [3]
