@@ -12,7 +12,8 @@ DIM = 12
 
 def _head(name: str, n_outputs: int = 2):
     torch.manual_seed(0)
-    return create_head(name, DIM, n_outputs, hidden=16, dropout=0.0).eval()
+    small = {k: v for k, v in {"hidden": 16, "dropout": 0.0}.items() if k in head_class(name).options()}
+    return create_head(name, DIM, n_outputs, **small).eval()
 
 
 def test_registry_lists_every_head_and_rejects_unknown_names():
@@ -27,6 +28,7 @@ def test_registry_lists_every_head_and_rejects_unknown_names():
         "transformer",
         "clam-sb",
         "dsmil",
+        "linear",
     } <= set(list_heads())
     with pytest.raises(MilcacheError, match="unknown head 'nope'; choose one of: attention"):
         create_head("nope", 4, 1)
@@ -104,6 +106,30 @@ def test_attention_matches_ilse_written_out(name):
         expected = head.classifier(weights @ h)
     torch.testing.assert_close(out.scores[0], weights)
     torch.testing.assert_close(out.logits[0], expected)
+
+
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_linear_probe_is_logistic_regression_on_the_mean_standardised_embedding(n_outputs):
+    """SimpleMI written out per bag: standardise, average the bag's instances, one affine map;
+    each instance's score is its own logit for the last class."""
+    from milcache.aggregator.model import MILModel
+    from milcache.aggregator.tasks import Task
+
+    torch.manual_seed(1)
+    task = Task("binary", [0, 1]) if n_outputs == 1 else Task("multiclass", ["a", "b", "c"])
+    model = MILModel(create_head("linear", DIM, n_outputs), DIM, task).eval()
+    model.mean.copy_(torch.randn(DIM))
+    model.std.copy_(torch.rand(DIM) + 0.5)
+    x = torch.randn(1, 6, DIM) * 3
+    weight, bias = model.head.instance_layer.weight, model.head.instance_layer.bias
+    with torch.no_grad():
+        out = model(x, torch.ones(1, 6, dtype=torch.bool))
+        z = (x[0] - model.mean) / model.std
+        torch.testing.assert_close(out.logits[0], z.mean(0) @ weight.T + bias)
+        torch.testing.assert_close(out.scores[0], z @ weight[-1] + bias[-1])
+    assert head_class("linear").options() == []
+    with pytest.raises(MilcacheError, match="has no option"):
+        create_head("linear", DIM, 1, hidden=16)
 
 
 def test_noisy_and_matches_formula():

@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np, polars as pl
     from milcache.aggregator.config import TrainConfig
-    from milcache.aggregator.heads import list_heads
+    from milcache.aggregator.heads import head_class, list_heads
     from milcache.aggregator.predict import predict
     from milcache.aggregator.run import train_head
     from milcache.store import StoreWriter
@@ -39,6 +39,7 @@ _SCRIPT = textwrap.dedent(
     for head in list_heads():
         start = time.perf_counter()
         options = {"hidden": 32, **({"heads": 1} if head == "transformer" else {})}  # small: the test's time
+        options = {k: v for k, v in options.items() if k in head_class(head).options()}
         config = TrainConfig(head=head, epochs=1, head_options=options)
         train_head(root / "store", root / "labels.csv", root / head, config, folds=2, device="cpu")
         predict(root / head, root / "store", root / f"{head}.csv", device="cpu")

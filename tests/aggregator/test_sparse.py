@@ -144,7 +144,7 @@ def test_a_store_of_word_counts_trains_from_the_cli_and_predicts_as_the_dense_pa
         np.testing.assert_allclose([i["score"] for i in ours], [i["score"] for i in theirs], atol=2e-6)
 
 
-@pytest.mark.parametrize("head", ["dsmil", "clam-sb", "transformer"])
+@pytest.mark.parametrize("head", ["dsmil", "clam-sb", "transformer", "linear"])
 def test_every_head_trains_alike_on_sparse_rows_with_subsampled_bags(head):
     """The instance layer is the heads' common first step: any head, with ``--instances`` drawing
     random instances, gives the dense path's probabilities (CLAM's top-k instance loss amplifies

@@ -46,17 +46,7 @@ def head_class(name: str) -> type[Head]:
 def resolved_options(name: str, options: dict) -> dict:
     """Every option of head ``name``: the given ones, the head's defaults for the rest (what a run
     directory records, so that it rebuilds the same head after a default changes)."""
-    import inspect
-
-    resolved = {}
-    for klass in reversed(head_class(name).__mro__):
-        if klass in (nn.Module, object):
-            continue
-        for param in inspect.signature(klass.__init__).parameters.values():
-            if param.name not in ("self", "in_dim", "n_outputs", "n_classes", "args", "kwargs"):
-                resolved[param.name] = param.default
-    resolved.update({k: v for k, v in options.items() if v is not None})
-    return resolved
+    return {**head_class(name).option_defaults(), **{k: v for k, v in options.items() if v is not None}}
 
 
 def check_head(name: str, options: dict) -> None:
@@ -215,15 +205,26 @@ class Head(nn.Module):
     @classmethod
     def options(cls) -> list[str]:
         """The keyword options of this head (for the CLI, the tuner and the error messages)."""
+        return list(cls.option_defaults())
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """Every keyword option of this head with its default. A head's ``__init__`` names its
+        options; one that passes ``*args, **kwargs`` on takes those of the head it builds on too."""
         import inspect
 
-        names = []
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        defaults = {}
         for klass in cls.__mro__:
             if klass in (nn.Module, object):
-                continue
-            params = inspect.signature(klass.__init__).parameters
-            names += [p for p in params if p not in ("self", "in_dim", "n_outputs", "n_classes") and p not in names]
-        return names
+                break
+            params = inspect.signature(klass.__init__).parameters.values()
+            for param in params:
+                if param.kind not in variadic and param.name not in ("self", "in_dim", "n_outputs", "n_classes"):
+                    defaults.setdefault(param.name, param.default)
+            if not any(param.kind in variadic for param in params):
+                break
+        return defaults
 
     def embed(
         self,
@@ -240,14 +241,14 @@ class Head(nn.Module):
         reduced-precision autocast, it runs on x in float32 (there before the reduced-precision
         matmul, whose rounding of raw values would otherwise be amplified by 1/std)."""
         if isinstance(x, Preactivated):
-            return self.instance_dropout(F.relu(x.values))
+            return self.activate(x.values)
         weight, bias = self.instance_layer.weight, self.instance_layer.bias
         if isinstance(x, SparseRows):
             if mean is None or std is None:
                 mean, std = torch.zeros_like(weight[0]), torch.ones_like(weight[0])
             single = SparseRows(x.columns.unsqueeze(0), x.values.unsqueeze(0))
             z = sparse_affine(single, weight.T.unsqueeze(0), bias.unsqueeze(0), mean.unsqueeze(0), std.unsqueeze(0))
-            return self.instance_dropout(F.relu(z.view(*x.columns.shape[:-1], -1)))
+            return self.activate(z.view(*x.columns.shape[:-1], -1))
         if mean is not None and std is not None:
             inv = _inverse_std(std)
             reduced = x.device.type == "cuda" or torch.is_autocast_enabled(x.device.type)
@@ -258,7 +259,11 @@ class Head(nn.Module):
                 bias = bias - weight @ mean
         if x.dtype != weight.dtype and x.device.type != "cuda":
             x = x.to(weight.dtype)
-        return self.instance_dropout(F.relu(F.linear(x, weight, bias)))
+        return self.activate(F.linear(x, weight, bias))
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """The instance layer's output from its pre-activation W z + b."""
+        return self.instance_dropout(F.relu(z))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
         return self.aggregate(self.embed(x), mask)
@@ -300,6 +305,26 @@ class _PoolingHead(Head):
 
     def aggregate(self, h: torch.Tensor, mask: torch.Tensor) -> HeadOutput:
         return HeadOutput(self.classifier(self.pool(h, mask)), None)
+
+
+@register_head("linear")
+class LinearProbe(Head):
+    """Logistic regression on the bag's mean standardised embedding (SimpleMI, Dong 2006; the
+    linear probe of foundation-model papers). No hidden layer: on a cohort of a few dozen bags of
+    thousands of features there is then little to overfit but one weight per feature and class,
+    which weight decay and the elastic net hold back. Being linear, a bag's logits are the mean of
+    its instances' own logits W zᵢ + b (the instance layer is the classifier), and an instance's
+    score is its logit for the last class."""
+
+    def __init__(self, in_dim: int, n_outputs: int) -> None:
+        super().__init__(in_dim, n_outputs, hidden=n_outputs, dropout=0.0)
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def aggregate(self, h, mask):
+        h = h.float()
+        return HeadOutput(masked_mean(h, mask), h[..., -1].masked_fill(~mask, 0.0))
 
 
 @register_head("mean")
