@@ -28,16 +28,13 @@ BOOTSTRAP_SAMPLES = 300
 
 def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dict | None = None):
     """The trial whose configuration the study keeps, by ``selection`` (see the module's text).
-    "bootstrap" needs ``comparison`` (from ``bootstrap_comparison``); without one (a study of
-    trials that stored no out-of-fold outputs), or when the best trial stored none (it came from
-    an older milcache run, so the comparison judged another pick), it keeps what "one-se" keeps."""
+    "bootstrap" needs ``comparison`` (from ``bootstrap_comparison``); without one (its trials, or
+    its best trial, stored no out-of-fold outputs) it keeps what "one-se" keeps."""
     import optuna
 
     best = study.best_trial
     if selection == "best" or best.user_attrs.get("defaults"):
         return best
-    if "out_of_fold" not in best.user_attrs:
-        comparison = None  # the comparison judged the best trial that stored outputs, not this one
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
     if defaults is None:
@@ -56,11 +53,9 @@ def chosen_trial(study, metric: str, folds: int, selection: str, comparison: dic
 def kept_trials(study, metric: str, folds: int, selection: str, comparison: dict | None = None) -> list:
     """The trials whose configurations the study keeps: ``chosen_trial``'s, and for "blend" the
     defaults trial before it when it is another (the two predict together). A blend needs the
-    trials' out-of-fold outputs: without a comparison, or when the chosen trial stored none, "blend"
-    keeps what "one-se" keeps, alone."""
+    trials' out-of-fold outputs: without a comparison "blend" keeps what "one-se" keeps, alone."""
     chosen = chosen_trial(study, metric, folds, selection, comparison)
-    blendable = comparison is not None and "out_of_fold" in chosen.user_attrs
-    if selection != "blend" or not blendable or chosen.user_attrs.get("defaults"):
+    if selection != "blend" or comparison is None or chosen.user_attrs.get("defaults"):
         return [chosen]
     import optuna
 
@@ -75,13 +70,14 @@ def bootstrap_comparison(
     saw: {"gain", "tuned", "defaults", "blend", "blend_gain", "samples"}, means over
     out-of-bootstrap bags (the tuned one is the bias-corrected estimate of the study's pick, the
     blend one of its outputs averaged with the defaults'). ``y`` and ``groups`` are the cohort's,
-    indexed by the bag numbers the trials stored. None when the study has no defaults trial or
-    its trials stored no out-of-fold outputs."""
+    indexed by the bag numbers the trials stored. None when the study has no defaults trial, or
+    it or the best trial stored no out-of-fold outputs (a resumed study's trial from an older
+    milcache run): the resamples' picks would then not be the study's."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     defaults = next((t for t in complete if t.user_attrs.get("defaults")), None)
-    if defaults is None or "out_of_fold" not in defaults.user_attrs:
+    if defaults is None or any("out_of_fold" not in t.user_attrs for t in (defaults, study.best_trial)):
         return None
     bags = np.sort(defaults.user_attrs["out_of_fold"]["bags"])
     outputs = [_aligned(t, bags) for t in complete]
