@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from milcache.errors import OptionError
+from milcache.tuning.settings import DEFAULT_SELECTION
 
 if TYPE_CHECKING:
     import polars as pl
@@ -226,16 +227,16 @@ def tune(
     seed: int = 0,
     memory_budget: str | int | None = None,
     skip_duplicates: bool = False,
-    select: str = "bootstrap",
+    select: str = DEFAULT_SELECTION,
     device: str = "auto",
     progress: bool = False,
 ) -> TuneResult:
     """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the chosen
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
     (``{"head": "attention"}``). The study's first trial is the calibrated defaults, the next ones
-    every other head with its defaults (never pruned); ``select`` "bootstrap" (the default) keeps
-    the defaults unless picking the best trial gains on out-of-bootstrap bags, "blend" the defaults
-    and the best trial together (outputs averaged) unless that blend gains nothing so, "one-se"
+    every other head with its defaults (never pruned); ``select`` "blend" (the default) keeps the
+    defaults and the best trial together (outputs averaged) unless that blend gains nothing on
+    out-of-bootstrap bags, "bootstrap" the defaults alone unless the best trial alone gains so, "one-se"
     the defaults unless the best trial beats them by more than a standard error, "best" the best
     trial (see milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort
     (more for fewer bags)."""

@@ -24,7 +24,7 @@ from milcache.aggregator.config import (
 )
 from milcache.devices import DECODE_CHOICES, PRECISION_HELP, PRECISIONS
 from milcache.errors import MilcacheError
-from milcache.tuning.settings import AUTO_REPEATS_BAGS, MAX_AUTO_REPEATS, PRUNERS, SELECTIONS
+from milcache.tuning.settings import AUTO_REPEATS_BAGS, DEFAULT_SELECTION, MAX_AUTO_REPEATS, PRUNERS, SELECTIONS
 
 
 class _Group(click.Group):
@@ -648,14 +648,14 @@ def predict_command(
 @click.option(
     "--select",
     type=click.Choice(SELECTIONS),
-    default="bootstrap",
+    default=DEFAULT_SELECTION,
     show_default=True,
     help="Which trial to keep. The first trial is the calibrated defaults (when the space holds "
-    "their head); bootstrap keeps them unless picking the best trial gains on the bags that "
-    "bootstrap resamples of the trials' out-of-fold outputs leave out; blend keeps them together with "
-    "the best trial (outputs averaged) unless that blend gains nothing so; one-se keeps them unless the "
-    "best trial beats them by more than one standard error of its CV score; best keeps the best trial "
-    "(whose score is the most optimistic).",
+    "their head); blend keeps them together with the best trial (outputs averaged) unless that blend "
+    "gains nothing on the bags that bootstrap resamples of the trials' out-of-fold outputs leave out; "
+    "bootstrap keeps the defaults alone unless picking the best trial alone gains so; one-se keeps them "
+    "unless the best trial beats them by more than one standard error of its CV score; best keeps the "
+    "best trial (whose score is the most optimistic).",
 )
 @task_option
 @classes_option

@@ -197,7 +197,8 @@ def run_demo(
         echo,
     )
     best = study.best
-    echo(f"  best of {trials} trials: {best['head']}, cross-validated {best['metric']} {best['value']:.3f}")
+    kept = f"the defaults blended with {best['head']}" if best["blend"] else best["head"]
+    echo(f"  kept of {trials} trials: {kept}, cross-validated {best['metric']} {best['value']:.3f}")
     trained = _step(
         "train-head",
         milcache.train_head,

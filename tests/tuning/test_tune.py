@@ -16,11 +16,11 @@ from sklearn.metrics import roc_auc_score
 from milcache.aggregator.config import TrainConfig
 from milcache.aggregator.heads import list_heads
 from milcache.aggregator.model import load_model
-from milcache.aggregator.run import train_head
+from milcache.aggregator.run import load_cohort, train_head
 from milcache.cli import cli
 from milcache.errors import MilcacheError
 from milcache.store.synthetic import make_synthetic_store
-from milcache.tuning.selection import chosen_trial
+from milcache.tuning.selection import chosen_trial, kept_score
 from milcache.tuning.space import _admits, default_params, load_space, sample_config
 from milcache.tuning.study import TuneSettings, enqueue_start, safe_url, start_trials, tune
 
@@ -78,7 +78,9 @@ def test_study_beats_mean_pooling_and_best_rebuilds(cohort, tmp_path):
     for name in ("best.json", "trials.parquet", "history.png", "importances.png", "study.db"):
         assert (tmp_path / "study" / name).is_file(), name
     saved = json.loads((tmp_path / "study" / "best.json").read_text())
-    _, config, _ = load_model(tmp_path / "study" / "best")
+    # The default rule may keep a blend: the kept trial is then the member beside the defaults.
+    kept_dir = tmp_path / "study" / "best" / (f"trial-{saved['trial']}" if saved["blend"] else "")
+    _, config, _ = load_model(kept_dir)
     assert config["head"] == saved["head"]
     chosen = {k: v for k, v in saved["config"].items() if v is not None}  # None: resolved from the cohort
     assert {k: config["train"][k] for k in chosen} == chosen
@@ -479,18 +481,28 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
     first = study.trials[0]
     assert first.user_attrs["defaults"] and first.params["head"] == "gated-attention"
     assert first.params["lr"] == TrainConfig.lr and first.params["weight_decay"] == TrainConfig.weight_decay
-    assert best["best_trial"]["value"] == study.best_value and best["selection"] == "bootstrap"
+    assert best["best_trial"]["value"] == study.best_value and best["selection"] == "blend"
     # Every trial keeps each study bag's out-of-fold outputs, which the bootstrap comparison reads.
     stored = first.user_attrs["out_of_fold"]
     assert sorted(stored["bags"]) == list(range(100)) and np.asarray(stored["outputs"]).shape == (100, 2)
     assert np.allclose(np.asarray(stored["outputs"]).sum(1), 1, atol=1e-3)
     assert best["bootstrap"]["samples"] > 200 and 0 <= best["bootstrap"]["tuned"] <= 1
     kept = study.trials[best["trial"]]
-    assert best["value"] == kept.value and best["defaults"] == (kept.number == 0)
+    members = [study.trials[n] for n in best["blend"]] if best["blend"] else [kept]
+    loaded = load_cohort(cohort / "store", cohort / "labels.csv", device="cpu")
+    assert best["value"] == kept_score(members, loaded.task, loaded.y, "auc")
+    assert best["defaults"] == (kept.number == 0) and (not best["blend"] or members[0].number == 0)
     from milcache.cli import _chosen_line
 
     line = _chosen_line(
-        {**best, "trial": 0, "defaults": True, "value": 0.8, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
+        {
+            **best,
+            "trial": 0,
+            "defaults": True,
+            "blend": None,
+            "value": 0.8,
+            "best_trial": {"trial": 2, "value": 0.81, "head": "max"},
+        }
     )
     assert "the calibrated defaults" in line and "trial 2 (max, 0.8100)" in line and "--select best" in line
     assert f"bias-corrected auc of picking the best trial: {best['bootstrap']['tuned']:.4f}" in line
@@ -500,13 +512,14 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
             "selection": "bootstrap",
             "trial": 0,
             "defaults": True,
+            "blend": None,
             "best_trial": {"trial": 2, "value": 0.81, "head": "max"},
         }
     )
     assert "gains nothing over them on the bags that bootstrap resamples of the study leave out" in line
     assert "2-fold CV × 1" in line  # 100 study bags: auto chose one repeat
     assert "the best trial, so optimistic" in _chosen_line(
-        {**best, "defaults": False, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
+        {**best, "defaults": False, "blend": None, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
     )
 
 

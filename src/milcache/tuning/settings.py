@@ -10,12 +10,14 @@ from milcache import checks
 from milcache.aggregator.config import METRICS
 
 PRUNERS = ("median", "hyperband", "none")
-# Which trial a study keeps (milcache.tuning.selection): "bootstrap" (the default) the calibrated
-# defaults (its first trial) unless picking the best trial gains on out-of-bootstrap bags, "one-se"
-# the defaults unless the best trial beats them by more than one standard error of its
-# cross-validated score, "best" the best trial, "blend" the defaults and the best trial averaged
-# unless that blend gains nothing over the defaults on out-of-bootstrap bags.
-SELECTIONS = ("bootstrap", "blend", "one-se", "best")
+# Which trial a study keeps (milcache.tuning.selection): "blend" (the default) the calibrated
+# defaults (its first trial) and the best trial averaged unless that blend gains nothing over the
+# defaults on out-of-bootstrap bags, "bootstrap" the defaults unless picking the best trial alone
+# gains on them, "one-se" the defaults unless the best trial beats them by more than one standard
+# error of its cross-validated score, "best" the best trial. The blend is the default because it
+# risks least where a study's ranking is noise (README: "Does tune beat its defaults?").
+SELECTIONS = ("blend", "bootstrap", "one-se", "best")
+DEFAULT_SELECTION = SELECTIONS[0]
 # On a small cohort a trial's score rests on a handful of test bags per inner fold, and the best of
 # many trials is then mostly the luckiest. With repeats left to the cohort, the inner CV is repeated
 # until its test folds hold at least this many bags together (at most MAX_AUTO_REPEATS times): 3
@@ -39,7 +41,7 @@ class TuneSettings:
     seed: int = 0
     holdout: float = 0.2  # of the bags (grouped, stratified), kept out of the study for an unbiased estimate
     skip_duplicates: bool = False  # leave out the near-duplicate instances `index dedup` marked
-    selection: str = "bootstrap"  # one of SELECTIONS
+    selection: str = DEFAULT_SELECTION  # one of SELECTIONS
 
     def __post_init__(self) -> None:
         checks.at_least("--n-trials", self.n_trials, 1)
