@@ -717,9 +717,13 @@ def _chosen_line(best: dict) -> str:
         score = f"{metric} {best['value']:.4f}"
         line = f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
     else:
+        why = {
+            "blend": "blended with them gains nothing",
+            "bootstrap": "gains nothing over them",
+        }.get(best.get("selection"))
         why = (
-            "gains nothing over them on the bags that bootstrap resamples of the study leave out"
-            if best.get("selection") in ("bootstrap", "blend")
+            f"{why} on the bags that bootstrap resamples of the study leave out"
+            if why
             else "leads by less than one standard error of its score, which the choice among many trials inflates"
         )
         line = (

@@ -517,6 +517,10 @@ def test_tune_tries_the_defaults_first_and_says_which_trial_it_kept(cohort, tmp_
         }
     )
     assert "gains nothing over them on the bags that bootstrap resamples of the study leave out" in line
+    line = _chosen_line(
+        {**best, "trial": 0, "defaults": True, "blend": None, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
+    )
+    assert "(max, 0.8100) blended with them gains nothing on the bags that bootstrap resamples" in line
     assert "2-fold CV × 1" in line  # 100 study bags: auto chose one repeat
     assert "the best trial, so optimistic" in _chosen_line(
         {**best, "defaults": False, "blend": None, "trial": 2, "best_trial": {"trial": 2, "value": 0.81, "head": "max"}}
