@@ -128,6 +128,11 @@ def tuned_fold(
     return result
 
 
+def study_dir(studies: Path, name: str, outer: int, trials: int, fold: int) -> Path:
+    """Where outer fold ``fold``'s study of data set ``name`` is kept (bench/tune_rules.py reads it)."""
+    return studies / f"{name}-outer{outer}-trials{trials}-fold{fold}"
+
+
 def _ranking(cohort, study, train: np.ndarray, test: np.ndarray) -> dict:
     """Every complete trial refit on ``train`` and scored on ``test``: the Spearman correlation of
     its inner-CV score with its outside AUC, and the outside AUC of the best and the median trial."""
@@ -222,7 +227,7 @@ def main() -> None:
         ours, tuned = [], []
         for k, (train, test) in enumerate(splits):
             ours.append(defaults_fold(cohort, train, test, args.seed + k))
-            studies = args.studies / f"{name}-outer{args.outer}-trials{args.trials}-fold{k}"
+            studies = study_dir(args.studies, name, args.outer, args.trials, k)
             tuned.append(
                 tuned_fold(cohort, train, test, args.trials, args.seed + k, studies, repeats, args.every_trial)
             )

@@ -26,8 +26,9 @@ import optuna
 from sklearn.metrics import roc_auc_score
 
 from milcache.aggregator.tasks import Task
-from milcache.tuning.selection import BOOTSTRAP_SAMPLES, _resamples, _scores
+from milcache.tuning.selection import _aligned, resampled_scores
 from quality import bench_splits, load_dataset
+from tune_quality import study_dir
 
 GREEDY_STEPS = 20
 
@@ -81,19 +82,10 @@ def blend_if_sure(share: float) -> Rule:
 
     def members(fold: Fold) -> list[int]:
         outputs = np.stack([1 - fold.inner, fold.inner], axis=-1)
-        task = Task("binary", [0, 1])
         bags = np.arange(len(fold.inner_y)).astype(object)  # a bag is its own patient
-        wins = []
-        for inside, left_out in zip(*_resamples(bags, BOOTSTRAP_SAMPLES, 0), strict=True):
-            scores = _scores(task, "auc", fold.inner_y[inside], outputs[:, inside])
-            if not np.isfinite(scores).any():
-                continue
-            pair = outputs[[int(np.nanargmax(scores)), fold.defaults]][:, left_out]
-            blend, alone = _scores(task, "auc", fold.inner_y[left_out], np.stack([pair.mean(0), pair[1]]))
-            if np.isfinite([blend, alone]).all():
-                wins.append(blend > alone)
-        best = int(np.argmax(fold.values))
-        return [fold.defaults, best] if np.mean(wins) >= share else [fold.defaults]
+        scores = resampled_scores(outputs, fold.defaults, Task("binary", [0, 1]), "auc", fold.inner_y, bags)
+        sure = np.mean(scores[:, 2] > scores[:, 1]) >= share  # the blend's column against the defaults'
+        return [fold.defaults, int(np.argmax(fold.values))] if sure else [fold.defaults]
 
     return members
 
@@ -113,21 +105,17 @@ RULES: dict[str, Rule] = {
 }
 
 
-def load_fold(name: str, k: int, tuned: dict, y: np.ndarray, test: np.ndarray, studies: Path) -> Fold:
+def load_fold(directory: Path, tuned: dict, y: np.ndarray, test: np.ndarray) -> Fold:
     ranking = tuned["ranking"]
-    databases = sorted((studies / f"{name}-fold{k}").glob("*.db"))
+    databases = sorted(directory.glob("*.db"))
     if not databases:
-        raise SystemExit(f"no study for {name} fold {k} under {studies} (run tune_quality with the same options)")
+        raise SystemExit(f"no study in {directory} (run tune_quality with the same options)")
     study = optuna.load_study(study_name="milcache", storage=f"sqlite:///{databases[0]}")
     trials = {t.number: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     chosen = [trials[n] for n in ranking["numbers"]]
     bags = np.sort(chosen[0].user_attrs["out_of_fold"]["bags"])
-    inner = []
-    for trial in chosen:
-        stored = trial.user_attrs["out_of_fold"]
-        inner.append(np.asarray(stored["outputs"])[np.argsort(stored["bags"])][:, 1])
     return Fold(
-        inner=np.array(inner),
+        inner=np.stack([_aligned(trial, bags)[:, 1] for trial in chosen]),
         inner_y=y[bags],
         values=np.array([t.value for t in chosen]),
         heads=[t.params.get("head") for t in chosen],
@@ -152,9 +140,8 @@ def main() -> None:
             raise SystemExit(f"{args.scores}: {name} was run without --every-trial")
         _, y = load_dataset(name, args.cache)
         splits = bench_splits(y, args.outer, 1, args.seed)[: len(result["tuned"])]
-        prefix = f"{name}-outer{args.outer}-trials{args.trials}"
         folds = [
-            load_fold(prefix, k, t, y, test, args.studies)
+            load_fold(study_dir(args.studies, name, args.outer, args.trials, k), t, y, test)
             for k, (t, (_, test)) in enumerate(zip(result["tuned"], splits, strict=True))
         ]
         print(f"{name}: outside AUC of each rule, {len(folds)} outer folds")

@@ -717,14 +717,13 @@ def _chosen_line(best: dict) -> str:
         score = f"{metric} {best['value']:.4f}"
         line = f"kept: trial {best['trial']}, {kept}, {score} ({scored}: the best trial, so optimistic)"
     else:
+        left_out = "on the bags that bootstrap resamples of the study leave out"
         why = {
-            "blend": "blended with them gains nothing",
-            "bootstrap": "gains nothing over them",
-        }.get(best.get("selection"))
-        why = (
-            f"{why} on the bags that bootstrap resamples of the study leave out"
-            if why
-            else "leads by less than one standard error of its score, which the choice among many trials inflates"
+            "blend": f"blended with them gains nothing {left_out}",
+            "bootstrap": f"gains nothing over them {left_out}",
+        }.get(
+            best.get("selection"),
+            "leads by less than one standard error of its score, which the choice among many trials inflates",
         )
         line = (
             f"kept: trial {best['trial']}, the calibrated defaults, {metric} {best['value']:.4f} ({scored}); "

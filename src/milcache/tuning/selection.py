@@ -88,22 +88,11 @@ def bootstrap_comparison(
         return None
     outputs = np.stack([outputs[k] for k in kept])  # trials × bags × outputs
     first = kept.index(complete.index(defaults))
-    sign = -1.0 if metric in MINIMISED else 1.0
-    drawn_bags, left_out = _resamples(groups[bags], BOOTSTRAP_SAMPLES, seed)
-    scored = []  # per resample: the pick's, the defaults' and their blend's score on the bags left out
-    for inside, outside in zip(drawn_bags, left_out, strict=True):
-        scores = sign * _scores(task, metric, y[bags][inside], outputs[:, inside])
-        if not np.isfinite(scores).any():
-            continue
-        pick = int(np.nanargmax(scores))
-        candidates = outputs[[pick, first]][:, outside]
-        candidates = np.concatenate([candidates, candidates.mean(0, keepdims=True)])
-        left = _scores(task, metric, y[bags][outside], candidates)
-        if np.isfinite(left).all():
-            scored.append(left)
-    if not scored:
+    scored = resampled_scores(outputs, first, task, metric, y[bags], groups[bags], seed)
+    if not len(scored):
         return None
-    tuned, defaults_mean, blend = (float(v) for v in np.mean(scored, axis=0))
+    sign = -1.0 if metric in MINIMISED else 1.0
+    tuned, defaults_mean, blend = (float(v) for v in scored.mean(axis=0))
     return {
         "gain": sign * (tuned - defaults_mean),
         "tuned": tuned,
@@ -112,6 +101,27 @@ def bootstrap_comparison(
         "blend_gain": sign * (blend - defaults_mean),
         "samples": len(scored),
     }
+
+
+def resampled_scores(
+    outputs: np.ndarray, defaults: int, task: Task, metric: str, y: np.ndarray, groups: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """Per bootstrap resample of patients (``BOOTSTRAP_SAMPLES`` of them, those whose scores are
+    all defined): the ``metric``, on the bags the resample leaves out, of the trial best on the
+    bags it draws, of the defaults (row ``defaults`` of ``outputs``: trials × bags × outputs) and
+    of the two averaged. Resamples × 3."""
+    sign = -1.0 if metric in MINIMISED else 1.0
+    scored = []
+    for inside, outside in zip(*_resamples(groups, BOOTSTRAP_SAMPLES, seed), strict=True):
+        scores = sign * _scores(task, metric, y[inside], outputs[:, inside])
+        if not np.isfinite(scores).any():
+            continue
+        candidates = outputs[[int(np.nanargmax(scores)), defaults]][:, outside]
+        candidates = np.concatenate([candidates, candidates.mean(0, keepdims=True)])
+        left = _scores(task, metric, y[outside], candidates)
+        if np.isfinite(left).all():
+            scored.append(left)
+    return np.array(scored).reshape(-1, 3)
 
 
 def kept_score(kept: list, task: Task, y: np.ndarray, metric: str) -> float:
