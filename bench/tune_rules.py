@@ -134,6 +134,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--studies", type=Path, default=Path(".bench-cache/studies"))
     args = parser.parse_args()
+    if args.outer < 2 or args.trials < 1:
+        parser.error("--outer takes 2 or more, --trials 1 or more")
+    if not args.scores.is_file():
+        parser.error(f"{args.scores}: no such file (tune_quality.py --every-trial --json writes it)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name, result in json.loads(args.scores.read_text()).items():
         if "ranking" not in result["tuned"][0]:
