@@ -233,9 +233,9 @@ def test_fine_tune_works_for_cam_regions_and_volume_patches(tmp_path, make):
 
 
 def _random_init_state():
-    from milcache.extractor.backbones import create_backbone
+    from milcache.extractor.encoders import create_encoder
 
-    return create_backbone("test_resnet").model.state_dict()
+    return create_encoder("test_resnet").model.state_dict()
 
 
 def test_the_api_and_the_cli_fine_tune_alike(cohort, tmp_path):

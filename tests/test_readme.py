@@ -43,3 +43,11 @@ def test_the_from_python_section_runs(tmp_path, monkeypatch):
     finally:
         HEADS._items.pop("mean-max", None)  # other tests list the heads README documents
     assert (tmp_path / "runs" / "study" / "best" / "model.safetensors").is_file()
+
+
+def test_readme_preset_table_is_the_registry():
+    from milcache.extractor.presets import preset_table_markdown
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- presets -->\n", 1)[1].split("\n<!-- /presets -->", 1)[0]
+    assert table == preset_table_markdown(), "regenerate README's table from preset_table_markdown()"

@@ -118,7 +118,7 @@ CASES = {
     ),
     "predict a store of other preprocessing": (
         _predict("--out", "{root}/p.csv", store="other-preprocessing"),
-        "preprocessing: model trained on",
+        "preprocessing.mean: model trained on",
     ),
     "tune --jobs 0": (_tune("--jobs", "0"), "--jobs"),
     "tune --n-trials 0": (_tune("--n-trials", "0"), "--n-trials"),
@@ -145,7 +145,7 @@ CASES = {
     "extract cam --regions 0": (_extract("--source", "cam", "--regions", "0"), "--regions"),
     "extract cam weights that do not fit": (
         _extract("--source", "cam", "--cam-model", "resnet18", "--cam-weights", "{root}/wrong.safetensors"),
-        "do not fit",
+        "does not fit --cam-model resnet18",
     ),
     "store import --out is a file": (["store", "import", "{root}/store", "--out", "{root}/a-file"], "a-file"),
     "store export --out is a file": (["store", "export", "{root}/store", "--out", "{root}/a-file"], "a-file"),
@@ -240,7 +240,7 @@ def test_two_writers_with_different_settings_on_one_new_store(tmp_path):
         outcomes = sorted(results.get(timeout=5) for _ in procs)
         assert [kind for kind, _ in outcomes] == ["ok", "refused"]
         winner = outcomes[0][1]
-        assert "backbone: store has" in outcomes[1][1]
+        assert "encoder: store has" in outcomes[1][1]
         with FeatureStore(path) as store:
             assert store.metadata.backbone == winner and store.bag_ids() == [f"from-{winner}"]
 

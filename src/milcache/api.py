@@ -81,6 +81,9 @@ def extract(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
+    crop_pct: float | None = None,
+    backbone_args: dict | None = None,
+    token_rule: str | None = None,
     shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
     reextract_changed: bool = False,
@@ -89,13 +92,16 @@ def extract(
     **source_options,
 ) -> ExtractSummary:
     """Embed every instance of every bag of ``manifest`` into the store ``out`` (resumable).
-    ``source_options`` are the chosen source's options (``tile_size``, ``mpp``, ``regions`` …)."""
+    ``backbone`` is an encoder preset (``uni2-h`` …; ``milcache encoders``), a timm name,
+    ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``; ``backbone_args`` are architecture arguments
+    (``{"init_values": 1e-5, "mlp_layer": "swiglu_packed"}``) and ``token_rule`` how tokens become
+    the embedding (pooled, cls, mean, cls+mean). ``source_options`` are the chosen source's options
+    (``tile_size``, ``mpp``, ``regions`` …)."""
     from milcache.extractor.loop import ExtractConfig
     from milcache.extractor.loop import extract as run_extraction
     from milcache.extractor.sources import create_source
 
-    if source == "cam":  # the saliency fallback uses the embedding backbone, with its weights
-        source_options.update(backbone=backbone, backbone_weights=str(weights) if weights else None)
+    if source == "cam":  # --pretrained also names where --cam-model's weights come from
         source_options["pretrained"] = pretrained
     config = ExtractConfig(
         backbone=backbone,
@@ -111,6 +117,8 @@ def extract(
         shard=_shard(shard),
         overwrite=overwrite,
         reextract_changed=reextract_changed,
+        backbone_args=dict(backbone_args or {}),
+        token_rule=token_rule,
         preprocessing={
             k: v
             for k, v in {
@@ -118,6 +126,7 @@ def extract(
                 "mean": list(mean) if mean is not None else None,
                 "std": list(std) if std is not None else None,
                 "interpolation": interpolation,
+                "crop_pct": crop_pct,
             }.items()
             if v is not None
         },

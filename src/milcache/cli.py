@@ -148,6 +148,10 @@ def _load_config(ctx: click.Context, _param, path: Path | None) -> Path | None:
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    for name in repeatable & set(normalised):
+        if isinstance(normalised[name], dict):  # a table of KEY = VALUE for a repeatable KEY=VALUE option
+            normalised[name] = [f"{key}={json.dumps(value)}" for key, value in normalised[name].items()]
     ctx.default_map = {**(ctx.default_map or {}), **normalised}
     return path
 
@@ -761,11 +765,29 @@ def _chosen_line(best: dict) -> str:
 @click.option(
     "--backbone",
     required=True,
-    help="A timm model name (resnet50, vit_base_patch16_224 …) or tv:r3d_18, "
-    "tv:mc3_18, tv:r2plus1d_18 (3D, for volumes).",
+    help="The encoder: a preset (uni2-h, virchow2, h-optimus-0 …: `milcache encoders`), a timm name "
+    "(resnet50 …), hf-hub:ORG/NAME (from the local Hugging Face cache), local-dir:FOLDER (timm's layout), "
+    "or tv:r3d_18, tv:mc3_18, tv:r2plus1d_18 (3D, for volumes).",
 )
-@click.option("--weights", type=existing_path, help="Local weights: .safetensors, .pth or a timm-style folder.")
-@click.option("--pretrained", is_flag=True, help="timm's pretrained weights, from the local cache only.")
+@click.option(
+    "--backbone-args",
+    multiple=True,
+    callback=_key_values,
+    metavar="KEY=VALUE",
+    help="An architecture argument of the timm model (repeatable; a table in --config): init_values=1e-5, "
+    "reg_tokens=4, mlp_layer=swiglu_packed, act_layer=silu, no_embed_class=true …",
+)
+@click.option(
+    "--token-rule",
+    type=click.Choice(["pooled", "cls", "mean", "cls+mean"]),
+    help="How a transformer's tokens become the embedding [the preset's; else pooled: the model's own pooling].",
+)
+@click.option("--weights", type=existing_path, help="Local weights: a .safetensors / .pth / .bin file or a folder.")
+@click.option(
+    "--pretrained",
+    is_flag=True,
+    help="The preset's (or timm's) weights from the local Hugging Face cache only; also --cam-model's.",
+)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True, help="Reading/decoding processes.")
 @click.option(
@@ -795,6 +817,11 @@ def _chosen_line(best: dict) -> str:
 @click.option("--mean", callback=_float_list, help="Normalisation mean, comma-separated [timm's data config].")
 @click.option("--std", callback=_float_list, help="Normalisation std, comma-separated [timm's data config].")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), help="Resize filter [timm's].")
+@click.option(
+    "--crop-pct",
+    type=float,
+    help="Resize to input-size / crop-pct, then crop the centre [the preset's or timm's; 1: resize only].",
+)
 @click.option("--shard", help="i/n: this process takes every n-th bag from the i-th (default from torchrun).")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
 @click.option(
@@ -887,6 +914,29 @@ def fine_tune_command(model_dir, manifest, out, store_dir, labels, weights, resu
     click.echo(f"best epoch {result.best_epoch + 1}; {len(result.frozen)} backbone tensors frozen")
     click.echo(f"backbone → {result.backbone} (re-extract with: milcache extract ... --weights {result.backbone})")
     click.echo(f"head → {result.run_dir} (predict on a store re-extracted with that backbone)")
+
+
+@cli.command("encoders")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per preset instead of a table.")
+def encoders_command(as_json: bool) -> None:
+    """List the encoder presets: name, embedding dim, parameters, input size, magnification, token rule,
+    licence and where the weights come from. Any timm model works too (e.g. --backbone resnet50)."""
+    from milcache.extractor.presets import preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+    click.echo(
+        "\nAlso: any timm model by name (timm.list_models(); --pretrained for timm's weights from the local "
+        "cache), hf-hub:ORG/NAME and local-dir:FOLDER in timm's layout, with --backbone-args for its arguments."
+    )
 
 
 @cli.command("demo")

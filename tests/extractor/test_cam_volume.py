@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from milcache.errors import ExtractionError
-from milcache.extractor.backbones import create_backbone
 from milcache.extractor.cam import CamSource, read_image
+from milcache.extractor.encoders import create_encoder
 from milcache.extractor.loop import Embedder, ExtractConfig, extract
 from milcache.extractor.sources import create_source
 from milcache.extractor.volume import VolumeSource
@@ -87,7 +87,7 @@ def test_patch_embedding_is_the_slicewise_backbone_average(tmp_path):
     source = create_source("volume", patch_size=(4, 32, 32), min_foreground=0.2)
     config = ExtractConfig("test_resnet", workers=0, dtype="float32", preprocessing={"input_size": (32, 32)})
     extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
-    backbone = create_backbone("test_resnet", in_chans=2)
+    backbone = create_encoder("test_resnet", in_chans=2)
     bag = BagSpec("case", [tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], rows=[{"channel": "t1"}, {"channel": "t2"}])
     plan = source.plan(bag)
     patch = torch.from_numpy(source.read(bag, plan, np.arange(1))[0].astype(np.float32))  # C × D × H × W
@@ -129,7 +129,7 @@ def test_two_view_bag_keeps_global_and_regions_of_both(tmp_path):
         image[20:230, 10:150] = 20_000 + np.random.default_rng(0).integers(0, 5000, (210, 140))  # 16-bit
         Image.fromarray(image).save(tmp_path / f"{view}.png")
     pl.DataFrame({"bag_id": ["breast-1", "breast-1"], "path": ["cc.png", "mlo.png"]}).write_csv(tmp_path / "m.csv")
-    source = create_source("cam", backbone="test_resnet", global_size=64, region_size=64, regions=3)
+    source = create_source("cam", global_size=64, region_size=64, regions=3)
     config = ExtractConfig("test_resnet", workers=0, preprocessing={"input_size": (64, 64)})
     summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
     assert summary.failures == {}
@@ -157,9 +157,9 @@ def test_saliency_cam_shares_the_global_views_forward_and_stores_the_same(tmp_pa
             Image.fromarray(image).save(tmp_path / f"{bag}{view}.png")
             rows.append((f"breast-{bag}", f"{bag}{view}.png"))
     pl.DataFrame(rows, schema=["bag_id", "path"], orient="row").write_csv(tmp_path / "m.csv")
-    settings = {"backbone": "test_resnet", "global_size": 64, "region_size": 64, "regions": 3}
+    settings = {"global_size": 64, "region_size": 64, "regions": 3}
     config = ExtractConfig("test_resnet", workers=0, batch_size=5, preprocessing={"input_size": (64, 64)})
-    backbone = create_backbone("test_resnet", input_size=(64, 64))
+    backbone = create_encoder("test_resnet", input_size=(64, 64))
     embedder = Embedder(backbone, create_source("cam", **settings), torch.device("cpu"), "fp32", False)
     source = create_source("cam", **settings)
     assert source._shares_forward(embedder)
@@ -202,7 +202,7 @@ def test_saliency_cam_of_a_backbone_without_a_feature_map_fails_the_bag_by_name(
     Image.fromarray(np.full((96, 64), 128, np.uint8)).save(tmp_path / "a.png")
     pl.DataFrame({"bag_id": ["b"], "path": ["a.png"]}).write_csv(tmp_path / "m.csv")
     for region in (64, 32):  # the shared forward (64 = the input size), then the CAM network apart
-        source = create_source("cam", backbone="test_vit", global_size=64, region_size=region, regions=1)
+        source = create_source("cam", global_size=64, region_size=region, regions=1)
         config = ExtractConfig("test_vit", workers=0, overwrite=True, preprocessing={"input_size": (64, 64)})
         summary = extract(tmp_path / "m.csv", tmp_path / "store", source, config, progress=False)
         assert "a CAM needs a convolutional model" in summary.failures["b"]
@@ -243,7 +243,7 @@ def test_cam_is_the_class_weighted_feature_map(tmp_path):
     torch.manual_seed(1)
     classifier = timm.create_model("test_resnet", num_classes=3).eval()
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp_path / "cls.safetensors")
-    net = _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=2)
+    net = _CamNet("test_resnet", str(tmp_path / "cls.safetensors"), cam_class=2, pretrained=False)
     view = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     x = (torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
     with torch.no_grad():
@@ -251,37 +251,88 @@ def test_cam_is_the_class_weighted_feature_map(tmp_path):
         expected = torch.relu(torch.einsum("c,chw->hw", classifier.get_classifier().weight[2], features))
     np.testing.assert_allclose(net(view[None])[0], expected.numpy(), rtol=1e-4, atol=1e-5)  # a batch of one view
     with pytest.raises(ExtractionError, match="--cam-class 5 does not exist: test_resnet has 3 classes"):
-        _CamNet("test_resnet", "test_resnet", str(tmp_path / "cls.safetensors"), cam_class=5)
+        _CamNet("test_resnet", str(tmp_path / "cls.safetensors"), cam_class=5, pretrained=False)
 
 
-def test_saliency_cam_uses_the_extraction_weights_and_cam_weights_load_strictly(tmp_path):
+def _mammogram_manifest(folder) -> Path:
+    from PIL import Image
+
+    image = np.zeros((160, 128), np.uint8)
+    image[10:150, 8:100] = np.random.default_rng(3).integers(60, 250, (140, 92))
+    Image.fromarray(image).save(folder / "cc.png")
+    pl.DataFrame({"bag_id": ["b"], "path": ["cc.png"]}).write_csv(folder / "m.csv")
+    return folder / "m.csv"
+
+
+def _cam_of(manifest, out, weights=None, **preprocessing) -> np.ndarray:
+    source = create_source("cam", global_size=96, region_size=32, regions=2)
+    config = ExtractConfig("test_resnet", weights=weights, workers=0, preprocessing=preprocessing)
+    assert extract(manifest, out, source, config, progress=False).failures == {}
+    with FeatureStore(out) as store:
+        return store["b"].extras["cam_0"].astype(np.float32)
+
+
+def test_saliency_cam_is_the_extraction_encoder_with_its_weights_and_mean(tmp_path):
+    """The saliency CAM runs the very encoder that embeds (its weights file, the user's --mean):
+    two weight files give two CAMs, and another mean another CAM, each equal to the encoder's own
+    channel-mean activation."""
     import timm
     from safetensors.torch import save_file
 
-    from milcache.extractor.cam import _CamNet
-
-    torch.manual_seed(7)
-    trained = timm.create_model("test_resnet", num_classes=0).eval()
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "bb.safetensors")
-    view = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    with_weights = _CamNet("test_resnet", None, None, 1, backbone_weights=str(tmp_path / "bb.safetensors"))
-    random_init = _CamNet("test_resnet", None, None, 1)
-    made = create_backbone("test_resnet", tmp_path / "bb.safetensors")
-    x = (torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255 - torch.tensor(made.mean).view(1, 3, 1, 1)) / (
-        torch.tensor(made.std).view(1, 3, 1, 1)
-    )
+    manifest = _mammogram_manifest(tmp_path)
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        trained = timm.create_model("test_resnet", num_classes=0)
+        save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / f"w{seed}.safetensors")
+    first = _cam_of(manifest, tmp_path / "s7", tmp_path / "w7.safetensors")
+    second = _cam_of(manifest, tmp_path / "s8", tmp_path / "w8.safetensors")
+    shifted = _cam_of(manifest, tmp_path / "m7", tmp_path / "w7.safetensors", mean=[0.1, 0.1, 0.1])
+    assert not np.allclose(first, second, atol=1e-3)
+    assert not np.allclose(first, shifted, atol=1e-3)
+    encoder = create_encoder("test_resnet", tmp_path / "w7.safetensors", mean=[0.1, 0.1, 0.1])
+    embedder = Embedder(encoder, create_source("cam"), torch.device("cpu"), "fp32", False)
+    view = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8))
+    x = (view.permute(0, 3, 1, 2).float() / 255 - 0.1) / torch.tensor(encoder.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        expected = torch.relu(trained.forward_features(x)[0].mean(0)).numpy()
-    np.testing.assert_allclose(with_weights(view[None])[0], expected, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(random_init(view[None])[0], expected, atol=1e-3)
-    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("layer")}
-    save_file({k: v.contiguous() for k, v in partial.items()}, tmp_path / "partial.safetensors")
-    with pytest.raises(ExtractionError, match="do not fit --cam-model test_resnet: tensors missing"):
-        CamSource(backbone="test_resnet", cam_model="test_resnet", cam_weights=str(tmp_path / "partial.safetensors"))
+        expected = encoder.model.forward_features(x)
+    torch.testing.assert_close(embedder.feature_maps(view), expected)
+
+
+def test_cam_model_needs_its_weights_and_they_load_strictly(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    with pytest.raises(ExtractionError, match="--cam-model test_resnet needs its trained weights"):
+        CamSource(cam_model="test_resnet")
     classifier = timm.create_model("test_resnet", num_classes=2)
+    partial = {k: v for k, v in classifier.state_dict().items() if not k.startswith("layer")}
+    save_file({k: v.contiguous() for k, v in partial.items()}, tmp_path / "partial.safetensors")
+    with pytest.raises(ExtractionError, match=r"does not fit --cam-model test_resnet: \d+ of the model's"):
+        CamSource(cam_model="test_resnet", cam_weights=str(tmp_path / "partial.safetensors"))
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp_path / "cls.safetensors")
-    source = CamSource(backbone="test_resnet", cam_model="test_resnet", cam_weights=str(tmp_path / "cls.safetensors"))
+    source = CamSource(cam_model="test_resnet", cam_weights=str(tmp_path / "cls.safetensors"))
     assert source.settings()["cam_weights_digest"].startswith("sha256:")
+
+
+def test_two_cam_weight_files_give_two_cams(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    manifest = _mammogram_manifest(tmp_path)
+    cams = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        classifier = timm.create_model("test_resnet", num_classes=2)
+        classifier.get_classifier().weight.data.uniform_(0, 1)  # a class whose evidence is somewhere
+        path = tmp_path / f"cls{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, path)
+        cam = {"cam_model": "test_resnet", "cam_weights": path}
+        source = create_source("cam", global_size=96, region_size=32, regions=2, **cam)
+        config = ExtractConfig("test_resnet", workers=0)
+        assert extract(manifest, tmp_path / f"s{seed}", source, config, progress=False).failures == {}
+        with FeatureStore(tmp_path / f"s{seed}") as store:
+            cams.append(store["b"].extras["cam_0"].astype(np.float32))
+    assert not np.allclose(cams[0], cams[1], atol=1e-3)
 
 
 def test_a_bag_that_fails_its_planning_fails_alone_among_the_bags_planned_together(tmp_path, monkeypatch):
@@ -295,7 +346,7 @@ def test_a_bag_that_fails_its_planning_fails_alone_among_the_bags_planned_togeth
             Image.fromarray(image).save(tmp_path / f"{bag}{view}.png")
             rows.append((f"breast-{bag}", f"{bag}{view}.png"))
     pl.DataFrame(rows, schema=["bag_id", "path"], orient="row").write_csv(tmp_path / "m.csv")
-    source = create_source("cam", backbone="test_resnet", global_size=64, region_size=64, regions=2)
+    source = create_source("cam", global_size=64, region_size=64, regions=2)
     original = CamSource._planned
 
     def planned(self, bag, *args):

@@ -65,7 +65,7 @@ def test_an_image_is_embedded_only_with_the_weights_the_store_was_made_with(tile
     save_file(other, tmp_path / "other.safetensors")
     with milcache.FeatureStore(tile_store / "store") as store:
         assert store_backbone(store).weights_digest == "random-init"
-        with pytest.raises(StoreMismatchError, match="weights: store has random-init"):
+        with pytest.raises(StoreMismatchError, match="weights_digest: store has 'random-init'"):
             store_backbone(store, tmp_path / "other.safetensors")
     result = CliRunner().invoke(cli, ["index", "search", str(tile_store / "store"), "--bag", "s0"])
     assert result.exit_code == 2 and "either --bag with --instance, or --image" in result.output

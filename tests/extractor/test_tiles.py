@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from milcache.cli import cli
 from milcache.errors import ExtractionError
-from milcache.extractor.backbones import create_backbone
+from milcache.extractor.encoders import create_encoder
 from milcache.extractor.loop import ExtractConfig, extract
 from milcache.extractor.slides import open_slide
 from milcache.extractor.sources import create_source
@@ -99,7 +99,7 @@ def test_embeddings_equal_a_direct_backbone_call(tmp_path):
         manifest, tmp_path / "store", source, ExtractConfig(BACKBONE, workers=0, dtype="float32"), progress=False
     )
     assert summary.bags == 1 and summary.instances == 20
-    backbone = create_backbone(BACKBONE)
+    backbone = create_encoder(BACKBONE)
     with FeatureStore(tmp_path / "store") as store:
         bag = store["slide"]
         pixels = source.read(BagSpec("slide", [path]), source.plan(BagSpec("slide", [path])), np.arange(len(bag)))
@@ -217,7 +217,7 @@ def test_other_backbone_into_the_same_store_is_refused(tmp_path):
     base = ["extract", str(manifest), "--out", str(tmp_path / "store"), "--tile-size", "64", "--workers", "0"]
     assert CliRunner().invoke(cli, [*base, "--backbone", BACKBONE, "--input-size", "64"]).exit_code == 0
     result = CliRunner().invoke(cli, [*base, "--backbone", "test_vit"])
-    assert result.exit_code == 2 and "backbone: store has 'test_resnet', this run has 'test_vit'" in result.output
+    assert result.exit_code == 2 and "encoder: store has 'test_resnet', this run has 'test_vit'" in result.output
 
 
 def test_config_file_sets_options(tmp_path):

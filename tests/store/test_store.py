@@ -111,7 +111,7 @@ def test_bag_in_two_shards_is_an_error(tmp_path):
 
 def test_refuses_mismatched_backbone_naming_both(tmp_path):
     write_store(tmp_path / "s", random_bags(2))
-    with pytest.raises(StoreMismatchError, match="backbone: store has 'test-net', this run has 'other-net'"):
+    with pytest.raises(StoreMismatchError, match="encoder: store has 'test-net', this run has 'other-net'"):
         StoreWriter(tmp_path / "s", make_meta(backbone="other-net"))
     with pytest.raises(StoreMismatchError, match="dim"):
         StoreWriter(tmp_path / "s", make_meta(dim=32))

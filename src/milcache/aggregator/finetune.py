@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +78,9 @@ def fine_tune(
 ) -> FineTuneResult:
     """Fine-tune the backbone of ``store`` with the head of ``run`` on the images of ``manifest``."""
     from milcache.aggregator.model import BLEND_FILE, load_model, save_model
+    from milcache.aggregator.run import check_model_input
     from milcache.devices import resolve_device, retain_freed_host_memory
-    from milcache.extractor.backbones import file_digest
+    from milcache.extractor.encoders import file_digest
     from milcache.extractor.reread import source_of, store_backbone
     from milcache.store import FeatureStore, read_manifest
 
@@ -94,6 +95,7 @@ def fine_tune(
     model, config, task = load_model(run, "cpu")
     store, labels = _inputs_of(run, store, labels)
     with FeatureStore(store) as fs:
+        check_model_input(config["store"], fs, model_dir=run, what="fine-tune on")
         source = source_of(fs)  # first: a store that was imported, not extracted, is named as such
         backbone = store_backbone(fs, weights)
         metadata = fs.metadata
@@ -102,6 +104,8 @@ def fine_tune(
         raise MilcacheError(f"dim: the head of {run} takes {config['dim']}, the store's backbone gives {backbone.dim}")
     if settings.pool_maps and metadata.source.get("kind") == "volume":
         raise OptionError("--pool-maps pools 2D feature maps: it does not apply to --source volume")
+    if settings.pool_maps and backbone.token_rule != "pooled":
+        raise OptionError(f"--pool-maps pools 2D feature maps: the store's token rule is {backbone.token_rule!r}")
     specs, y, groups = _labelled_bags(read_manifest(manifest).bags(), labels, set(sizes), task)
     train, val = _split(y, groups, task, settings)
     frozen = freeze(backbone.model, settings.freeze)
@@ -146,12 +150,7 @@ def fine_tune(
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in backbone.model.state_dict().items()}, out / BACKBONE_FILE)
-    identity = {
-        "backbone": metadata.backbone,
-        "dim": metadata.dim,
-        "weights_digest": file_digest(out / BACKBONE_FILE),
-        "preprocessing": metadata.preprocessing,
-    }
+    identity = replace(metadata.embedding, weights_digest=file_digest(out / BACKBONE_FILE)).to_dict()
     fine = {"from_run": str(run), "store": str(store), **asdict(settings), "best_epoch": best["epoch"]}
     save_model(model.eval(), out, {**config, "store": identity, "fine_tune": fine})
     (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -237,7 +236,7 @@ class _EndToEnd(nn.Module):
 
     def forward(self, pixels: torch.Tensor):
         if self.pool_maps is None:
-            embeddings = self.source.embed(pixels, self.net, self.backbone)
+            embeddings = self.source.embed(pixels, self.backbone.embed, self.backbone)
         else:
             from milcache.extractor.sources import normalise_images
 

@@ -15,25 +15,12 @@ from milcache.aggregator.data import load_bags
 from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
 from milcache.aggregator.model import Ensemble, MILModel, load_model
 from milcache.aggregator.plots import pyplot
-from milcache.aggregator.run import MODEL_INPUT_FIELDS, store_identity
+from milcache.aggregator.run import check_model_input
 from milcache.aggregator.trainer import infer
 from milcache.devices import resolve_device
-from milcache.errors import MilcacheError, StoreMismatchError
+from milcache.errors import MilcacheError
 from milcache.store import FeatureStore
 from milcache.store.record import Bag
-
-
-def _check_store(config: dict, store: FeatureStore, model_dir: Path) -> None:
-    """Refuse embeddings the model was not trained on: another backbone, dim, weights or preprocessing
-    give vectors of another meaning, and predictions from them would be silently wrong."""
-    trained, here = config["store"], store_identity(store.metadata)
-    differing = [name for name in MODEL_INPUT_FIELDS if name in trained and trained[name] != here[name]]
-    if differing:
-        sides = "; ".join(f"{name}: model trained on {trained[name]!r}, store has {here[name]!r}" for name in differing)
-        raise StoreMismatchError(
-            f"the model in {model_dir} was trained on embeddings made differently from those of {store.path} "
-            f"({sides}); predict with a store extracted with the model's backbone, weights and preprocessing"
-        )
 
 
 def predict(
@@ -70,7 +57,7 @@ def predict(
             "gives none; leave them out, or train a head with instance scores (attention, gated-attention …)"
         )
     with FeatureStore(store_dir) as store:
-        _check_store(config, store, model_dir)
+        check_model_input(config["store"], store, model_dir=model_dir)
         ids = store.select(bag_ids, "to predict")
         sizes = store.sizes()
         budget = memory_budget or default_budget(torch_device)

@@ -79,12 +79,28 @@ def load_cohort(
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta, notes)
 
 
-# What a model's input depends on: predict refuses a store that differs in any of these.
-MODEL_INPUT_FIELDS = ("backbone", "dim", "weights_digest", "preprocessing")
-
-
 def store_identity(metadata) -> dict:
-    return json.loads(json.dumps({name: getattr(metadata, name) for name in MODEL_INPUT_FIELDS}))
+    """What a run folder records of its store: the embedding spec (what its model's input means)."""
+    return metadata.embedding.to_dict()
+
+
+def check_model_input(recorded: dict, store, *, model_dir: Path, what: str = "predict") -> None:
+    """Refuse a store whose embeddings mean something else than those ``model_dir``'s model was
+    trained on (another encoder, weights, preprocessing, token rule or source geometry), naming the
+    field and both values. Runs of older versions recorded fewer fields: those are compared."""
+    from milcache.store.spec import EmbeddingSpec
+
+    trained = EmbeddingSpec.from_dict(recorded)
+    recorded_names = set(recorded) | ({"encoder"} if "backbone" in recorded else set())
+    fields = tuple(name for name in EmbeddingSpec.__dataclass_fields__ if name in recorded_names)
+    trained.require_same(
+        store.metadata.embedding,
+        this="model trained on",
+        that="store has",
+        advice=f"the model in {model_dir} cannot {what} the embeddings of {store.path}: extract them with the "
+        "model's encoder, weights, preprocessing, token rule and source settings",
+        fields=fields,
+    )
 
 
 _TCGA_BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-", re.IGNORECASE)

@@ -9,6 +9,7 @@ full-resolution image; the top ``regions`` squares with foreground become region
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,40 +80,40 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 class _CamNet:
-    """The network whose last feature map gives the CAM (on the compute device): a
-    classifier (``cam_model`` + ``cam_weights``), or else the embedding backbone with the weights
-    it extracts with (its channel-mean activation: a training-free saliency)."""
+    """The classifier whose last feature map gives the CAM (``--cam-model`` with ``--cam-weights``, or
+    timm's pretrained weights from the local cache), on the compute device, with its own
+    normalisation. Without ``--cam-model`` the CAM is the embedding encoder's own saliency
+    (``Embedder.feature_maps``): the same object, weights and mean / std that embed the instances."""
 
-    def __init__(
-        self,
-        backbone: str,
-        cam_model: str | None,
-        cam_weights: str | None,
-        cam_class: int,
-        backbone_weights: str | None = None,
-        pretrained: bool = False,
-    ) -> None:
+    def __init__(self, cam_model: str, cam_weights: str | None, cam_class: int, pretrained: bool) -> None:
         import timm
 
-        from milcache.extractor.backbones import create_backbone, load_state_dict
+        from milcache.extractor.encoders import load_strictly, read_checkpoint
 
-        if cam_model is None:
-            made = create_backbone(backbone, backbone_weights, pretrained)
-            self.model, self.weights = made.model, None
-            self.mean, self.std = made.mean, made.std
-            return
-        state = load_state_dict(Path(cam_weights)) if cam_weights else None
-        probe = timm.create_model(cam_model, pretrained=False)
+        state = read_checkpoint(Path(cam_weights)) if cam_weights else None
+        try:
+            probe = timm.create_model(cam_model, pretrained=False)
+        except Exception as exc:  # timm: RuntimeError for an unknown name, others for bad arguments
+            raise ExtractionError(f"--cam-model {cam_model!r}: {exc}") from None
         head = probe.default_cfg.get("classifier", "fc")
         classes = state[f"{head}.weight"].shape[0] if state and f"{head}.weight" in state else probe.num_classes
-        self.model = timm.create_model(cam_model, pretrained=False, num_classes=classes).eval()
+        if state is None:  # timm's pretrained classifier, from the cache only
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            self.model = timm.create_model(cam_model, pretrained=state is None, num_classes=classes).eval()
+        except Exception as exc:  # offline cache misses surface as many exception kinds
+            raise ExtractionError(
+                f"--cam-model {cam_model} --pretrained: its weights are not in the local cache ({type(exc).__name__}); "
+                "give them with --cam-weights"
+            ) from None
         if state is not None:
-            _load_strictly(self.model, state, cam_weights, cam_model)
+            load_strictly(self.model, state, what=f"--cam-weights {cam_weights}", into=f"--cam-model {cam_model}")
         if not 0 <= cam_class < classes:
             raise ExtractionError(f"--cam-class {cam_class} does not exist: {cam_model} has {classes} classes")
         self.weights = self.model.get_classifier().weight[cam_class].detach().clone()
         config = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = config["mean"], config["std"]
+        self.device = torch.device("cpu")
 
     def to(self, device: torch.device) -> _CamNet:
         self.model = self.model.to(device).eval()
@@ -124,13 +125,13 @@ class _CamNet:
         """CAMs (V × h × w) of global views (V × S × S × 3 uint8), in one batch on the net's device."""
         from milcache.devices import autocast
 
-        device = getattr(self, "device", torch.device("cpu"))
-        x = torch.from_numpy(np.ascontiguousarray(views)).to(device).permute(0, 3, 1, 2).float() / 255
+        device = self.device
+        x = torch.from_numpy(np.array(views)).to(device).permute(0, 3, 1, 2).float() / 255
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         x = (x - mean) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         with autocast(device, "auto"):
             features = self.model.forward_features(x)
-        return activation_maps(features, None if self.weights is None else self.weights.to(device))
+        return activation_maps(features, self.weights.to(device))
 
 
 def activation_maps(features: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
@@ -143,25 +144,6 @@ def activation_maps(features: torch.Tensor, weights: torch.Tensor | None = None)
     return torch.relu(cams).cpu().numpy()
 
 
-def _load_strictly(model: torch.nn.Module, state: dict, path, name: str) -> None:
-    """All of the checkpoint and nothing else: a CAM from a half-loaded classifier is random."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshapen = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or misshapen:
-        parts = [
-            f"{what} {len(keys)} (e.g. {', '.join(keys[:3])})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen))
-            if keys
-        ]
-        raise ExtractionError(
-            f"--cam-weights {path} do not fit --cam-model {name}: tensors {'; '.join(parts)}; "
-            "give the checkpoint of that architecture, classifier included"
-        )
-    model.load_state_dict(state, strict=True)
-
-
 @register_source("cam")
 class CamSource(Source):
     coord_names = ["x0", "y0", "x1", "y1"]
@@ -169,41 +151,46 @@ class CamSource(Source):
         "global_size": "side of the global view in pixels",
         "region_size": "side of a region square in full-resolution pixels",
         "regions": "regions kept per image, by CAM score",
-        "cam_model": "timm CNN classifier whose last feature map gives the CAM [the backbone, with its weights]",
-        "cam_weights": "its weights (with the classifier)",
+        "cam_model": "timm CNN classifier whose last feature map gives the CAM [the encoder's saliency]",
+        "cam_weights": "its weights (with the classifier; or --pretrained for timm's, from the local cache)",
         "cam_class": "the class whose activation map is used",
     }
 
     def __init__(
         self,
-        backbone: str = "resnet18",
         global_size: int = 512,
         region_size: int = 512,
         regions: int = 8,
         cam_model: str | None = None,
         cam_weights: Path | None = None,
         cam_class: int = 1,
-        backbone_weights: str | None = None,
         pretrained: bool = False,
     ) -> None:
         if cam_model is None and cam_weights is not None:
             raise ExtractionError("--cam-weights needs --cam-model (the architecture they belong to)")
+        if cam_model is not None and cam_weights is None and not pretrained:
+            raise ExtractionError(
+                f"--cam-model {cam_model} needs its trained weights: give them with --cam-weights (or --pretrained "
+                "for timm's, from the local cache); a CAM of random weights would pick random regions"
+            )
         cam_weights = None if cam_weights is None else str(cam_weights)  # settings stay JSON
         checks.at_least("--global-size", global_size, 32)
         checks.at_least("--region-size", region_size, 8)
         checks.at_least("--regions", regions, 1)
         checks.at_least("--cam-class", cam_class, 0)
-        self.backbone, self.global_size, self.region_size, self.regions = backbone, global_size, region_size, regions
+        self.global_size, self.region_size, self.regions = global_size, region_size, regions
         self.cam_model, self.cam_weights, self.cam_class = cam_model, cam_weights, cam_class
-        self.backbone_weights, self.pretrained = backbone_weights, pretrained
+        self.pretrained = pretrained
         self._net: _CamNet | None = None
         self.cam_digest = None
         if cam_model is not None:  # a checkpoint that does not fit is refused now, not once per bag
             self._new_net()
             if cam_weights:
-                from milcache.extractor.backbones import file_digest
+                from milcache.extractor.encoders import file_digest
 
                 self.cam_digest = file_digest(Path(cam_weights))
+            else:
+                self.cam_digest = f"timm-pretrained:{cam_model}"
             self._net = None  # each worker builds its own
         self._images: dict[str, np.ndarray] = {}  # the current bag's decoded images, by path
         self._views: dict[str, np.ndarray] = {}  # and their global views
@@ -216,7 +203,7 @@ class CamSource(Source):
             "regions": self.regions,
             "cam_model": self.cam_model,
             "cam_class": self.cam_class,
-            "cam": "classifier" if self.cam_model else "saliency: channel-mean activation of the backbone",
+            "cam": "classifier" if self.cam_model else "saliency: channel-mean activation of the encoder",
             "cam_weights_digest": self.cam_digest,
         }
 
@@ -224,9 +211,7 @@ class CamSource(Source):
         return {**self.__dict__, "_net": None, "_images": {}, "_views": {}}
 
     def _new_net(self) -> _CamNet:
-        return _CamNet(
-            self.backbone, self.cam_model, self.cam_weights, self.cam_class, self.backbone_weights, self.pretrained
-        )
+        return _CamNet(self.cam_model, self.cam_weights, self.cam_class, self.pretrained)
 
     def image(self, path) -> np.ndarray:
         """A decoded image of the current bag (each image is decoded once per bag)."""
@@ -286,6 +271,10 @@ class CamSource(Source):
         if self._shares_forward(embedder):
             maps, view_embeddings = embedder.with_feature_maps(views)
             return activation_maps(maps), view_embeddings
+        if self.cam_model is None:
+            if embedder is None:
+                raise ExtractionError("the saliency CAM runs the extraction's encoder: plan with its Embedder")
+            return activation_maps(embedder.feature_maps(views)), None
         if self._net is None:
             self._net = self._new_net().to(embedder.device if embedder is not None else torch.device("cpu"))
         return self._net(views.numpy()), None
@@ -330,11 +319,8 @@ class CamSource(Source):
         if embedder is None or self.cam_model is not None or not embedder.gives_feature_maps:
             return False
         side = self.global_size
-        return (
-            embedder.backbone.name == self.backbone
-            and self.region_size == side
-            and tuple(embedder.backbone.input_size) == (side, side)
-        )
+        encoder = embedder.backbone
+        return self.region_size == side and tuple(encoder.input_size) == (side, side) and encoder.crop_pct == 1.0
 
     def plan(self, bag: BagSpec) -> BagPlan:
         return self.plan_prepared(bag, self.prepare(bag)).plan

@@ -26,7 +26,7 @@ from milcache.devices import (
     retain_freed_host_memory,
 )
 from milcache.errors import ExtractionError
-from milcache.extractor.backbones import Backbone, create_backbone
+from milcache.extractor.encoders import Encoder, create_encoder
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
 from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
@@ -50,7 +50,9 @@ class ExtractConfig:
     overwrite: bool = False
     reextract_changed: bool = False  # re-extract finished bags whose source files changed
     profile: bool = False  # synchronise the GPU after each batch to time the model alone
-    preprocessing: dict = field(default_factory=dict)  # input_size / mean / std / interpolation overrides
+    preprocessing: dict = field(default_factory=dict)  # input_size / mean / std / interpolation / crop_pct overrides
+    backbone_args: dict = field(default_factory=dict)  # architecture arguments on top of the preset's / timm's
+    token_rule: str | None = None  # how tokens become the embedding [the preset's, else the model's pooling]
 
     def __post_init__(self) -> None:
         checks.at_least("--batch-size", self.batch_size, 1)
@@ -63,6 +65,7 @@ class ExtractConfig:
             checks.at_least("--input-size", side, 16)
         for value in self.preprocessing.get("std") or ():
             checks.above("--std", value, 0)
+        checks.within("--crop-pct", self.preprocessing.get("crop_pct"), 0.05, 1.0)
 
 
 @dataclass
@@ -94,14 +97,13 @@ class Embedder:
     says how its batch becomes model input (``Source.embed``); this class owns the model, its
     precision and memory format."""
 
-    def __init__(self, backbone: Backbone, source: Source, device: torch.device, precision: str, compile: bool):
+    def __init__(self, backbone: Encoder, source: Source, device: torch.device, precision: str, compile: bool):
         self.backbone, self.source, self.device = backbone, source, device
-        self.model = backbone.model.to(device).eval()
+        backbone.model.to(device).eval()
         if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            backbone.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        if compile:
-            self.model = torch.compile(self.model)
+        self._embed = torch.compile(backbone.embed) if compile else backbone.embed
         self.precision = precision
 
     def _in_model_layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ class Embedder:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone on model-ready input (float, normalised), in the configured precision."""
         with autocast(self.device, self.precision):
-            return self.model(self._in_model_layout(x)).float()
+            return self._embed(self._in_model_layout(x)).float()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -123,7 +125,17 @@ class Embedder:
     def gives_feature_maps(self) -> bool:
         """Whether ``with_feature_maps`` can split the backbone (a timm model: features, then head)."""
         model = self.backbone.model
-        return hasattr(model, "forward_features") and hasattr(model, "forward_head")
+        pooled = self.backbone.token_rule == "pooled"
+        return pooled and hasattr(model, "forward_features") and hasattr(model, "forward_head")
+
+    @torch.inference_mode()
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's last feature map (B × C × h × w, float32) of uint8 images (B × H × W × C) at
+        their own size, normalised with the encoder's mean and std: the saliency CAM's input."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        mean, std = self.backbone.normalisation(self.device)
+        with autocast(self.device, self.precision):
+            return self.backbone.model.forward_features(self._in_model_layout(x.sub_(mean).div_(std))).float()
 
     @torch.inference_mode()
     def with_feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,18 +452,17 @@ def extract(
     if device.type == "cpu":
         retain_freed_host_memory()  # each batch's activations reuse the last one's pages (see there)
     bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
-    backbone = create_backbone(
-        config.backbone, config.weights, config.pretrained, **config.preprocessing, **source.backbone_options(bags)
+    backbone = create_encoder(
+        config.backbone,
+        config.weights,
+        config.pretrained,
+        args=config.backbone_args,
+        token_rule=config.token_rule,
+        **config.preprocessing,
+        **source.backbone_options(bags),
     )
-    metadata = StoreMetadata(
-        backbone=config.backbone,
-        dim=backbone.dim,
-        dtype=config.dtype,
-        weights_digest=backbone.weights_digest,
-        preprocessing=backbone.preprocessing(),
-        source=source.settings(),
-        coords=source.coord_names,
-    )
+    spec = backbone.spec(source.settings())
+    metadata = StoreMetadata.for_embedding(spec, dtype=config.dtype, coords=source.coord_names)
     if config.overwrite and shards > 1:  # the other processes write the other shards: start only ours over
         shard_path(out, shard).unlink(missing_ok=True)
     # Locked identity check (another run with other settings is refused here, before any work);

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from milcache.errors import ExtractionError, StoreMismatchError
-from milcache.extractor.backbones import Backbone, create_backbone
+from milcache.extractor.encoders import Encoder, create_encoder
 from milcache.extractor.sources import SOURCES, BagPlan, Source, create_source, normalise_images
 from milcache.store import FeatureStore
 from milcache.store.tables import BagSpec
@@ -60,30 +60,44 @@ def reread(
     return source.read(spec, plan, np.asarray(instances, dtype=np.int64))
 
 
-def store_backbone(store: FeatureStore, weights: str | Path | None = None) -> Backbone:
-    """The backbone that extracted ``store``, with its weights and preprocessing; ``weights`` must be
-    the very file it was extracted with (checked by digest)."""
+def store_backbone(store: FeatureStore, weights: str | Path | None = None) -> Encoder:
+    """The encoder that extracted ``store``, rebuilt from its embedding spec; ``weights`` must be the
+    very file it was extracted with (checked by digest; a preset's may come from the Hugging Face
+    cache). Any field of the rebuilt encoder's spec that differs from the store's is refused."""
+    from milcache.extractor.presets import PRESETS
+
     meta = store.metadata
-    recorded = meta.weights_digest
-    pretrained = recorded.startswith("timm-pretrained:")
-    if recorded.startswith("sha256:") and weights is None:
+    recorded = meta.weights_digest or "random-init"
+    from_cache = weights is None and (
+        recorded.startswith("timm-pretrained:") or (recorded.startswith("sha256:") and meta.backbone in PRESETS)
+    )
+    if recorded.startswith("sha256:") and weights is None and not from_cache:
         raise StoreMismatchError(f"{store.path} was extracted with a weights file: give it with --weights")
-    # random-init backbones are seeded, so they too are rebuilt exactly
-    backbone = create_backbone(meta.backbone, None if pretrained else weights, pretrained, **meta.preprocessing)
-    if backbone.weights_digest != recorded:
-        raise StoreMismatchError(
-            f"weights: store has {recorded}, {weights} is {backbone.weights_digest}; give the file the store was "
-            "extracted with"
-        )
-    return backbone
+    # random-init encoders are seeded, so they too are rebuilt exactly
+    encoder = create_encoder(
+        meta.backbone,
+        weights,
+        from_cache,
+        args=meta.encoder_args,
+        token_rule=meta.token_rule,
+        **meta.preprocessing,
+    )
+    rebuilt = encoder.spec(meta.source)
+    meta.embedding.require_same(
+        rebuilt,
+        this="store has",
+        that=f"{weights or 'the rebuilt encoder'} has",
+        advice="give the weights the store was extracted with",
+    )
+    return encoder
 
 
 @torch.inference_mode()
-def embed_images(backbone: Backbone, images: np.ndarray, device: torch.device) -> np.ndarray:
+def embed_images(encoder: Encoder, images: np.ndarray, device: torch.device) -> np.ndarray:
     """Embeddings (n × dim, float32) of uint8 images (n × H × W × C) as the extractor makes them."""
-    model = backbone.model.to(device).eval()
+    encoder.model.to(device).eval()
     pixels = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)  # a writable copy
-    return model(normalise_images(pixels, backbone)).float().cpu().numpy()
+    return encoder.embed(normalise_images(pixels, encoder)).float().cpu().numpy()
 
 
 def read_image(path: str | Path) -> np.ndarray:

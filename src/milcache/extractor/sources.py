@@ -130,21 +130,28 @@ class Source:
         """Options the backbone needs for this source's input (e.g. ``in_chans`` for volumes)."""
         return {}
 
-    def embed(self, batch: torch.Tensor, forward: Callable, backbone) -> torch.Tensor:
+    def embed(self, batch: torch.Tensor, forward: Callable, encoder) -> torch.Tensor:
         """Turn a batch from ``read`` (already on the device) into embeddings with ``forward``.
-        Images: uint8 B × H × W × C → resized to the backbone's input, normalised."""
-        return forward(normalise_images(batch, backbone))
+        Images: uint8 B × H × W × C → resized to the encoder's input, normalised."""
+        return forward(normalise_images(batch, encoder))
 
 
-def normalise_images(pixels: torch.Tensor, backbone) -> torch.Tensor:
-    """uint8 B × H × W × C on the device → float B × C × H × W at the backbone's input size and norm."""
+def normalise_images(pixels: torch.Tensor, encoder) -> torch.Tensor:
+    """uint8 B × H × W × C on the device → float B × C × H × W at the encoder's input size and norm:
+    resized to input / crop_pct (the model card's resize), then its centre cropped to the input."""
     import torch.nn.functional as F
 
     x = pixels.permute(0, 3, 1, 2).float().div_(255)
-    if tuple(x.shape[-2:]) != tuple(backbone.input_size):
-        mode = "bicubic" if backbone.interpolation == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=backbone.input_size, mode=mode, antialias=True, align_corners=False)
-    mean, std = backbone.normalisation(x.device)
+    height, width = encoder.input_size
+    crop_pct = getattr(encoder, "crop_pct", 1.0)
+    resized = (round(height / crop_pct), round(width / crop_pct))
+    if tuple(x.shape[-2:]) != resized:
+        mode = "bicubic" if encoder.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=resized, mode=mode, antialias=True, align_corners=False)
+    if resized != (height, width):
+        top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
+        x = x[..., top : top + height, left : left + width]
+    mean, std = encoder.normalisation(x.device)
     return x.sub_(mean).div_(std)
 
 

@@ -11,6 +11,7 @@ embeddings read back from the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -305,15 +306,8 @@ def prototype_store(
         kmeans = faiss.Kmeans(store.metadata.dim, k, niter=niter, seed=seed, verbose=False, gpu=gpu)
         kmeans.train(_training_sample(store, bag_ids, "l2", 256 * k, seed))
         source = {"kind": "prototypes", "k": k, "from": str(Path(store_dir).resolve()), "source": store.metadata.source}
-        meta = StoreMetadata(
-            backbone=store.metadata.backbone,
-            dim=store.metadata.dim,
-            dtype=store.metadata.dtype,
-            weights_digest=store.metadata.weights_digest,
-            preprocessing=store.metadata.preprocessing,
-            source=source,
-            coords=["cluster"],
-        )
+        spec = dataclasses.replace(store.metadata.embedding, source=source)  # the same embedding space
+        meta = StoreMetadata.for_embedding(spec, dtype=store.metadata.dtype, coords=["cluster"])
         assignments = []
         with StoreWriter(out, meta) as writer:
             for bag_id in bag_ids:

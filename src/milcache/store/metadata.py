@@ -11,12 +11,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from milcache.errors import StoreError, StoreMismatchError
+from milcache.store.spec import DEFAULT_TOKEN_RULE, EmbeddingSpec
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "store.json"
 DTYPES = ("float16", "float32")
-# Two writers may share a store only if these agree: otherwise embeddings would not be comparable.
-IDENTITY_FIELDS = ("backbone", "weights_digest", "dim", "dtype", "preprocessing", "source")
 _VERSIONED_PACKAGES = ("milcache", "torch", "timm", "numpy", "lmdb", "openslide-python")
 
 
@@ -35,10 +34,12 @@ def package_versions() -> dict[str, str]:
 class StoreMetadata:
     """The contents of store.json.
 
-    ``source`` holds the extraction settings (kind, tile size, stride, mpp/level, ...) and
-    ``preprocessing`` the backbone input settings (size, mean, std, interpolation), so that the
-    preprocessing can be rebuilt from the store alone. ``coords`` names the columns of every
-    bag's coordinate array (for example ``["x", "y", "level"]``).
+    The embedding spec's fields (``embedding``) are kept flat, as stores have always written them:
+    ``backbone`` (the encoder: a preset or timm name), ``encoder_args`` (its architecture
+    arguments), ``weights_digest``, ``dim``, ``preprocessing`` (input size, crop, interpolation,
+    mean, std), ``token_rule`` and ``source`` (kind, tile size, stride, mpp/level, ...), so that
+    the encoder and its preprocessing can be rebuilt from the store alone. ``coords`` names the
+    columns of every bag's coordinate array (for example ``["x", "y", "level"]``).
     """
 
     backbone: str
@@ -47,6 +48,8 @@ class StoreMetadata:
     weights_digest: str | None = None
     preprocessing: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    encoder_args: dict = field(default_factory=dict)
+    token_rule: str = DEFAULT_TOKEN_RULE
     coords: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     versions: dict = field(default_factory=package_versions)
@@ -60,20 +63,47 @@ class StoreMetadata:
         self.dim = int(self.dim)
         self.coords = list(self.coords)
 
-    def identity(self) -> dict:
-        # A JSON round trip makes tuples and lists compare equal, as they will once read back.
-        return json.loads(json.dumps({name: getattr(self, name) for name in IDENTITY_FIELDS}))
+    @classmethod
+    def for_embedding(cls, spec: EmbeddingSpec, *, dtype: str, coords: list[str]) -> StoreMetadata:
+        """The metadata of a new store of embeddings made as ``spec`` says."""
+        return cls(
+            backbone=spec.encoder,
+            dim=spec.dim,
+            dtype=dtype,
+            weights_digest=spec.weights_digest,
+            preprocessing=spec.preprocessing,
+            source=spec.source,
+            encoder_args=spec.encoder_args,
+            token_rule=spec.token_rule,
+            coords=coords,
+        )
+
+    @property
+    def embedding(self) -> EmbeddingSpec:
+        """What this store's embeddings mean (see ``milcache.store.spec``)."""
+        return EmbeddingSpec(
+            encoder=self.backbone,
+            dim=self.dim,
+            weights_digest=self.weights_digest,
+            encoder_args=self.encoder_args,
+            preprocessing=self.preprocessing,
+            token_rule=self.token_rule,
+            source=self.source,
+        )
 
     def check_compatible(self, existing: StoreMetadata, where: Path) -> None:
-        """Refuse to mix embeddings that would not be comparable, naming both sides."""
-        mine, theirs = self.identity(), existing.identity()
-        differing = [name for name in IDENTITY_FIELDS if mine[name] != theirs[name]]
-        if differing:
-            sides = "; ".join(f"{name}: store has {theirs[name]!r}, this run has {mine[name]!r}" for name in differing)
+        """Refuse to mix embeddings that would not be comparable, naming the field and both sides."""
+        if self.dtype != existing.dtype:
             raise StoreMismatchError(
-                f"refusing to write into {where}: it holds embeddings made differently ({sides}); "
-                "use another --out, or --overwrite to start that store over"
+                f"refusing to write into {where}: it stores {existing.dtype} embeddings, this run writes "
+                f"{self.dtype}; use the store's --dtype, another --out, or --overwrite to start it over"
             )
+        existing.embedding.require_same(
+            self.embedding,
+            this="store has",
+            that="this run has",
+            advice=f"refusing to write into {where}: use another --out, or --overwrite to start that store over",
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
