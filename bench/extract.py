@@ -10,6 +10,11 @@ PNGs with two views per breast; multi-modal NIfTI volumes), then for each backbo
     python bench/extract.py --sources tiles --mix big --slides 32 --size 8192 --backbones resnet50 --batch-size 256 \\
         --workers 14 --precision bf16 [--compile]                                                          # GPU
     python bench/extract.py --sources tiles,cam,volume --backbones resnet18 --device cpu                     # CPU
+    python bench/extract.py --backbones uni,h-optimus-0 --mix big --slides 1 --size 448 --batch-size 4 \
+        --workers 1 --device cpu                          # presets' architectures (random weights), CPU
+
+A preset name (``milcache encoders``) runs its architecture with its arguments, input size, crop and
+token rule, with random weights (the cost of a forward does not depend on the weights' values).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import polars as pl
 import torch
 
 from milcache.devices import resolve_device, retain_freed_host_memory
-from milcache.extractor.backbones import create_backbone
+from milcache.extractor.encoders import create_encoder
 from milcache.extractor.loop import Embedder, ExtractConfig, extract
 from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff
 from milcache.extractor.sources import create_source
@@ -83,13 +88,36 @@ def _manifest(root: Path, rows: list, columns=("bag_id", "path")) -> Path:
 COHORTS = {"tiles": tiles_cohort, "cam": cam_cohort, "volume": volume_cohort}
 
 
+def encoder_settings(name: str, input_size) -> dict:
+    """What ExtractConfig takes for ``name``: a preset's architecture, arguments, preprocessing and
+    token rule (random weights), or a timm name with an input size."""
+    from milcache.extractor.presets import PRESETS
+
+    if name not in PRESETS:
+        return {"backbone": name, "preprocessing": {"input_size": input_size} if input_size else {}}
+    preset = PRESETS.get(name)
+    data = preset.data()
+    return {
+        "backbone": preset.architecture,
+        "backbone_args": dict(preset.args),
+        "token_rule": preset.token_rule,
+        "preprocessing": {k: data[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+    }
+
+
 def bare_throughput(
     backbone_name: str, source, manifest: Path, device, batch: int, precision: str, repeats: int, input_size, compile
 ) -> float:
     """Instances per second of the embedding step alone, on a random batch shaped like the source's."""
     bags = read_manifest(manifest).bags()
-    overrides = {"input_size": input_size} if input_size else {}
-    backbone = create_backbone(backbone_name, **overrides, **source.backbone_options(bags))
+    settings = encoder_settings(backbone_name, input_size)
+    backbone = create_encoder(
+        settings["backbone"],
+        args=settings.get("backbone_args"),
+        token_rule=settings.get("token_rule"),
+        **settings["preprocessing"],
+        **source.backbone_options(bags),
+    )
     embedder = Embedder(backbone, source, device, precision, compile=compile)
     plan = source.plan(bags[0])
     sample = source.read(bags[0], plan, np.arange(min(len(plan), batch)))
@@ -194,12 +222,10 @@ def main() -> None:
         try:
             manifest, settings = COHORTS[kind](root, bags, size)
             for backbone, decode in ((b, d) for b in args.backbones.split(",") for d in args.decode.split(",")):
-                if kind == "cam":
-                    settings["backbone"] = backbone
                 input_size = (64, 64) if kind == "volume" else None
                 source = create_source(kind, **settings)
                 config = ExtractConfig(
-                    backbone,
+                    **encoder_settings(backbone, input_size),
                     device=args.device,
                     batch_size=args.batch_size,
                     workers=args.workers,
@@ -207,7 +233,6 @@ def main() -> None:
                     compile=args.compile,
                     decode=decode,
                     overwrite=True,
-                    preprocessing={"input_size": input_size} if input_size else {},
                 )
                 # Interleaved rounds, each side's fastest kept: single runs on a shared VM vary by ±10 %.
                 best: dict = {}

@@ -26,7 +26,7 @@ import milcache
 import milcache.devices
 from milcache.aggregator.config import FineTuneSettings
 from milcache.devices import autocast, resolve_device, retain_freed_host_memory
-from milcache.extractor.backbones import create_backbone
+from milcache.extractor.encoders import create_encoder
 from milcache.extractor.pyramids import tissue_image, write_pyramid_tiff
 
 
@@ -46,7 +46,7 @@ def bare_step(
 ) -> float:
     """Instances per second of the training step alone on K random tiles a bag: forward + backward,
     and every ``accumulate`` bags the clipped AdamW step fine-tune takes."""
-    backbone = create_backbone(name, input_size=(tile, tile))
+    backbone = create_encoder(name, input_size=(tile, tile))
     model = backbone.model.to(device).train()
     if checkpointing:
         model.set_grad_checkpointing(True)

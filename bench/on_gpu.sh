@@ -3,7 +3,7 @@
 # wheels carried in .gpu/<set>/ (base: store, tables, slides; mini: volumes, DICOM; train: those and
 # optuna, torchmil; 64 MiB travel at most), a
 # trimmed imagecodecs in .gpu/site; results written to $OUT (or ./gpu-out).
-#   bash bench/on_gpu.sh tests train extract
+#   bash bench/on_gpu.sh tests train extract encoders
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if compgen -G ".gpu/*/*.whl" >/dev/null; then
@@ -25,5 +25,8 @@ for step in "$@"; do
                timeout 300 python3 bench/extract.py --sources tiles --mix big --slides 32 --size 8192 --backbones resnet50 \
                  --precision bf16 --batch-size 256 --workers 14 $extra ${EXTRACT_ARGS:-}
              done 2>&1 | tee "$OUT/extract.log" ;;
+    encoders) # the presets' architectures (ViT-L/16 as UNI, ViT-g/14 as H-optimus-0) at their input size, bf16 + SDPA
+              timeout 400 python3 bench/extract.py --sources tiles --mix big --slides 8 --size 4096 --backbones uni,h-optimus-0 \
+                --precision bf16 --batch-size 256 --workers 14 2>&1 | tee "$OUT/encoders.log" ;;
   esac
 done
