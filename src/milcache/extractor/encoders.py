@@ -270,29 +270,14 @@ def build_timm(
     meta = torch.device(device).type == "meta" if device is not None else False
     if blueprint.pretrained:  # only from an already-filled cache: never from the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)  # random-weight models (tests, demos) are then the same in every run
-    try:
-        with torch.device("meta" if meta else "cpu"):
-            model = timm.create_model(
-                blueprint.architecture,
-                pretrained=blueprint.pretrained and not meta,
-                num_classes=0,
-                in_chans=in_chans,
-                **layer_arguments(args),
-            )
-    except ExtractionError:
-        raise
-    except Exception as exc:  # timm raises many kinds for arguments an architecture does not take
-        raise ExtractionError(
-            f"cannot build {blueprint.architecture!r} with arguments {args}: {type(exc).__name__}: {exc}"
-            + (
-                "; with --pretrained the weights must be in the local cache (or give --weights)"
-                if blueprint.pretrained
-                else ""
-            )
-        ) from None
+    loaded = blueprint.weights is not None and not meta
+    # A model whose weights come from a file is built without initialising them (a ViT-g's random
+    # initialisation costs more than reading its checkpoint), unless it has buffers no file holds.
+    model = _create(blueprint, args, in_chans, on_meta=meta or loaded)
+    if loaded and set(dict(model.named_buffers())) - set(model.state_dict()):
+        model = _create(blueprint, args, in_chans, on_meta=False)
     digest = "random-init"
-    if blueprint.weights is not None and not meta:
+    if loaded:
         state = map_keys(blueprint.key_map, read_checkpoint(blueprint.weights), model)
         load_strictly(model, state, what=str(blueprint.weights), into=blueprint.name)
         digest = file_digest(blueprint.weights)
@@ -309,6 +294,29 @@ def build_timm(
         extra={} if in_chans == 3 else {"in_chans": in_chans},
         **resolved_data(model, blueprint.data, preprocessing),
     )
+
+
+def _create(blueprint: Blueprint, args: dict, in_chans: int, *, on_meta: bool) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)  # random-weight models (tests, demos) are then the same in every run
+    try:
+        with torch.device("meta" if on_meta else "cpu"):
+            return timm.create_model(
+                blueprint.architecture,
+                pretrained=blueprint.pretrained and not on_meta,
+                num_classes=0,
+                in_chans=in_chans,
+                **layer_arguments(args),
+            )
+    except ExtractionError:
+        raise
+    except Exception as exc:  # timm raises many kinds for arguments an architecture does not take
+        hint = "; with --pretrained the weights must be in the local cache (or give --weights)"
+        raise ExtractionError(
+            f"cannot build {blueprint.architecture!r} with arguments {args}: {type(exc).__name__}: {exc}"
+            + (hint if blueprint.pretrained else "")
+        ) from None
 
 
 def embedding_dim(model: nn.Module, rule: str) -> int:
@@ -439,7 +447,9 @@ def load_strictly(model: nn.Module, state: dict[str, torch.Tensor], *, what: str
             f"{what} does not fit {into}: {'; '.join(parts)}. Is --backbone the architecture these weights "
             "were trained for, with its arguments (--backbone-args, or a preset: milcache encoders)?"
         )
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    # A model built on the meta device takes the file's tensors as they are (in its own dtypes).
+    assign = any(t.is_meta for t in own.values())
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True, assign=assign)
 
 
 def _first(keys: list[str], n: int = 3) -> str:
