@@ -27,6 +27,14 @@ TILE = 224
 SHRINK = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_test_presets():
+    """The test-size twins this module registers are gone after it (other tests list the presets)."""
+    yield
+    for name in [n for n in PRESETS.names() if n.startswith("tiny-")]:
+        PRESETS._items.pop(name)
+
+
 @pytest.mark.parametrize("name", PRESETS.names())
 def test_every_preset_has_its_published_parameter_count_and_dim(name):
     """Built on the meta device (no memory, no weights) exactly as the model card says."""
@@ -91,13 +99,14 @@ def _extracted(slides: Path, out: Path, backbone: str, weights=None, **options) 
         pixels = reread(store, source_of(store), "s", np.arange(len(bag.embeddings)))
         prep = store.metadata.preprocessing
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    if "crop_pct" in prep:  # the model card's Resize(input / crop_pct) + CenterCrop(input), by torchvision
+    side = prep["input_size"][0]
+    resized = round(side / prep.get("crop_pct", 1.0))
+    if resized != x.shape[-1] or resized != side:  # the card's Resize(input / crop_pct) + CenterCrop(input)
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as tvf
 
-        side = prep["input_size"][0]
         mode = InterpolationMode.BICUBIC if prep["interpolation"] == "bicubic" else InterpolationMode.BILINEAR
-        x = tvf.center_crop(tvf.resize(x, [round(side / prep["crop_pct"])], interpolation=mode, antialias=True), [side])
+        x = tvf.center_crop(tvf.resize(x, [resized], interpolation=mode, antialias=True), [side])
     x = (x - torch.tensor(prep["mean"]).view(1, 3, 1, 1)) / torch.tensor(prep["std"]).view(1, 3, 1, 1)
     return np.asarray(bag.embeddings, np.float32), x
 
@@ -234,6 +243,49 @@ def test_transformers_layout_gives_the_vendors_embeddings(slides, tmp_path, name
     np.testing.assert_allclose(embeddings, expected.numpy(), atol=1e-5, rtol=1e-4)
     old_names, _ = _extracted(slides, tmp_path / "v4", tiny, tmp_path / "v4.safetensors")
     np.testing.assert_allclose(old_names, embeddings, atol=1e-6)
+
+
+def _conch_reference(state: dict, x: torch.Tensor, trunk) -> torch.Tensor:
+    """CONCH v1.5's forward as the vendor's code computes it (TRIDENT's conchv1_5.py): the trunk at
+    224 px with DINO's run-time position resampling, then the einsum attentional pooler."""
+    import torch.nn.functional as F
+
+    pos = state["trunk.pos_embed"]
+    side, grid = int((pos.shape[1] - 1) ** 0.5), x.shape[-1] // 16
+    patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((grid + 0.1) / side, (grid + 0.1) / side), mode="bicubic")
+    pos = torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
+    tokens = trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([trunk.cls_token.expand(len(x), -1, -1), tokens], dim=1) + pos
+    tokens = trunk.norm(trunk.blocks(tokens))
+    p = {k.removeprefix("attn_pool_contrast."): v for k, v in state.items() if k.startswith("attn_pool_contrast.")}
+    kv = F.layer_norm(tokens, tokens.shape[-1:], p["ln_k.weight"], p["ln_k.bias"])
+    q = F.layer_norm(p["query"], p["query"].shape[-1:], p["ln_q.weight"], p["ln_q.bias"]) @ p["to_q.weight"].T
+    k, v = (kv @ p["to_kv.weight"].T).chunk(2, dim=-1)
+    heads = 8
+    q = q.reshape(1, heads, -1).transpose(0, 1)[None].expand(len(x), -1, -1, -1)  # b h 1 d
+    k, v = (t.reshape(len(x), -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (k, v))
+    sim = torch.einsum("bhid,bhjd->bhij", q, k) * (q.shape[-1] ** -0.5)
+    attn = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(len(x), 1, -1) @ p["to_out.weight"].T
+    return F.layer_norm(out[:, 0], (768,), state["ln_contrast.weight"], state["ln_contrast.bias"])
+
+
+def test_conch_v1_5_checkpoint_gives_the_vendors_embedding(slides, tmp_path):
+    """The vision tower's checkpoint (its own names, a 224-px position grid) read at 448 px."""
+    from milcache.extractor.architectures import ConchVision
+
+    torch.manual_seed(2)
+    tower = ConchVision(img_size=224, **SHRINK).eval()  # the vendor's trunk is built at 224
+    for parameter in tower.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.02)
+    state = {k: v.contiguous() for k, v in tower.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model_vision.bin")
+    embeddings, x = _extracted(slides, tmp_path / "conch", _tiny("conch-v1.5"), tmp_path)
+    assert embeddings.shape[1] == 768 and x.shape[-1] == 448
+    with torch.no_grad():
+        expected = _conch_reference(state, x, tower.trunk)
+    np.testing.assert_allclose(embeddings, expected.numpy(), atol=1e-5, rtol=1e-4)
 
 
 # --- strict loading -----------------------------------------------------------------------------------

@@ -264,8 +264,11 @@ def build_timm(
     strictly, and settle its preprocessing (``preprocessing`` overrides the blueprint's data)."""
     import timm
 
+    from milcache.extractor.architectures import ARCHITECTURES
+
     args = {**blueprint.args, **args}
-    if not timm.list_models(blueprint.architecture) and blueprint.architecture not in timm.list_models(pretrained=True):
+    known = blueprint.architecture in ARCHITECTURES or timm.list_models(blueprint.architecture)
+    if not known and blueprint.architecture not in timm.list_models(pretrained=True):
         raise ExtractionError(f"unknown timm model {blueprint.architecture!r}; see `timm.list_models()` for the names")
     meta = torch.device(device).type == "meta" if device is not None else False
     if blueprint.pretrained:  # only from an already-filled cache: never from the network
@@ -299,10 +302,13 @@ def build_timm(
 def _create(blueprint: Blueprint, args: dict, in_chans: int, *, on_meta: bool) -> nn.Module:
     import timm
 
+    from milcache.extractor.architectures import ARCHITECTURES
+
     torch.manual_seed(0)  # random-weight models (tests, demos) are then the same in every run
+    create = ARCHITECTURES.get(blueprint.architecture, timm.create_model)
     try:
         with torch.device("meta" if on_meta else "cpu"):
-            return timm.create_model(
+            return create(
                 blueprint.architecture,
                 pretrained=blueprint.pretrained and not on_meta,
                 num_classes=0,
@@ -554,6 +560,22 @@ def _fit_position_grid(state: dict, model: nn.Module) -> dict:
 
 
 KEY_MAPS["dinov2-hf"] = _dinov2_hf_to_timm
+
+
+def _conch_v1_5(state: dict, model: nn.Module) -> dict:
+    """CONCH v1.5's vision checkpoint (``pytorch_model_vision.bin``) has the tower's own names; its
+    trunk's 224-px position grid is resampled to the model's as the vendor's trunk does at run time."""
+    from milcache.extractor.architectures import dino_position_grid
+
+    if "trunk.pos_embed" in state:
+        state = {
+            **state,
+            "trunk.pos_embed": dino_position_grid(state["trunk.pos_embed"], model.trunk.patch_embed.grid_size),
+        }
+    return state
+
+
+KEY_MAPS["conch-v1.5"] = _conch_v1_5
 
 
 # --- families ---------------------------------------------------------------------------------------

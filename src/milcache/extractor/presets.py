@@ -122,6 +122,22 @@ add(
 )
 add(
     Preset(
+        "conch-v1.5",
+        "CONCH v1.5 vision tower (Mahmood lab)",
+        "conch_v1_5_vision",
+        {"img_size": 448},
+        dim=768,
+        params="0.3B",
+        licence="CC-BY-NC-ND-4.0",
+        hub="MahmoodLab/conchv1_5",
+        input_size=448,
+        token_rule="pooled",
+        key_map="conch-v1.5",
+        weight_files=("pytorch_model_vision.bin",),
+    )
+)
+add(
+    Preset(
         "virchow",
         "Virchow (Paige)",
         "vit_huge_patch14_224",
