@@ -288,6 +288,32 @@ def test_conch_v1_5_checkpoint_gives_the_vendors_embedding(slides, tmp_path):
     np.testing.assert_allclose(embeddings, expected.numpy(), atol=1e-5, rtol=1e-4)
 
 
+def test_ctranspath_checkpoint_of_the_original_swin_layout(slides, tmp_path):
+    """CTransPath's checkpoint (the original Swin layout: each stage's downsampling at its end, the
+    index and mask buffers saved, under 'model') gives timm's Swin-T with the convolutional stem."""
+    from milcache.extractor.architectures import ctranspath_swin_tiny
+
+    torch.manual_seed(4)
+    model = ctranspath_swin_tiny("ctranspath_swin_tiny", num_classes=0).eval()
+    for parameter in model.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.02)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1), module.running_var.uniform_(0.5, 1.5)
+    original = {}
+    for key, value in model.state_dict().items():
+        if ".downsample." in key:  # timm: stage i+1 starts by downsampling; the original: stage i ends so
+            stage = int(key.split(".")[1])
+            key = key.replace(f"layers.{stage}.downsample", f"layers.{stage - 1}.downsample")
+        original[key] = value
+    for name, buffer in model.named_buffers():
+        if "relative_position_index" in name or "attn_mask" in name:
+            original[name] = buffer
+    torch.save({"model": original}, tmp_path / "ctranspath.pth")
+    embeddings, x = _extracted(slides, tmp_path / "ctp", "ctranspath", tmp_path / "ctranspath.pth")
+    np.testing.assert_allclose(embeddings, _reference(model, x, "pooled"), atol=1e-5, rtol=1e-4)
+
+
 # --- strict loading -----------------------------------------------------------------------------------
 
 

@@ -75,6 +75,43 @@ def conch_v1_5_vision(name: str, pretrained: bool = False, num_classes: int = 0,
     return ConchVision(**kwargs)
 
 
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding: two stride-2 3 × 3 convolutions (batch norm, ReLU) and a 1 × 1
+    projection instead of Swin's 4 × 4 patchify, in the shape timm's Swin asks of an embed layer."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None, output_fmt="NHWC", **_):
+        super().__init__()
+        from timm.layers import to_2tuple
+
+        if to_2tuple(patch_size) != (4, 4) or embed_dim % 8:
+            raise ValueError("CTransPath's stem takes patch size 4 and an embedding dim divisible by 8")
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // 4, self.img_size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers, width = [], embed_dim // 8
+        for inputs, outputs in ((in_chans, width), (width, 2 * width)):
+            layers += [
+                nn.Conv2d(inputs, outputs, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(outputs),
+                nn.ReLU(),
+            ]
+        self.proj = nn.Sequential(*layers, nn.Conv2d(2 * width, embed_dim, kernel_size=1))
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # NHWC, as timm's Swin stages take it
+
+
+@architecture("ctranspath_swin_tiny")
+def ctranspath_swin_tiny(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """CTransPath: timm's Swin-T/4 window 7 with the convolutional stem."""
+    import timm
+
+    if pretrained:
+        raise ValueError("CTransPath's weights come from its checkpoint (--weights)")
+    return timm.create_model("swin_tiny_patch4_window7_224", embed_layer=ConvStem, **kwargs)
+
+
 def dino_position_grid(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """A class-first position embedding (1 × (1 + s²) × D) resampled to ``grid`` as DINO and iBOT
     do at run time (bicubic by the scale factor (n + 0.1) / s, kept by CONCH v1.5's trunk)."""

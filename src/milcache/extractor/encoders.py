@@ -578,6 +578,18 @@ def _conch_v1_5(state: dict, model: nn.Module) -> dict:
 KEY_MAPS["conch-v1.5"] = _conch_v1_5
 
 
+def _swin_v1(state: dict, model: nn.Module) -> dict:
+    """A Swin checkpoint of the original code (or timm < 0.9, as CTransPath's): timm's own converter
+    moves each stage's downsampling to the start of the next stage and drops the index and mask
+    buffers that timm recomputes."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
+
+
+KEY_MAPS["swin-v1"] = _swin_v1
+
+
 # --- families ---------------------------------------------------------------------------------------
 
 

@@ -138,6 +138,22 @@ add(
 )
 add(
     Preset(
+        "ctranspath",
+        "CTransPath (Wang et al. 2022)",
+        "ctranspath_swin_tiny",
+        {"img_size": 224},
+        dim=768,
+        params="28M",
+        licence="GPL-3.0",
+        hub=None,
+        magnification="see the paper",
+        token_rule="pooled",
+        key_map="swin-v1",
+        weight_files=("ctranspath.pth", "CHIEF_CTransPath.pth"),
+    )
+)
+add(
+    Preset(
         "virchow",
         "Virchow (Paige)",
         "vit_huge_patch14_224",
