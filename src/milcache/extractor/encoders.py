@@ -416,7 +416,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds; all mean "not a plain tensor checkpoint"
-            raise ExtractionError(f"{path}: cannot load as a weights file ({type(exc).__name__}: {exc})") from None
+            raise ExtractionError(
+                f"{path}: not a weights file: expected .safetensors or a weights-only torch checkpoint "
+                f"(.pth / .pt / .bin) ({type(exc).__name__}: {exc})"
+            ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
