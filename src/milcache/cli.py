@@ -269,11 +269,15 @@ def store_verify(store_dir: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of adding to it.")
 def store_import(src: Path, out: Path, **options) -> None:
     """Import embeddings from SRC: a folder of CLAM/TRIDENT .h5 files or of .pt/.npy files
-    (one per bag, bag id = file name), or one CSV/parquet table with one row per instance."""
+    (one per bag, bag id = file name), or one CSV/parquet table with one row per instance.
+
+    All or nothing: a failure leaves OUT as it was. Into an existing store the new bags come in
+    together; a bag it already holds is skipped if identical and refused if changed."""
     from milcache.store import import_embeddings
 
     report = import_embeddings(src, out, progress=sys.stderr.isatty(), **options)
-    click.echo(f"imported {report.bags} bags, {report.instances} instances of dim {report.dim} into {out}")
+    held = f"; {report.unchanged} already there, unchanged" if report.unchanged else ""
+    click.echo(f"imported {report.bags} bags, {report.instances} instances of dim {report.dim} into {out}{held}")
     for what, why in report.skipped.items():
         click.echo(f"  skipped {what}: {why}")
 

@@ -114,3 +114,128 @@ def test_an_output_on_a_full_disk_is_refused_before_work(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(OptionError, match="has only 1 MiB free"):
         checks.output_dir(tmp_path / "store")
+
+
+# --- an import is a unit ----------------------------------------------------------------------------
+
+
+def _h5_folder(folder, bags: dict) -> None:
+    folder.mkdir(exist_ok=True)
+    for bag_id, (emb, coords, _) in bags.items():
+        with h5py.File(folder / f"{bag_id}.h5", "w") as f:
+            f.create_dataset("features", data=emb)
+            f.create_dataset("coords", data=coords)
+
+
+def _disk(folder) -> dict:
+    """Every file under ``folder`` (its lock files aside) with its bytes' digest."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(("-lock", ".lock"))
+    }
+
+
+def _break(folder, how: str) -> None:
+    """Make the second file of ``folder`` bad in one of the ways a user's files are."""
+    victim = sorted(folder.iterdir())[1]
+    with h5py.File(victim, "r") as f:
+        emb, coords = f["features"][:], f["coords"][:]
+    victim.unlink()
+    with h5py.File(victim, "w") as f:
+        if how == "nan":
+            emb[0, 0] = np.nan
+        if how != "no-features":
+            f.create_dataset("features", data=emb[:, :-1] if how == "dim" else emb)
+        f.create_dataset("coords", data=coords[:, :1] if how == "coords" else coords)
+
+
+@pytest.mark.parametrize("how", ["nan", "dim", "coords", "no-features"])
+def test_a_failed_import_leaves_no_store_and_an_existing_store_unchanged(tmp_path, how):
+    bags = random_bags(4, dim=8, seed=1)
+    _h5_folder(tmp_path / "bad", bags)
+    _break(tmp_path / "bad", how)
+    with pytest.raises(StoreError):
+        import_embeddings(tmp_path / "bad", tmp_path / "new")
+    assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]
+
+    first = dict(list(random_bags(3, dim=8, seed=2).items()))
+    first = {f"old-{k}": v for k, v in first.items()}
+    _h5_folder(tmp_path / "first", first)
+    import_embeddings(tmp_path / "first", tmp_path / "store")
+    before = _disk(tmp_path / "store")
+    with pytest.raises(StoreError):
+        import_embeddings(tmp_path / "bad", tmp_path / "store")
+    assert _disk(tmp_path / "store") == before
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.bag_ids() == sorted(first)
+
+
+def test_an_import_into_a_store_adds_every_bag_as_one_shard_and_refuses_a_changed_bag(tmp_path):
+    old = random_bags(3, dim=8, seed=3)
+    _h5_folder(tmp_path / "a", old)
+    import_embeddings(tmp_path / "a", tmp_path / "store")
+    new = {f"new-{k}": v for k, v in random_bags(2, dim=8, seed=4).items()}
+    _h5_folder(tmp_path / "b", new)
+    first = next(iter(old))
+    with h5py.File(tmp_path / "b" / f"{first}.h5", "w") as f:  # the same bag again, unchanged
+        f.create_dataset("features", data=old[first][0])
+        f.create_dataset("coords", data=old[first][1])
+    report = import_embeddings(tmp_path / "b", tmp_path / "store")
+    assert (report.bags, report.unchanged) == (2, 1)
+    _check_same(tmp_path / "store", {**old, **new})
+    assert sorted(p.name for p in (tmp_path / "store").glob("shard-*.mdb")) == ["shard-00000.mdb", "shard-00001.mdb"]
+    assert not list((tmp_path / "store").glob(".import-*"))
+
+    before = _disk(tmp_path / "store")
+    with h5py.File(tmp_path / "b" / f"{first}.h5", "w") as f:  # now changed
+        f.create_dataset("features", data=old[first][0] + 1)
+        f.create_dataset("coords", data=old[first][1])
+    with pytest.raises(StoreError, match=f"bag '{first}' is already in .* with other embeddings"):
+        import_embeddings(tmp_path / "b", tmp_path / "store")
+    assert _disk(tmp_path / "store") == before
+    import_embeddings(tmp_path / "b", tmp_path / "store", overwrite=True)
+    with FeatureStore(tmp_path / "store") as store:
+        assert store.bag_ids() == sorted([first, *new])
+
+
+def test_an_import_killed_half_way_leaves_nothing_readable_and_the_rerun_completes(tmp_path):
+    """kill -9 after the first bags are staged: no store appears; the rerun clears the staging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    bags = random_bags(6, dim=8, seed=5)
+    _h5_folder(tmp_path / "h5", bags)
+    script = textwrap.dedent(
+        f"""
+        import time
+        import milcache.store.interop as interop
+        original = interop._bags_from_folder
+        def slow(src, skipped):
+            for i, bag in enumerate(original(src, skipped)):
+                if i == 3:
+                    open({str(tmp_path / "staged")!r}, "w").close()
+                    time.sleep(60)
+                yield bag
+        interop._bags_from_folder = slow
+        interop.import_embeddings({str(tmp_path / "h5")!r}, {str(tmp_path / "store")!r})
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "staged").exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert (tmp_path / "staged").exists(), "the child never staged its bags"
+    assert not (tmp_path / "store").exists()
+    assert len(list(tmp_path.glob(".store.import-*"))) == 1  # the dead process's staging
+    import_embeddings(tmp_path / "h5", tmp_path / "store")
+    _check_same(tmp_path / "store", bags)
+    assert not list(tmp_path.glob(".store.import-*"))

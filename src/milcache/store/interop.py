@@ -11,6 +11,7 @@ Supported inputs:
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ import polars as pl
 
 from milcache import checks
 from milcache.errors import ManifestError, StoreError
-from milcache.store.lmdb_store import FeatureStore, StoreWriter
-from milcache.store.metadata import StoreMetadata
+from milcache.store.lmdb_store import FeatureStore, StoreWriter, add_shard, publish_store, staging_dir
+from milcache.store.metadata import METADATA_FILE, StoreMetadata
 from milcache.store.tables import read_table
 
 ARRAY_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
@@ -42,6 +43,7 @@ class ImportReport:
     instances: int
     dim: int
     skipped: dict[str, str]  # file or bag → why it was not imported
+    unchanged: int = 0  # bags the store already held, identical
 
 
 def _as_2d(array: np.ndarray, what: str) -> np.ndarray:
@@ -180,34 +182,57 @@ def import_embeddings(
     overwrite: bool = False,
     progress: bool = False,
 ) -> ImportReport:
-    """Import a folder of per-bag files or one instance table into the store at ``out``."""
-    from tqdm import tqdm
+    """Import a folder of per-bag files or one instance table into the store at ``out``.
 
-    src = Path(src)
+    An import is a unit: the bags are written into a staging store beside ``out`` and published
+    only once every one of them was read and checked, so a failure (or a kill) leaves ``out`` as it
+    was. A new store appears whole; into an existing store the new bags come in as one more shard,
+    moved in by one rename. A bag the store already holds is skipped when it is identical and
+    refused when it changed (``overwrite`` starts the store over)."""
+    src, out = Path(src), Path(out)
     checks.output_dir(out)
-    skipped: dict[str, str] = {}
     if src.is_dir():
+        skipped: dict[str, str] = {}
         bags, kind = _bags_from_folder(src, skipped), "folder"
     elif src.is_file():
+        skipped = {}
         bags = _bags_from_table(src, bag_column, label_column, feature_columns, coord_columns)
         kind = "table"
     else:
         raise StoreError(f"{src}: no such file or folder")
-    writer, n_bags, n_instances, dim = None, 0, 0, 0
+    existing = None if overwrite or not (out / METADATA_FILE).exists() else FeatureStore(out)
+    prefix = ".import-" if existing is not None else f".{out.name}.import-"
+    staging = staging_dir(out if existing is not None else out.parent, prefix=prefix)
+    try:
+        settings = {"backbone": backbone, "dtype": dtype, "kind": kind, "coord_columns": coord_columns}
+        report = _stage(bags, staging, existing, settings, skipped, progress)
+        if report.bags == 0 and not report.unchanged:
+            raise StoreError(f"{src}: nothing could be imported: {report.skipped}")
+        if existing is not None:
+            existing.close()
+            add_shard(out, staging)
+        else:
+            publish_store(staging, out, overwrite=overwrite)
+    finally:
+        if existing is not None:
+            existing.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _stage(bags, staging: Path, existing: FeatureStore | None, settings: dict, skipped: dict, progress: bool):
+    """Write every bag into the staging store; bags ``existing`` holds are compared, not written."""
+    from tqdm import tqdm
+
+    writer, n_bags, n_instances, dim, unchanged = None, 0, 0, 0, 0
     try:
         for bag in tqdm(bags, desc="import", unit="bag", disable=not progress):
             if writer is None:
                 dim = bag.features.shape[1]
-                k = 0 if bag.coords is None else bag.coords.shape[1]
-                names = ["x", "y"] if k == 2 else list(coord_columns or [f"c{i}" for i in range(k)])
-                metadata = StoreMetadata(
-                    backbone=backbone,
-                    dim=dim,
-                    dtype=dtype,
-                    source={"kind": "import", "format": kind},
-                    coords=names,
-                )
-                writer = StoreWriter(out, metadata, overwrite=overwrite)
+                metadata = _metadata(bag, dim, settings)
+                if existing is not None:
+                    metadata.check_compatible(existing.metadata, existing.path)
+                writer = StoreWriter(staging, metadata)
             if bag.features.shape[1] != dim:
                 raise StoreError(
                     f"bag {bag.bag_id!r} has {bag.features.shape[1]}-d features; the first bag had {dim}-d"
@@ -215,15 +240,43 @@ def import_embeddings(
             if bag.features.shape[0] == 0:
                 skipped[bag.bag_id] = "no instances"
                 continue
+            if existing is not None and bag.bag_id in existing:
+                _require_unchanged(existing, bag)
+                unchanged += 1
+                continue
             writer.put(bag.bag_id, bag.features, bag.coords, bag.attrs, meta=bag.meta)
             n_bags += 1
             n_instances += bag.features.shape[0]
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:
-        raise StoreError(f"{src}: nothing could be imported: {skipped}")
-    return ImportReport(n_bags, n_instances, dim, skipped)
+    return ImportReport(n_bags, n_instances, dim, skipped, unchanged)
+
+
+def _metadata(bag: ImportedBag, dim: int, settings: dict) -> StoreMetadata:
+    k = 0 if bag.coords is None else bag.coords.shape[1]
+    names = ["x", "y"] if k == 2 else list(settings["coord_columns"] or [f"c{i}" for i in range(k)])
+    return StoreMetadata(
+        backbone=settings["backbone"],
+        dim=dim,
+        dtype=settings["dtype"],
+        source={"kind": "import", "format": settings["kind"]},
+        coords=names,
+    )
+
+
+def _require_unchanged(store: FeatureStore, bag: ImportedBag) -> None:
+    """A bag imported again must be the one the store holds (as extract refuses a changed slide)."""
+    held = store.get(bag.bag_id)
+    features = bag.features.astype(held.embeddings.dtype)
+    same = held.embeddings.shape == features.shape and np.array_equal(held.embeddings, features, equal_nan=True)
+    if same and bag.coords is not None:
+        same = np.array_equal(np.asarray(held.coords), np.asarray(bag.coords).astype(held.coords.dtype))
+    if not same:
+        raise StoreError(
+            f"bag {bag.bag_id!r} is already in {store.path} with other embeddings; nothing was imported. "
+            "Import into a new store, or start this one over with --overwrite"
+        )
 
 
 def export_h5(store_dir: str | Path, out_dir: str | Path, progress: bool = False) -> int:

@@ -60,6 +60,72 @@ def remove_store(store_dir: Path) -> None:
         stale.unlink()
 
 
+def staging_dir(parent: Path, *, prefix: str) -> Path:
+    """A new folder in ``parent`` (or its nearest existing ancestor: a failed write creates no
+    folders) to write a store aside before it is published; staging folders of processes that
+    died (killed half-way) are removed first."""
+    import shutil
+    import tempfile
+
+    parent = Path(parent).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    for stale in parent.glob(f"{prefix}*"):
+        owner = stale.name[len(prefix) :].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish_store(staging: Path, out: Path, *, overwrite: bool) -> None:
+    """Make the complete store in ``staging`` the store ``out``: by one rename when ``out`` does not
+    exist; else, with ``overwrite`` (refused while another process writes to ``out``) or into an
+    empty folder, its shards then its store.json move in, so readers never see a store.json whose
+    shards are missing."""
+    out = Path(out)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, out)
+            return
+        except OSError:  # another process made ``out`` meanwhile: publish into it as into a folder
+            pass
+    with open(out / _WRITERS_LOCK, "a") as writing, _exclusive(out / _CREATE_LOCK):
+        if (out / METADATA_FILE).exists() or shard_paths(out):
+            if not overwrite:
+                raise StoreError(f"{out} became a store while this one was written; nothing was changed")
+            try:
+                fcntl.flock(writing, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"cannot overwrite {out}: another process is writing to it right now") from None
+            remove_store(out)
+        for shard in shard_paths(staging):
+            os.rename(shard, out / shard.name)
+        os.rename(staging / METADATA_FILE, out / METADATA_FILE)
+
+
+def add_shard(store_dir: Path, staging: Path) -> None:
+    """Add the bags of the store in ``staging`` (one shard, metadata checked compatible) to the store
+    ``store_dir`` as its next shard, by one rename: readers see all of them or none."""
+    shards = shard_paths(staging)
+    if not shards:
+        return
+    store_dir = Path(store_dir)
+    with _exclusive(store_dir / _CREATE_LOCK):
+        taken = [int(_SHARD_PATTERN.match(p.name).group(1)) for p in shard_paths(store_dir)]
+        os.rename(shards[0], shard_path(store_dir, max(taken, default=-1) + 1))
+
+
 class StoreWriter:
     """Writes bags into one shard of a store; each ``put`` is one LMDB transaction.
 
