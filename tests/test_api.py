@@ -220,3 +220,26 @@ def test_a_head_from_another_packages_entry_point_is_found_by_the_cli(cohort, tm
     )
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["head"] == "plug-max"
+
+
+def test_the_api_takes_what_a_notebook_passes(tmp_path):
+    """A polars (or pandas) DataFrame as labels, one bag id or a Series as bags; a fractional fold
+    count is refused by name."""
+    import polars as pl
+
+    from milcache.store.synthetic import make_synthetic_store
+
+    labels = make_synthetic_store(tmp_path / "store", bags=12, instances=(4, 8), dim=8, seed=3)
+    result = milcache.train_head(tmp_path / "store", labels, tmp_path / "run", folds=2, epochs=1, device="cpu")
+    assert (tmp_path / "run" / "labels.parquet").is_file() and result.metrics["auc"] >= 0
+    recorded = json.loads((tmp_path / "run" / "settings.json").read_text())["labels"]
+    assert pl.read_parquet(recorded)["bag_id"].to_list() == labels["bag_id"].to_list()
+    if __import__("importlib").util.find_spec("pandas"):
+        pandas_labels = labels.to_pandas()
+        milcache.train_head(tmp_path / "store", pandas_labels, tmp_path / "run-pd", folds=2, epochs=1, device="cpu")
+    one = milcache.predict(tmp_path / "run", tmp_path / "store", bags="bag-00001", device="cpu")
+    assert one["bag_id"].to_list() == ["bag-00001"]
+    series = milcache.predict(tmp_path / "run", tmp_path / "store", bags=labels["bag_id"].head(3), device="cpu")
+    assert series.height == 3
+    with pytest.raises(milcache.MilcacheError, match="--folds must be a whole number, at least 2; got 2.7"):
+        milcache.train_head(tmp_path / "store", labels, tmp_path / "run2", folds=2.7, device="cpu")

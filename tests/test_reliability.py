@@ -50,10 +50,37 @@ def world(tmp_path_factory) -> dict:
     from safetensors.torch import save_file
 
     save_file({"fc.weight": torch.zeros(2, 7), "fc.bias": torch.zeros(2)}, root / "wrong.safetensors")
+    _bad_inputs(root, labels["bag_id"].to_list())
     other = make_meta(dim=8, backbone="synthetic", preprocessing={"mean": [0.1, 0.2, 0.3]})
     with StoreWriter(root / "other-preprocessing", other) as writer:
         writer.put("x", np.ones((3, 8), np.float32))
     return {"root": root}
+
+
+def _bad_inputs(root: Path, ids: list[str]) -> None:
+    """Label tables, manifests and embedding files that are wrong in the ways users' files are."""
+
+    def labels(name: str, cells: list[str], header: str = "bag_id,label") -> None:
+        (root / name).write_text(header + "\n" + "".join(f"{b},{c}\n" for b, c in zip(ids, cells, strict=False)))
+
+    labels("inf-label.csv", ["inf"] + [str(i % 2) for i in range(1, len(ids))])
+    (root / "header-only.csv").write_text("bag_id,label\n")
+    labels(
+        "empty-group.csv", [f"{i % 2},{'' if i == 3 else f'p{i // 2}'}" for i in range(len(ids))], "bag_id,label,group"
+    )
+    labels("mixed-labels.csv", [["1", "1.0", "yes", "0"][i % 4] for i in range(len(ids))])
+    labels("spaced-labels.csv", [[" 0", "1"][i % 2] for i in range(len(ids))])
+    text = [["1", "1.0", "0"][i % 3] for i in range(len(ids))]  # a text column: "1" and "1.0" are two strings
+    pl.DataFrame({"bag_id": ids, "label": text}).write_parquet(root / "two-ways.parquet")
+    (root / "empty-manifest.csv").write_text("bag_id,path\n")
+    for name, save in (
+        ("empty-npy", lambda folder: (folder / "a.npy").write_bytes(b"")),
+        ("text-npz", lambda folder: np.savez(folder / "a.npz", features=np.array(["x", "y"]))),
+        ("no-features-npy", lambda folder: np.save(folder / "a.npy", np.zeros((0, 0)))),
+    ):
+        (root / name).mkdir()
+        save(root / name)
+    pl.DataFrame({"bag_id": ["a/b", "a/b"], "f0": [1.0, 2.0], "f1": [0.0, 1.0]}).write_csv(root / "slash-id.csv")
 
 
 def _train(*extra):
@@ -150,6 +177,22 @@ CASES = {
     "store import --out is a file": (["store", "import", "{root}/store", "--out", "{root}/a-file"], "a-file"),
     "store export --out is a file": (["store", "export", "{root}/store", "--out", "{root}/a-file"], "a-file"),
     "store synth --bags 0": (["store", "synth", "{root}/synth", "--bags", "0"], "--bags"),
+    # label tables, manifests and files checked before any work
+    "train an infinite label": (_train()[:4] + ["{root}/inf-label.csv"] + _train()[5:], "infinite label"),
+    "train labels with only a header": (_train()[:4] + ["{root}/header-only.csv"] + _train()[5:], "has no rows"),
+    "train an empty group cell": (_train()[:4] + ["{root}/empty-group.csv"] + _train()[5:], "row 4: bag 'bag-00003'"),
+    "train labels of numbers and words": (_train()[:4] + ["{root}/mixed-labels.csv"] + _train()[5:], "mixes numbers"),
+    "train labels with spaces": (_train()[:4] + ["{root}/spaced-labels.csv"] + _train()[5:], "' 0'"),
+    "train one label written two ways": (_train()[:4] + ["{root}/two-ways.parquet"] + _train()[5:], "1 and 1.0"),
+    "extract a manifest without rows": (["extract", "{root}/empty-manifest.csv"] + _extract()[2:], "has no rows"),
+    "extract --mean of two values": (_extract("--mean", "0.5,0.5"), "--mean has 2 values"),
+    "store import an empty .npy": (["store", "import", "{root}/empty-npy", "--out", "{root}/s"], "a.npy"),
+    "store import a text .npz": (["store", "import", "{root}/text-npz", "--out", "{root}/s"], "a.npz"),
+    "store import a (0, 0) array": (["store", "import", "{root}/no-features-npy", "--out", "{root}/s"], "a.npy"),
+    "store import a bag id with /": (["store", "import", "{root}/slash-id.csv", "--out", "{root}/s"], "'a/b'"),
+    "store synth --instances 10 5": (["store", "synth", "{root}/synth", "--instances", "10", "5"], "--instances"),
+    "tune a journal in a missing folder": (_tune("--storage", "journal:{root}/none/j.log"), "--storage"),
+    "demo --out is a file": (["demo", "--out", "{root}/a-file"], "a-file"),
     # memory budget, duplicates, the index, fine-tuning
     "train --memory-budget lots": (_train("--memory-budget", "lots"), "--memory-budget"),
     "train --skip-duplicates before dedup": (_train("--skip-duplicates"), "index dedup"),

@@ -319,18 +319,30 @@ def _refuse_unknown(options: dict, known: set[str], what: str) -> None:
         raise OptionError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
-def bag_list(bags: Sequence[str] | PathLike | None) -> list[str] | None:
-    """Bag ids given as a list, or as a CSV/parquet table's bag_id column."""
+_TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+
+
+def bag_list(bags: Sequence[str] | PathLike | pl.DataFrame | None) -> list[str] | None:
+    """Bag ids as a notebook passes them: a list (or polars / pandas Series), one id, a table with a
+    bag_id column (a DataFrame, or a CSV / parquet file's path)."""
     if bags is None:
         return None
-    if isinstance(bags, (str, Path)):
+    if isinstance(bags, str) and not (Path(bags).suffix.lower() in _TABLE_SUFFIXES or Path(bags).is_file()):
+        return [bags]  # one bag id
+    if isinstance(bags, (str, Path)) or hasattr(bags, "columns"):
         from milcache.store.tables import read_table
 
         table = read_table(bags)
         if "bag_id" not in table.columns:
-            raise OptionError(f"--bags {bags}: no bag_id column (columns: {', '.join(table.columns)})")
+            raise OptionError(f"--bags {_shown(bags)}: no bag_id column (columns: {', '.join(table.columns)})")
         return table["bag_id"].cast(str).to_list()
+    if not hasattr(bags, "__iter__"):
+        raise OptionError(f"bags: expected bag ids (a list, one id, or a table with bag_id), got {type(bags).__name__}")
     return [str(b) for b in bags]
+
+
+def _shown(table) -> str:
+    return str(table) if isinstance(table, (str, Path)) else "(the DataFrame given)"
 
 
 def fine_tune(

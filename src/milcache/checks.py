@@ -22,6 +22,14 @@ def at_least(option: str, value, low: float) -> None:
         raise OptionError(f"{option} must be at least {low:g}, got {value!r}")
 
 
+def whole(option: str, value, low: int) -> None:
+    """``value`` (unless None) is a whole number ≥ ``low`` (2.7 folds is refused, not rounded)."""
+    import numbers
+
+    if value is not None and not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
+        raise OptionError(f"{option} must be a whole number, at least {low}; got {value!r}")
+
+
 def above(option: str, value, low: float) -> None:
     """``value`` (unless None) is a finite number > ``low``."""
     if value is not None and not (_finite(value) and value > low):

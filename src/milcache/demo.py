@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache import checks
+
 BACKBONE = "test_resnet"
 CELL = 32  # pixels per digit cell = tile size
 GRID = 8  # cells per slide side
@@ -152,7 +154,7 @@ def run_demo(
     import milcache
 
     start = time.perf_counter()
-    root = Path(out)
+    root = checks.output_dir(out, "--out")
     root.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     cells = np.stack([render_digit(image) for image in digits.images])

@@ -79,3 +79,10 @@ def test_labels_from_table_and_from_manifest(images):
     assert read_labels(manifest).to_dicts() == [{"bag_id": "3", "label": 1}, {"bag_id": "4", "label": 0}]
     with pytest.raises(LabelError, match=r"missing labels \(.*\):\n  row 2: bag '2'"):
         read_labels(write(images / "l2.csv", "bag_id,label\n1,0\n2,\n"))
+
+
+def test_a_manifest_path_with_spaces_around_it_is_the_file(tmp_path):
+    (tmp_path / "slide.tif").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("bag_id,path\ns,slide.tif  \n")
+    bags = read_manifest(tmp_path / "m.csv").bags()
+    assert bags[0].paths == [tmp_path.resolve() / "slide.tif"]

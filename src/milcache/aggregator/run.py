@@ -287,8 +287,8 @@ def train_head(
 ) -> dict:
     """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
     config = config or TrainConfig()
-    checks.at_least("--folds", folds, 2)
-    checks.at_least("--repeats", repeats, 1)
+    checks.whole("--folds", folds, 2)
+    checks.whole("--repeats", repeats, 1)
     check_head(config.head, config.head_options)
     checks.output_dir(out_dir)
     start = time.perf_counter()
@@ -332,6 +332,11 @@ def train_head(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     oof.write_parquet(out / "oof.parquet")
     _plot(cohort, oof, out)
+    if not isinstance(labels_path, (str, Path)):  # a DataFrame: kept in the run, so fine-tune finds it
+        from milcache.store.tables import read_table
+
+        read_table(labels_path, ("bag_id", "group", "split")).write_parquet(out / "labels.parquet")
+        labels_path = (out / "labels.parquet").absolute()
     settings = {
         "store": str(store_dir),
         "labels": str(labels_path),

@@ -287,6 +287,7 @@ def build_timm(
     elif blueprint.pretrained:
         digest = f"timm-pretrained:{blueprint.architecture}"
     rule = token_rule or blueprint.token_rule
+    data = resolved_data(model, blueprint.data, preprocessing)
     return Encoder(
         model=model.eval(),
         name=blueprint.name,
@@ -295,7 +296,7 @@ def build_timm(
         args=args,
         weights_digest=digest,
         extra={} if in_chans == 3 else {"in_chans": in_chans},
-        **resolved_data(model, blueprint.data, preprocessing),
+        **data,
     )
 
 

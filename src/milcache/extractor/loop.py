@@ -25,7 +25,7 @@ from milcache.devices import (
     resolve_device,
     retain_freed_host_memory,
 )
-from milcache.errors import ExtractionError
+from milcache.errors import ExtractionError, OptionError
 from milcache.extractor.encoders import Encoder, create_encoder
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
 from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason
@@ -452,6 +452,12 @@ def extract(
     if device.type == "cpu":
         retain_freed_host_memory()  # each batch's activations reuse the last one's pages (see there)
     bags = read_manifest(manifest, check_files=False).bags()  # a missing file fails its bag only
+    encoder_options = source.backbone_options(bags)
+    channels = encoder_options.get("in_chans", 3)
+    for option in ("mean", "std"):
+        given = config.preprocessing.get(option)
+        if given is not None and len(given) != channels:
+            raise OptionError(f"--{option} has {len(given)} values; the images have {channels} channels: one each")
     backbone = create_encoder(
         config.backbone,
         config.weights,
@@ -459,7 +465,7 @@ def extract(
         args=config.backbone_args,
         token_rule=config.token_rule,
         **config.preprocessing,
-        **source.backbone_options(bags),
+        **encoder_options,
     )
     spec = backbone.spec(source.settings())
     metadata = StoreMetadata.for_embedding(spec, dtype=config.dtype, coords=source.coord_names)

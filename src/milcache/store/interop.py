@@ -52,6 +52,10 @@ def _as_2d(array: np.ndarray, what: str) -> np.ndarray:
         array = array[0]
     if array.ndim != 2:
         raise StoreError(f"{what}: expected an (instances × dim) array, got shape {array.shape}")
+    if array.shape[1] == 0:
+        raise StoreError(f"{what}: an array of shape {array.shape} has no features per instance")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise StoreError(f"{what}: expected numbers, got an array of {array.dtype}")
     return array
 
 
@@ -96,14 +100,16 @@ def _read_array_file(path: Path) -> ImportedBag:
             data = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle user files
         except Exception as exc:  # torch raises many kinds here; all mean "not a plain tensor file"
             raise StoreError(f"{path}: cannot load as tensors ({type(exc).__name__}: {exc})") from None
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            data = {k: archive[k] for k in archive.files}
     else:
         try:
-            data = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise StoreError(f"{path}: cannot load ({exc})") from None
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as archive:
+                    data = {k: archive[k] for k in archive.files}
+            else:
+                data = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:  # EOFError: an empty or cut file
+            why = f"{type(exc).__name__}: {exc or 'empty file'}"
+            raise StoreError(f"{path}: cannot load as a numpy array ({why})") from None
     if isinstance(data, dict):
         if "features" not in data:
             raise StoreError(f"{path}: a mapping without 'features' (keys: {', '.join(map(str, data))})")
@@ -236,6 +242,10 @@ def _stage(bags, staging: Path, existing: FeatureStore | None, settings: dict, s
             if bag.features.shape[1] != dim:
                 raise StoreError(
                     f"bag {bag.bag_id!r} has {bag.features.shape[1]}-d features; the first bag had {dim}-d"
+                )
+            if "/" in bag.bag_id or bag.bag_id in (".", ".."):
+                raise StoreError(
+                    f"bag id {bag.bag_id!r} cannot be a file name (store export writes one file per bag): rename it"
                 )
             if bag.features.shape[0] == 0:
                 skipped[bag.bag_id] = "no instances"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from milcache.errors import OptionError
 from milcache.store.lmdb_store import StoreWriter
 from milcache.store.metadata import StoreMetadata
 
@@ -32,6 +33,9 @@ def make_synthetic_store(
     Each instance carries the attribute ``key`` (1 for key instances), so a test can check where
     a head's attention goes. Coordinates are a (row, column) position on a square grid.
     """
+    low, high = instances
+    if not 1 <= low <= high:
+        raise OptionError(f"--instances takes MIN MAX with 1 <= MIN <= MAX, got {low} {high}")
     rng = np.random.default_rng(seed)
     direction = rng.standard_normal(dim).astype(np.float32)
     direction /= np.linalg.norm(direction)

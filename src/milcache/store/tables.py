@@ -20,8 +20,13 @@ _MAX_LISTED = 20
 _ROW = "__row__"  # 1-based data row number, kept so that errors can name rows
 
 
-def read_table(path: str | Path, string_columns: tuple[str, ...] = ("bag_id",)) -> pl.DataFrame:
-    """A CSV/TSV/parquet file as a DataFrame, with ``string_columns`` read as text."""
+def read_table(path, string_columns: tuple[str, ...] = ("bag_id",)) -> pl.DataFrame:
+    """A CSV/TSV/parquet file (or a polars / pandas DataFrame a notebook holds) as a polars
+    DataFrame, with ``string_columns`` as text."""
+    if hasattr(path, "columns"):  # a DataFrame already
+        table = path if isinstance(path, pl.DataFrame) else pl.from_pandas(path)
+        casts = [pl.col(c).cast(pl.Utf8) for c in string_columns if c in table.columns]
+        return table.with_columns(casts) if casts else table
     path = Path(path)
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; expected a table file (.csv, .tsv or .parquet)")
@@ -129,7 +134,10 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     table = read_table(path, ("bag_id", "path", "group"))
     _require_columns(table, path, ("bag_id", "path"))
     table = table.with_row_index(_ROW, offset=1)
+    if table.height == 0:
+        raise ManifestError(f"{path} has no rows: give one row per image (bag_id, path)")
     _check_ids(table, path)
+    table = table.with_columns(pl.col("path").str.strip_chars())  # "slide.svs " in a hand-made CSV
     empty_paths = table.filter(pl.col("path").is_null() | (pl.col("path").str.strip_chars() == ""))
     if empty_paths.height:
         raise _problem_list(path, "empty path", [f"row {r}" for r in empty_paths[_ROW]])
@@ -180,15 +188,17 @@ def _is_missing(column: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return column.is_null()
 
 
-def read_labels(path: str | Path, label_column: str = "label") -> pl.DataFrame:
-    """Bag labels from a labels table or a manifest: one row per bag, columns ``bag_id``, ``label``
-    and, when present, ``group`` and ``split``.
+def read_labels(path, label_column: str = "label") -> pl.DataFrame:
+    """Bag labels from a labels table (a file, or a polars / pandas DataFrame) or a manifest: one
+    row per bag, columns ``bag_id``, ``label`` and, when present, ``group`` and ``split``.
     """
-    path = Path(path)
     table = read_table(path, ("bag_id", "group", "split"))
+    path = Path(path) if isinstance(path, (str, Path)) else Path("(the labels DataFrame)")
     _require_columns(table, path, ("bag_id", label_column))
     table = table.rename({label_column: "label"}) if label_column != "label" else table
     table = table.with_row_index(_ROW, offset=1)
+    if table.height == 0:
+        raise LabelError(f"{path} has no rows: give one row per bag, with its {label_column}")
     _check_ids(table, path)
     missing = table.filter(_is_missing(pl.col("label"), table.schema["label"]))
     if missing.height:
@@ -196,7 +206,56 @@ def read_labels(path: str | Path, label_column: str = "label") -> pl.DataFrame:
         raise LabelError(
             str(_problem_list(path, "missing labels (empty, NaN or NA: drop these rows or give them a label)", rows))
         )
+    _check_label_values(table, path, label_column)
     keep = [c for c in ("bag_id", "label", "group", "split") if c in table.columns]
+    for column in keep[2:]:
+        empty = table.filter(_is_missing(pl.col(column), table.schema[column]))
+        if empty.height:
+            rows = [f"row {r}: bag {b!r}" for r, b in empty.select(_ROW, "bag_id").iter_rows()]
+            raise LabelError(str(_problem_list(path, f"empty {column} (give every bag one, or drop the column)", rows)))
     for column in keep[1:]:
         _check_consistent(table, path, column)
     return table.select(keep).unique(subset="bag_id", keep="first", maintain_order=True)
+
+
+def _check_label_values(table: pl.DataFrame, path: Path, label_column: str) -> None:
+    """Labels mean one thing each: no infinite number, and in a text column no value with spaces
+    around it, no number written two ways (1 and 1.0) and no mix of numbers and words."""
+    dtype = table.schema["label"]
+    if dtype.is_float():
+        infinite = table.filter(pl.col("label").is_infinite())
+        if infinite.height:
+            rows = [f"row {r}: bag {b!r}" for r, b in infinite.select(_ROW, "bag_id").iter_rows()]
+            raise LabelError(str(_problem_list(path, f"infinite {label_column}", rows)))
+    if dtype != pl.Utf8:
+        return
+    values = table.select(_ROW, "bag_id", "label").iter_rows()
+    spaced = [f"row {r}: bag {b!r}: {v!r}" for r, b, v in values if v != v.strip()]
+    if spaced:
+        raise LabelError(str(_problem_list(path, f"{label_column} values with spaces around them", spaced)))
+    distinct = table["label"].unique().to_list()
+    numbers = {v: _number(v) for v in distinct}
+    words = sorted(v for v, n in numbers.items() if n is None)
+    numeric = sorted(v for v, n in numbers.items() if n is not None)
+    if words and numeric:
+        raise LabelError(
+            f"{path}: the {label_column} column mixes numbers ({', '.join(numeric[:5])}) and words "
+            f"({', '.join(words[:5])}); write each class one way"
+        )
+    if any(n is not None and (n != n or abs(n) == float("inf")) for n in numbers.values()):
+        raise LabelError(f"{path}: the {label_column} column holds an infinite or NaN number; give a finite label")
+    by_number: dict[float, list[str]] = {}
+    for value, number in numbers.items():
+        if number is not None:
+            by_number.setdefault(number, []).append(value)
+    twice = [sorted(forms) for forms in by_number.values() if len(forms) > 1]
+    if twice:
+        shown = "; ".join(" and ".join(forms) for forms in twice[:5])
+        raise LabelError(f"{path}: the same {label_column} is written two ways ({shown}); write each class one way")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -21,7 +21,7 @@ from milcache.aggregator.plots import pyplot
 from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
 from milcache.aggregator.splits import validation_split
 from milcache.aggregator.trainer import infer
-from milcache.errors import MilcacheError
+from milcache.errors import MilcacheError, OptionError
 from milcache.tuning.selection import bootstrap_comparison, kept_score, kept_trials
 from milcache.tuning.settings import PRUNERS, TuneSettings
 from milcache.tuning.space import default_params, head_params, load_space, sample_config, swept_heads
@@ -53,7 +53,10 @@ def open_storage(url: str):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = Path(url.removeprefix("journal:"))
+        if not path.parent.is_dir():
+            raise OptionError(f"--storage {url}: no folder {path.parent}; create it or give another path")
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     import sqlalchemy.exc
 
     for attempt in range(_STORAGE_ATTEMPTS):
