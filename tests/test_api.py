@@ -193,6 +193,15 @@ def test_the_same_head_registered_again_replaces_another_is_refused():
         milcache.register_head("mean")(Other)
 
 
+def test_a_head_without_aggregate_is_refused_saying_what_to_define():
+    class Unfinished(milcache.Head):
+        pass
+
+    with pytest.raises(milcache.MilcacheError, match=r"head 'unfinished' .*Unfinished\) must define aggregate"):
+        milcache.register_head("unfinished")(Unfinished)
+    assert "unfinished" not in milcache.aggregator.heads.list_heads()
+
+
 def test_a_head_from_another_packages_entry_point_is_found_by_the_cli(cohort, tmp_path):
     """A package that declares `[project.entry-points."milcache.heads"] plug-max = "plug:MaxHead"`."""
     store, labels = cohort

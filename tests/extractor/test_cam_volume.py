@@ -272,6 +272,17 @@ def _cam_of(manifest, out, weights=None, **preprocessing) -> np.ndarray:
         return store["b"].extras["cam_0"].astype(np.float32)
 
 
+def test_a_cam_extraction_raises_no_warning(tmp_path, recwarn):
+    """Decoders hand out read-only arrays (an RGB PNG's); torch warned about them on every CAM run."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(0, 255, (160, 128, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "cc.png")
+    pl.DataFrame({"bag_id": ["b"], "path": ["cc.png"]}).write_csv(tmp_path / "m.csv")
+    _cam_of(tmp_path / "m.csv", tmp_path / "store")
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 def test_saliency_cam_is_the_extraction_encoder_with_its_weights_and_mean(tmp_path):
     """The saliency CAM runs the very encoder that embeds (its weights file, the user's --mean):
     two weight files give two CAMs, and another mean another CAM, each equal to the encoder's own

@@ -23,6 +23,18 @@ from milcache.registry import Registry
 
 
 def _named(name: str, cls: type[Head]) -> None:
+    """Tell a head class its registered name, once it is known to define what a head must."""
+    if cls.aggregate is Head.aggregate:
+        raise MilcacheError(
+            f"head {name!r} ({cls.__module__}.{cls.__qualname__}) must define aggregate(self, h, mask) -> "
+            "HeadOutput: the bag logits (and instance scores) from instance embeddings h (B x N x hidden) "
+            "and mask (B x N, True for real instances)"
+        )
+    if issubclass(cls, _PoolingHead) and cls.pool is _PoolingHead.pool:
+        raise MilcacheError(
+            f"head {name!r} ({cls.__module__}.{cls.__qualname__}) must define pool(self, h, mask) -> B x hidden: "
+            "one vector per bag from instance embeddings h (B x N x hidden) and mask (B x N)"
+        )
     cls.name = name
 
 

@@ -63,7 +63,9 @@ def read_image(path: Path) -> np.ndarray:
         raise ExtractionError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
-    return np.ascontiguousarray(image[..., :3])
+    image = image[..., :3]
+    # Writable and contiguous: decoders hand out read-only views, which torch warns about.
+    return image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
 
 
 def _is_dicom(path: Path) -> bool:
@@ -76,7 +78,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((width, height), Image.BILINEAR))  # a writable copy
 
 
 class _CamNet:
