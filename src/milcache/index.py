@@ -72,9 +72,18 @@ def search(
 
 def _embed_file(store, image: PathLike, weights: PathLike | None, device: str):
     from milcache.devices import resolve_device
+    from milcache.errors import OptionError
     from milcache.extractor.reread import embed_images, read_image, store_backbone
 
     pixels = read_image(image)
+    settings = store.metadata.source
+    side = settings.get("tile_size") or settings.get("region_size")
+    height, width = pixels.shape[1:3]
+    if side and not (side / 2 <= min(height, width) and max(height, width) <= 2 * side):
+        raise OptionError(
+            f"--image {image}: {width} x {height} pixels, but the instances of {store.path} are {side} x {side} "
+            "(read at its resolution): give an image of about that size"
+        )
     return embed_images(store_backbone(store, weights), pixels, resolve_device(device))[0]
 
 

@@ -71,6 +71,15 @@ def test_an_image_is_embedded_only_with_the_weights_the_store_was_made_with(tile
     assert result.exit_code == 2 and "either --bag with --instance, or --image" in result.output
 
 
+def test_an_image_far_from_the_instances_size_is_refused(tile_store, tmp_path):
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(tmp_path / "tiny.png")
+    result = CliRunner().invoke(
+        cli, ["index", "search", str(tile_store / "store"), "--image", str(tmp_path / "tiny.png")]
+    )
+    assert result.exit_code == 2 and "tiny.png: 7 x 5 pixels, but the instances of" in result.output
+    assert "are 32 x 32" in result.output
+
+
 def _state():
     import timm
 

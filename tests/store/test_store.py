@@ -273,3 +273,26 @@ def test_store_opens_in_a_spawned_worker(small_store):
     proc.start()
     proc.join(60)
     assert queue.get(timeout=5) == pytest.approx(float(bags["bag-0003"][0].astype(np.float16).astype(np.float32).sum()))
+
+
+def test_a_writer_whose_shard_another_writer_grew_goes_on(tmp_path):
+    """Two processes write one shard; the other grows its map past this one's: LMDB says the map
+    was resized, and the writer adopts the new size instead of reporting a full disk."""
+    import multiprocessing
+
+    meta = make_meta(dim=256, dtype="float32")
+    with StoreWriter(tmp_path / "s", meta, map_size=1 << 20) as writer:
+        writer.put("small", np.ones((2, 256), np.float32))
+        context = multiprocessing.get_context("spawn")
+        other = context.Process(target=_write_big, args=(tmp_path / "s", meta))
+        other.start()
+        other.join(60)
+        assert other.exitcode == 0
+        writer.put("after", np.ones((2, 256), np.float32))
+    with FeatureStore(tmp_path / "s") as store:
+        assert store.bag_ids() == ["after", "big", "small"]
+
+
+def _write_big(path, meta):
+    with StoreWriter(path, meta, map_size=1 << 20) as writer:
+        writer.put("big", np.ones((4096, 256), np.float32))  # 4 MiB: past the 1 MiB map

@@ -244,6 +244,8 @@ class StoreWriter:
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:  # another writer of this shard grew it: adopt its size
+                self._env.set_mapsize(0)
             except lmdb.Error as exc:
                 raise StoreError(
                     f"could not write bag {bag_id!r} to {self._file}: {exc}; the store is unchanged (is the disk full?)"
