@@ -277,3 +277,25 @@ def test_a_blend_is_refused_naming_its_members(tmp_path):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 2 and "is a blend of several models" in result.output
     assert str(tmp_path / "best" / "trial-3") in result.output and not (tmp_path / "ft").exists()
+
+
+def test_resume_from_another_fine_tunings_checkpoint_is_refused_by_name(tmp_path):
+    """A checkpoint knows the fine-tuning it belongs to; another model's tensors are named, not a traceback."""
+    import torch
+
+    from milcache.aggregator.finetune import _Checkpoint
+
+    def parts(width: int):
+        net = torch.nn.Linear(4, width)
+        return net, torch.optim.AdamW(net.parameters())
+
+    mine = {"model": "/runs/a", "store": "/stores/s", "lr": 1e-3}
+    net, optimizer = parts(2)
+    _Checkpoint(tmp_path / "ck", mine).save(net, optimizer, 0, [], {"epoch": 0, "loss": 1.0})
+    assert _Checkpoint(tmp_path / "ck", mine).load(*parts(2))[0] == 1
+    other = {**mine, "model": "/runs/b", "lr": 1e-4}
+    expected = r"another fine-tuning \(lr: checkpoint 0.001, this run 0.0001; model"
+    with pytest.raises(milcache.MilcacheError, match=expected):
+        _Checkpoint(tmp_path / "ck", other).load(*parts(2))
+    with pytest.raises(milcache.MilcacheError, match="does not fit this model"):
+        _Checkpoint(tmp_path / "ck", mine).load(*parts(3))

@@ -120,7 +120,15 @@ def fine_tune(
         weight_decay=settings.weight_decay,
         fused=True,  # one kernel over all parameters (torch's default on the CPU loops over them)
     )
-    state = _Checkpoint(out / CHECKPOINT_DIR)
+    # What a checkpoint belongs to: a resume continues this fine-tuning, not another one.
+    identity = {
+        "model": str(Path(run).resolve()),
+        "store": str(Path(store).resolve()),
+        "manifest": str(Path(manifest).resolve()),
+        "weights_digest": backbone.weights_digest,
+        **{k: v for k, v in asdict(settings).items() if k not in _MAY_CHANGE_ON_RESUME},
+    }
+    state = _Checkpoint(out / CHECKPOINT_DIR, identity)
     start_epoch, history, best = 0, [], {"epoch": -1, "loss": math.inf}
     if resume:
         start_epoch, history, best = state.load(net, optimizer)
@@ -337,12 +345,17 @@ def _worker_init(_worker_id: int) -> None:
     extraction_worker_init(_worker_id)
 
 
+_MAY_CHANGE_ON_RESUME = ("epochs", "patience", "workers")  # how long and how fast, not what is learnt
+
+
 class _Checkpoint:
     """The last finished epoch (weights, optimizer, history) and the best weights so far, written
-    atomically (a kill during the write leaves the previous checkpoint)."""
+    atomically (a kill during the write leaves the previous checkpoint), with the ``identity`` of
+    the fine-tuning they belong to (run, store, manifest, weights, settings)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, identity: dict | None = None) -> None:
         self.folder = folder
+        self.identity = json.loads(json.dumps(identity or {}))  # as it reads back
 
     def exists(self) -> bool:
         return (self.folder / "state.json").is_file()
@@ -353,7 +366,8 @@ class _Checkpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         save_file(_tensors(net), self.folder / "last.safetensors.tmp")
         torch.save(optimizer.state_dict(), self.folder / "optimizer.pt.tmp")
-        (self.folder / "state.json.tmp").write_text(json.dumps({"epoch": epoch, "history": history, "best": best}))
+        record = {"epoch": epoch, "history": history, "best": best, "identity": self.identity}
+        (self.folder / "state.json.tmp").write_text(json.dumps(record))
         for name in ("last.safetensors", "optimizer.pt", "state.json"):  # state.json last: it marks a whole set
             (self.folder / f"{name}.tmp").replace(self.folder / name)
 
@@ -370,8 +384,24 @@ class _Checkpoint:
         if not self.exists():
             raise MilcacheError(f"--resume: no checkpoint in {self.folder}")
         state = json.loads((self.folder / "state.json").read_text())
-        net.load_state_dict(load_file(self.folder / "last.safetensors"), strict=True)
-        optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        theirs = state.get("identity", self.identity)  # checkpoints of earlier versions recorded none
+        differing = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+        if differing:
+            sides = "; ".join(
+                f"{k}: checkpoint {theirs.get(k)!r}, this run {self.identity.get(k)!r}" for k in differing[:4]
+            )
+            raise MilcacheError(
+                f"--resume: {self.folder} holds the checkpoint of another fine-tuning ({sides}); resume with "
+                "the same model, store, manifest, weights and settings, or use another --out"
+            )
+        try:
+            net.load_state_dict(load_file(self.folder / "last.safetensors"), strict=True)
+            optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another model
+            reason = str(exc).splitlines()[0]
+            raise MilcacheError(
+                f"--resume: the checkpoint in {self.folder} does not fit this model ({reason})"
+            ) from None
         return state["epoch"] + 1, state["history"], state["best"]
 
     def restore_best(self, net) -> None:
