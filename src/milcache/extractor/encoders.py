@@ -318,12 +318,20 @@ def _create(blueprint: Blueprint, args: dict, in_chans: int, *, on_meta: bool) -
             )
     except ExtractionError:
         raise
+    except RuntimeError as exc:
+        if on_meta and "meta" in str(exc):  # older timm (1.0.20 and before) reads tensor values while building
+            return _create(blueprint, args, in_chans, on_meta=False)
+        raise _cannot_build(blueprint, args, exc) from None
     except Exception as exc:  # timm raises many kinds for arguments an architecture does not take
-        hint = "; with --pretrained the weights must be in the local cache (or give --weights)"
-        raise ExtractionError(
-            f"cannot build {blueprint.architecture!r} with arguments {args}: {type(exc).__name__}: {exc}"
-            + (hint if blueprint.pretrained else "")
-        ) from None
+        raise _cannot_build(blueprint, args, exc) from None
+
+
+def _cannot_build(blueprint: Blueprint, args: dict, exc: Exception) -> ExtractionError:
+    hint = "; with --pretrained the weights must be in the local cache (or give --weights)"
+    return ExtractionError(
+        f"cannot build {blueprint.architecture!r} with arguments {args}: {type(exc).__name__}: {exc}"
+        + (hint if blueprint.pretrained else "")
+    )
 
 
 def embedding_dim(model: nn.Module, rule: str) -> int:
