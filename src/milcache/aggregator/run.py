@@ -69,7 +69,7 @@ def load_cohort(
         ids = labels["bag_id"].to_list()
         skip = duplicate_instances(store) if skip_duplicates else None
         data = load_bags(store, ids, resolve_device(device), progress, regime, skip)
-        store_meta = store_identity(store.metadata)
+        store_meta = store.metadata.embedding.to_dict()  # what the run's model input means
         unlabelled = len(in_store) - len(ids)
     grouped = "group" in labels.columns
     groups = np.asarray(labels["group"].to_list() if grouped else ids, dtype=object)
@@ -77,11 +77,6 @@ def load_cohort(
     raw = labels["label"].to_list()
     notes = [] if grouped or split is not None else [grouping_hint(ids)]
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta, notes)
-
-
-def store_identity(metadata) -> dict:
-    """What a run folder records of its store: the embedding spec (what its model's input means)."""
-    return metadata.embedding.to_dict()
 
 
 def check_model_input(recorded: dict, store, *, model_dir: Path, what: str = "predict") -> None:

@@ -358,9 +358,8 @@ def resolved_data(model: nn.Module, data: dict, overrides: dict) -> dict:
         "mean": tuple(float(v) for v in chosen["mean"]),
         "std": tuple(float(v) for v in chosen["std"]),
         "interpolation": interpolation if interpolation in INTERPOLATIONS else "bicubic",
-        "crop_pct": float(data.get("crop_pct") or 1.0)
-        if overrides.get("crop_pct") is None
-        else float(overrides["crop_pct"]),
+        # the user's or the card's crop; timm's default crop_pct is an ImageNet evaluation habit
+        "crop_pct": float(overrides.get("crop_pct") or data.get("crop_pct") or 1.0),
     }
 
 

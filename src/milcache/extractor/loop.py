@@ -132,10 +132,11 @@ class Embedder:
     def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's last feature map (B × C × h × w, float32) of uint8 images (B × H × W × C) at
         their own size, normalised with the encoder's mean and std: the saliency CAM's input."""
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        mean, std = self.backbone.normalisation(self.device)
+        from milcache.extractor.sources import normalise_images
+
+        x = normalise_images(images.to(self.device, non_blocking=True), self.backbone, resize=False)
         with autocast(self.device, self.precision):
-            return self.backbone.model.forward_features(self._in_model_layout(x.sub_(mean).div_(std))).float()
+            return self.backbone.model.forward_features(self._in_model_layout(x)).float()
 
     @torch.inference_mode()
     def with_feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,12 +136,16 @@ class Source:
         return forward(normalise_images(batch, encoder))
 
 
-def normalise_images(pixels: torch.Tensor, encoder) -> torch.Tensor:
+def normalise_images(pixels: torch.Tensor, encoder, resize: bool = True) -> torch.Tensor:
     """uint8 B × H × W × C on the device → float B × C × H × W at the encoder's input size and norm:
-    resized to input / crop_pct (the model card's resize), then its centre cropped to the input."""
+    resized to input / crop_pct (the model card's resize), then its centre cropped to the input
+    (with ``resize`` False: at the pixels' own size, as the saliency CAM reads a global view)."""
     import torch.nn.functional as F
 
     x = pixels.permute(0, 3, 1, 2).float().div_(255)
+    if not resize:
+        mean, std = encoder.normalisation(x.device)
+        return x.sub_(mean).div_(std)
     height, width = encoder.input_size
     crop_pct = getattr(encoder, "crop_pct", 1.0)
     resized = (round(height / crop_pct), round(width / crop_pct))

@@ -197,11 +197,10 @@ def import_embeddings(
     refused when it changed (``overwrite`` starts the store over)."""
     src, out = Path(src), Path(out)
     checks.output_dir(out)
+    skipped: dict[str, str] = {}
     if src.is_dir():
-        skipped: dict[str, str] = {}
         bags, kind = _bags_from_folder(src, skipped), "folder"
     elif src.is_file():
-        skipped = {}
         bags = _bags_from_table(src, bag_column, label_column, feature_columns, coord_columns)
         kind = "table"
     else:
@@ -243,7 +242,7 @@ def _stage(bags, staging: Path, existing: FeatureStore | None, settings: dict, s
                 raise StoreError(
                     f"bag {bag.bag_id!r} has {bag.features.shape[1]}-d features; the first bag had {dim}-d"
                 )
-            if "/" in bag.bag_id or bag.bag_id in (".", ".."):
+            if not _is_file_name(bag.bag_id):
                 raise StoreError(
                     f"bag id {bag.bag_id!r} cannot be a file name (store export writes one file per bag): rename it"
                 )
@@ -275,6 +274,11 @@ def _metadata(bag: ImportedBag, dim: int, settings: dict) -> StoreMetadata:
     )
 
 
+def _is_file_name(bag_id: str) -> bool:
+    """Whether a bag id can name its file in an export (one file per bag)."""
+    return "/" not in bag_id and bag_id not in (".", "..")
+
+
 def _require_unchanged(store: FeatureStore, bag: ImportedBag) -> None:
     """A bag imported again must be the one the store holds (as extract refuses a changed slide)."""
     held = store.get(bag.bag_id)
@@ -298,7 +302,7 @@ def export_h5(store_dir: str | Path, out_dir: str | Path, progress: bool = False
     with FeatureStore(store_dir) as store:
         out_dir.mkdir(parents=True, exist_ok=True)
         for bag in tqdm(store, total=len(store), desc="export", unit="bag", disable=not progress):
-            if "/" in bag.bag_id or bag.bag_id in (".", ".."):
+            if not _is_file_name(bag.bag_id):
                 raise StoreError(f"bag id {bag.bag_id!r} cannot be a file name; export stops there")
             tmp = out_dir / f".{bag.bag_id}.h5.part"
             with h5py.File(tmp, "w") as handle:

@@ -202,20 +202,22 @@ def read_labels(path, label_column: str = "label") -> pl.DataFrame:
     _check_ids(table, path)
     missing = table.filter(_is_missing(pl.col("label"), table.schema["label"]))
     if missing.height:
-        rows = [f"row {r}: bag {b!r}" for r, b in missing.select(_ROW, "bag_id").iter_rows()]
-        raise LabelError(
-            str(_problem_list(path, "missing labels (empty, NaN or NA: drop these rows or give them a label)", rows))
-        )
+        raise _label_rows(path, "missing labels (empty, NaN or NA: drop these rows or give them a label)", missing)
     _check_label_values(table, path, label_column)
     keep = [c for c in ("bag_id", "label", "group", "split") if c in table.columns]
     for column in keep[2:]:
         empty = table.filter(_is_missing(pl.col(column), table.schema[column]))
         if empty.height:
-            rows = [f"row {r}: bag {b!r}" for r, b in empty.select(_ROW, "bag_id").iter_rows()]
-            raise LabelError(str(_problem_list(path, f"empty {column} (give every bag one, or drop the column)", rows)))
+            raise _label_rows(path, f"empty {column} (give every bag one, or drop the column)", empty)
     for column in keep[1:]:
         _check_consistent(table, path, column)
     return table.select(keep).unique(subset="bag_id", keep="first", maintain_order=True)
+
+
+def _label_rows(path: Path, what: str, rows: pl.DataFrame) -> LabelError:
+    """A label problem listing its rows (row number and bag)."""
+    listed = [f"row {r}: bag {b!r}" for r, b in rows.select(_ROW, "bag_id").iter_rows()]
+    return LabelError(str(_problem_list(path, what, listed)))
 
 
 def _check_label_values(table: pl.DataFrame, path: Path, label_column: str) -> None:
@@ -225,8 +227,7 @@ def _check_label_values(table: pl.DataFrame, path: Path, label_column: str) -> N
     if dtype.is_float():
         infinite = table.filter(pl.col("label").is_infinite())
         if infinite.height:
-            rows = [f"row {r}: bag {b!r}" for r, b in infinite.select(_ROW, "bag_id").iter_rows()]
-            raise LabelError(str(_problem_list(path, f"infinite {label_column}", rows)))
+            raise _label_rows(path, f"infinite {label_column}", infinite)
     if dtype != pl.Utf8:
         return
     values = table.select(_ROW, "bag_id", "label").iter_rows()
