@@ -149,7 +149,7 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
 
 def bench_splits(y: np.ndarray, folds: int, repeats: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The stratified folds every side of a calibration run is scored on (a bag is its own group)."""
-    return cv_splits(y, np.arange(len(y)).astype(object), True, folds, repeats, seed)
+    return cv_splits(y, np.arange(len(y)).astype(object), folds, repeats, seed)
 
 
 def time_loop(bags, y, splits, seed: int, loop_folds: int) -> tuple[list[np.ndarray], float]:

@@ -219,7 +219,7 @@ def case_cv(folds: int, repeats: int, device: torch.device, loop_folds: int | No
     cross_validate(cohort, config, folds, repeats)
     sync(device)
     ours = time.perf_counter() - start
-    splits = cv_splits(y, ids, True, folds, repeats, 0)
+    splits = cv_splits(y, ids, folds, repeats, 0)
     measured = splits[: loop_folds or len(splits)]
     scale = len(splits) / len(measured)
     loop = scale * sum(loop_epochs(data, y, train, 40, seed=k) for k, (train, _) in enumerate(measured))

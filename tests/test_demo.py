@@ -25,3 +25,15 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         assert (root / name).is_file(), name
     assert len(result["heatmaps"]) == 12
     assert json.loads((root / "demo.json").read_text())["auc"] == result["auc"]
+
+
+def test_the_survival_demo_ranks_held_out_patients_by_their_nines(tmp_path):
+    lines = []
+    result = run_demo(tmp_path / "demo", device="cpu", bags=64, trials=2, echo=lines.append, task="survival")
+    assert result["task"] == "survival" and result["heldout_bags"] == 16
+    assert result["c_index"] > 0.6  # 8 held-out patients: the risk follows the 9s
+    assert result["attention_on_nines"] > 2 * result["attention_on_others"]
+    root = tmp_path / "demo"
+    for name in ("model/kaplan_meier.png", "heldout_kaplan_meier.png"):
+        assert (root / name).stat().st_size > 10_000, name
+    assert "C-index (patients)" in "\n".join(lines)

@@ -81,10 +81,30 @@ def _bad_inputs(root: Path, ids: list[str]) -> None:
         (root / name).mkdir()
         save(root / name)
     pl.DataFrame({"bag_id": ["a/b", "a/b"], "f0": [1.0, 2.0], "f1": [0.0, 1.0]}).write_csv(root / "slash-id.csv")
+    times = [f"{1 + i},{i % 2}" for i in range(len(ids))]
+    for name, row, cell in (
+        ("negative-time", 2, "-3,1"),
+        ("zero-time", 5, "0,0"),
+        ("missing-time", 1, ",1"),
+        ("event-two", 3, "4,2"),
+        ("text-time", 4, "soon,1"),
+    ):
+        labels(f"{name}.csv", [cell if i == row else t for i, t in enumerate(times)], "bag_id,time,event")
+    labels(
+        "patient-two-times.csv",
+        [f"{t},{'p0' if i < 2 else f'p{i}'}" for i, t in enumerate(times)],
+        "bag_id,time,event,group",
+    )
+    labels("survival.csv", times, "bag_id,time,event")
 
 
 def _train(*extra):
     return ["train-head", "--store", "{root}/store", "--labels", "{root}/labels.csv", "--out", "{root}/new-run", *extra]
+
+
+def _labels(name: str, *extra):
+    """train-head with another labels table."""
+    return _train()[:4] + ["{root}/" + name] + _train()[5:] + list(extra)
 
 
 def _predict(*extra, run="run-gated-attention", store="store"):
@@ -184,6 +204,17 @@ CASES = {
     "train labels of numbers and words": (_train()[:4] + ["{root}/mixed-labels.csv"] + _train()[5:], "mixes numbers"),
     "train labels with spaces": (_train()[:4] + ["{root}/spaced-labels.csv"] + _train()[5:], "' 0'"),
     "train one label written two ways": (_train()[:4] + ["{root}/two-ways.parquet"] + _train()[5:], "1 and 1.0"),
+    "survival: a negative time": (_labels("negative-time.csv"), "row 3: bag 'bag-00002'"),
+    "survival: a zero time": (_labels("zero-time.csv"), "row 6: bag 'bag-00005'"),
+    "survival: a missing time": (_labels("missing-time.csv"), "row 2: bag 'bag-00001'"),
+    "survival: event 2": (_labels("event-two.csv"), "row 4: bag 'bag-00003'"),
+    "survival: a time in words": (_labels("text-time.csv"), "row 5: bag 'bag-00004'"),
+    "survival: one patient, two times": (_labels("patient-two-times.csv"), "patient 'p0'"),
+    "survival: clam-sb": (_labels("survival.csv", "--head", "clam-sb"), "'clam-sb' adds an instance loss"),
+    "survival: --bins 1": (_labels("survival.csv", "--survival-loss", "nll", "--bins", "1"), "--bins"),
+    "survival: --alpha 2": (_labels("survival.csv", "--alpha", "2"), "--alpha"),
+    "survival: --time not a column": (_labels("survival.csv", "--time", "days"), "days"),
+    "tune survival: --metric auc": (_tune()[:4] + ["{root}/survival.csv"] + _tune()[5:] + ["--metric", "auc"], "auc"),
     "extract a manifest without rows": (["extract", "{root}/empty-manifest.csv"] + _extract()[2:], "has no rows"),
     "extract --mean of two values": (_extract("--mean", "0.5,0.5"), "--mean has 2 values"),
     "store import an empty .npy": (["store", "import", "{root}/empty-npy", "--out", "{root}/s"], "a.npy"),

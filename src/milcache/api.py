@@ -162,13 +162,33 @@ def train_head(
     skip_duplicates: bool = False,
     device: str = "auto",
     progress: bool = False,
+    time_column: str = "time",
+    event_column: str = "event",
+    survival_loss: str = "cox",
+    ties: str = "efron",
+    bins: int = 4,
+    alpha: float = 0.0,
+    risk_groups: int = 2,
     **train_options,
 ) -> TrainResult:
     """Cross-validate a head on cached embeddings, refit it on every labelled bag, write the run
     directory ``out``. ``train_options`` are TrainConfig's fields (``epochs``, ``lr``, ``instances``
-    (0 = every instance), ``memory_budget`` ("8GiB") …); options left as None keep their defaults."""
+    (0 = every instance), ``memory_budget`` ("8GiB") …); options left as None keep their defaults.
+    Labels with ``time_column`` and ``event_column`` (and no label column), or ``task="survival"``,
+    make a survival task: ``survival_loss`` cox (``ties`` efron or breslow) or nll (``bins``
+    intervals, ``alpha`` the weight of its uncensored term), Kaplan–Meier plots of ``risk_groups``."""
     from milcache.aggregator.run import train_head as run_training
+    from milcache.aggregator.survival import SurvivalSpec
 
+    survival = SurvivalSpec(
+        loss=survival_loss,
+        ties=ties,
+        bins=bins,
+        alpha=alpha,
+        time_column=time_column,
+        event_column=event_column,
+        risk_groups=risk_groups,
+    )
     config = train_config(head, hidden, dropout, head_options, train_options)
     metrics = run_training(
         store,
@@ -184,6 +204,7 @@ def train_head(
         regime=memory,
         classes=list(classes) if classes is not None else None,
         skip_duplicates=skip_duplicates,
+        survival=survival,
     )
     return TrainResult(metrics=metrics, run_dir=Path(out))
 
@@ -222,7 +243,7 @@ def tune(
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str = "milcache",
-    metric: str = "auc",
+    metric: str | None = None,
     pruner: str = "median",
     jobs: int = 1,
     resume: bool = False,
@@ -239,6 +260,13 @@ def tune(
     select: str = DEFAULT_SELECTION,
     device: str = "auto",
     progress: bool = False,
+    time_column: str = "time",
+    event_column: str = "event",
+    survival_loss: str = "cox",
+    ties: str = "efron",
+    bins: int = 4,
+    alpha: float = 0.0,
+    risk_groups: int = 2,
 ) -> TuneResult:
     """Run (or resume) an Optuna study over heads and hyper-parameters; retrain the chosen
     configuration into ``out/best``. ``set`` fixes parameters instead of searching them
@@ -248,10 +276,21 @@ def tune(
     out-of-bootstrap bags, "bootstrap" the defaults alone unless the best trial alone gains so, "one-se"
     the defaults unless the best trial beats them by more than a standard error, "best" the best
     trial (see milcache.tuning.selection). ``repeats`` of the inner CV: None chooses them from the cohort
-    (more for fewer bags)."""
+    (more for fewer bags). ``metric`` None: auc, or c_index for a survival task (whose options are
+    ``train_head``'s)."""
+    from milcache.aggregator.survival import SurvivalSpec
     from milcache.tuning.settings import TuneSettings
     from milcache.tuning.study import tune as run_study
 
+    survival = SurvivalSpec(
+        loss=survival_loss,
+        ties=ties,
+        bins=bins,
+        alpha=alpha,
+        time_column=time_column,
+        event_column=event_column,
+        risk_groups=risk_groups,
+    )
     settings = TuneSettings(
         n_trials=n_trials,
         timeout=timeout,
@@ -284,6 +323,7 @@ def tune(
         device,
         progress=progress,
         classes=list(classes) if classes is not None else None,
+        survival=survival,
     )
     return TuneResult(best=best, run_dir=Path(out))
 
@@ -304,12 +344,27 @@ def predict(
 ) -> pl.DataFrame:
     """Predict the bags of ``store`` (or ``bags``: ids, or a table with a bag_id column) with the
     run ``model`` (or, with ``ensemble``, its cross-validation's fold models averaged); returns the
-    predictions (and writes them to ``out`` when given)."""
+    predictions (and writes them to ``out`` when given). For a survival model and a ``bags`` table
+    with a group column, the patients' risks (the mean over their bags) go beside ``out``, as
+    OUT.patients.csv (or .parquet)."""
     from milcache.aggregator.memory import parse_size
     from milcache.aggregator.predict import predict as run_prediction
 
     budget = None if memory_budget is None else parse_size(memory_budget)
-    return run_prediction(model, store, out, bag_list(bags), top_k, heatmaps, geojson, device, scores, budget, ensemble)
+    return run_prediction(
+        model,
+        store,
+        out,
+        bag_list(bags),
+        top_k,
+        heatmaps,
+        geojson,
+        device,
+        scores,
+        budget,
+        ensemble,
+        groups=bag_groups(bags),
+    )
 
 
 def _refuse_unknown(options: dict, known: set[str], what: str) -> None:
@@ -339,6 +394,18 @@ def bag_list(bags: Sequence[str] | PathLike | pl.DataFrame | None) -> list[str] 
     if not hasattr(bags, "__iter__"):
         raise OptionError(f"bags: expected bag ids (a list, one id, or a table with bag_id), got {type(bags).__name__}")
     return [str(b) for b in bags]
+
+
+def bag_groups(bags) -> dict[str, str] | None:
+    """Each bag's patient, when ``bags`` is a table with a group column (else None)."""
+    if not (isinstance(bags, Path) or hasattr(bags, "columns") or (isinstance(bags, str) and Path(bags).is_file())):
+        return None
+    from milcache.store.tables import read_table
+
+    table = read_table(bags, ("bag_id", "group"))
+    if "group" not in table.columns:
+        return None
+    return dict(zip(table["bag_id"].to_list(), table["group"].to_list(), strict=True))
 
 
 def _shown(table) -> str:

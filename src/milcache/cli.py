@@ -17,7 +17,9 @@ from milcache.aggregator.config import (
     OPTIMIZERS,
     POOL_MAPS,
     REGIMES,
+    SURVIVAL_LOSSES,
     TASK_KINDS,
+    TIES,
     TRAIN_PRECISIONS,
     FineTuneSettings,
     TrainConfig,
@@ -454,6 +456,62 @@ classes_option = click.option(
 )
 
 
+def survival_options(command):
+    """The options of a survival task (train-head, tune), applied in reading order."""
+    options = [
+        click.option(
+            "--time",
+            "time_column",
+            default="time",
+            show_default=True,
+            help="Survival: the column of times to the event or censoring (> 0).",
+        ),
+        click.option(
+            "--event",
+            "event_column",
+            default="event",
+            show_default=True,
+            help="Survival: the column of event indicators, 1 observed, 0 censored. Labels with both "
+            "columns and no label column are a survival task.",
+        ),
+        click.option(
+            "--survival-loss",
+            type=click.Choice(SURVIVAL_LOSSES),
+            default="cox",
+            show_default=True,
+            help="cox: partial likelihood over each step's batch (its risk set: 64 bags, or the whole fold); "
+            "nll: discrete-time likelihood over --bins intervals.",
+        ),
+        click.option(
+            "--ties", type=click.Choice(TIES), default="efron", show_default=True, help="Cox: tied event times."
+        ),
+        click.option(
+            "--bins",
+            default=4,
+            show_default=True,
+            type=click.IntRange(min=2),
+            help="nll: time intervals, at quantiles of the observed event times.",
+        ),
+        click.option(
+            "--alpha",
+            default=0.0,
+            show_default=True,
+            type=click.FloatRange(0.0, 1.0),
+            help="nll: weight of the uncensored bags' term (censored bags weigh 1 - alpha; Zadeh & Schmid 2020).",
+        ),
+        click.option(
+            "--risk-groups",
+            default=2,
+            show_default=True,
+            type=click.IntRange(min=2),
+            help="Kaplan-Meier plot: risk groups at quantiles of the predicted risk (2: a median split).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command("train-head")
 @store_option
 @labels_option
@@ -470,6 +528,7 @@ classes_option = click.option(
 @task_option
 @classes_option
 @click.option("--label-column", default="label", show_default=True)
+@survival_options
 @click.option("--epochs", type=int, help=f"Most epochs per fold [{_DEFAULTS.epochs}].")
 @click.option("--lr", type=float, help=f"Learning rate [{_DEFAULTS.lr:g}].")
 @click.option(
@@ -529,7 +588,7 @@ classes_option = click.option(
 @device_option
 def train_head_command(store_dir, labels, out, task_kind, regime, **options) -> None:
     """Cross-validate an aggregator head on cached embeddings, refit it on all labelled bags, and
-    write RUN: model, metrics.json, out-of-fold predictions, ROC curve."""
+    write RUN: model, metrics.json, out-of-fold predictions, ROC curve (Kaplan-Meier curves for survival)."""
     from milcache.api import train_head
 
     result = train_head(store_dir, labels, out, task=task_kind, memory=regime, progress=sys.stderr.isatty(), **options)
@@ -538,6 +597,9 @@ def train_head_command(store_dir, labels, out, task_kind, regime, **options) -> 
     click.echo(f"{head} · {metrics['bags']} bags · {len(metrics['folds'])} fold(s) · {metrics['seconds']:.1f}s")
     for key in shown:
         click.echo(f"  {key:<18} {metrics[key]:.4f} ± {metrics[key + '_std']:.4f}")
+    if "kaplan_meier" in metrics:
+        km = metrics["kaplan_meier"]
+        click.echo(f"  log-rank p (out-of-fold risk groups {km['sizes']}) {km['log_rank_p']:.3g}")
     if metrics["unlabelled_bags"]:
         click.echo(f"  ({metrics['unlabelled_bags']} bags of the store have no label and were not used)")
     for note in metrics["notes"]:
@@ -612,10 +674,8 @@ def predict_command(
 @click.option("--study-name", default="milcache", show_default=True)
 @click.option(
     "--metric",
-    default="auc",
-    show_default=True,
     type=click.Choice(METRICS),
-    help="Cross-validated metric to optimise.",
+    help="Cross-validated metric to optimise [auc; c_index for survival].",
 )
 @click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
 @click.option(
@@ -667,6 +727,7 @@ def predict_command(
 )
 @task_option
 @classes_option
+@survival_options
 @click.option("--seed", default=0, show_default=True)
 @skip_duplicates_option
 @memory_budget_option
@@ -949,13 +1010,22 @@ def encoders_command(as_json: bool) -> None:
 )
 @click.option("--bags", default=120, show_default=True, help="Slides in the cohort.")
 @click.option("--trials", default=4, show_default=True, help="Tuning trials.")
+@click.option(
+    "--task",
+    type=click.Choice(("binary", "survival")),
+    default="binary",
+    show_default=True,
+    help="binary: a slide is positive when it holds a 9; survival: a patient's event comes sooner the more "
+    "9s its slides hold (a time and an event per patient).",
+)
 @device_option
-def demo_command(out: Path, bags: int, trials: int, device: str) -> None:
+def demo_command(out: Path, bags: int, trials: int, task: str, device: str) -> None:
     """Run the whole pipeline on an embedded cohort (MNIST-bags from scikit-learn's digits): extract,
-    tune, train-head, predict with heatmaps; ends with held-out AUC and accuracy."""
+    tune, train-head, predict with heatmaps; ends with held-out AUC and accuracy (concordance and
+    Kaplan-Meier curves with --task survival)."""
     from milcache.demo import run_demo
 
-    run_demo(out, device, bags, trials, echo=click.echo, progress=sys.stderr.isatty())
+    run_demo(out, device, bags, trials, echo=click.echo, progress=sys.stderr.isatty(), task=task)
 
 
 def main() -> None:

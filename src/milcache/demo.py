@@ -5,6 +5,11 @@ whose cells are exactly one tile. A slide is positive when it holds at least one
 small timm CNN briefly trained on a part of the digits that no slide uses (the MNIST-bags recipe),
 saved as safetensors and passed with --weights. Then the real commands run in order: extract, tune,
 train-head with the best configuration, and predict with heatmaps on held-out slides.
+
+The survival task (``--task survival``): each patient's two slides hold 0 to 3 nines, and the
+patient's time to the event is exponential with a hazard that doubles with every nine; a uniform
+censoring time hides some events. The same commands then train and score a risk (concordance, and
+the Kaplan–Meier curves of the held-out patients' risk groups).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ BACKBONE = "test_resnet"
 CELL = 32  # pixels per digit cell = tile size
 GRID = 8  # cells per slide side
 _STAIN = np.array([120, 40, 160], dtype=np.float64)
+TASKS = ("binary", "survival")
+_LOG_HAZARD_PER_NINE = float(np.log(2.0))
+_CENSORING_HORIZON = 2.0  # censoring time ~ U(0, 2): a fifth of the events are censored
 
 
 def render_digit(image: np.ndarray) -> np.ndarray:
@@ -63,21 +71,26 @@ def pretrain_backbone(cells: np.ndarray, digits: np.ndarray, path: Path, epochs:
     return path
 
 
-def build_cohort(root: Path, cells: np.ndarray, digits: np.ndarray, bags: int, seed: int = 0) -> dict:
+def build_cohort(
+    root: Path, cells: np.ndarray, digits: np.ndarray, bags: int, seed: int = 0, *, task: str = "binary"
+) -> dict:
     """Write the slides, the manifest, train / held-out labels (split by patient) and a table of
-    which digit lies in which tile."""
+    which digit lies in which tile. ``task`` survival labels each patient (two slides) with a time
+    and an event instead of a class."""
     from milcache.extractor.pyramids import write_pyramid_tiff
 
     rng = np.random.default_rng(seed)
     nines, others = np.flatnonzero(digits == 9), np.flatnonzero(digits != 9)
     (root / "slides").mkdir(parents=True, exist_ok=True)
-    manifest, tiles = [], []
+    manifest, tiles, outcomes = [], [], {}
     for i in range(bags):
         positive = i % 2 == 1
         n = int(rng.integers(6, 15))
         chosen = list(rng.choice(others, n, replace=False))
-        if positive:
-            k = int(rng.integers(1, 3))
+        k = int(rng.integers(1, 3)) if positive else 0
+        if task == "survival":
+            k = _patient_outcome(outcomes, i // 2, rng)["nines"]
+        if k:
             chosen[:k] = rng.choice(nines, k, replace=False)
         places = rng.choice(GRID * GRID, n, replace=False)
         slide = np.full((GRID * CELL, GRID * CELL, 3), 255, np.uint8)
@@ -87,16 +100,32 @@ def build_cohort(root: Path, cells: np.ndarray, digits: np.ndarray, bags: int, s
             slide[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL] = cells[sample]
             tiles.append((bag_id, col * CELL, row * CELL, int(digits[sample])))
         path = write_pyramid_tiff(root / "slides" / f"{bag_id}.tif", slide, mpp=0.5, levels=2, tile=64)
-        manifest.append((bag_id, f"slides/{path.name}", int(positive), f"patient-{i // 2:03d}"))
-    table = pl.DataFrame(manifest, schema=["bag_id", "path", "label", "group"], orient="row")
+        label = (outcomes[i // 2]["time"], outcomes[i // 2]["event"]) if task == "survival" else (int(positive),)
+        manifest.append((bag_id, f"slides/{path.name}", *label, f"patient-{i // 2:03d}"))
+    label_columns = ["time", "event"] if task == "survival" else ["label"]
+    table = pl.DataFrame(manifest, schema=["bag_id", "path", *label_columns, "group"], orient="row")
     table.write_csv(root / "slides.csv")
     patients = table["group"].unique(maintain_order=True).to_list()
     held = set(patients[int(len(patients) * 0.75) :])
     is_held = pl.col("group").is_in(list(held))
-    table.filter(~is_held).select("bag_id", "label", "group").write_csv(root / "train_labels.csv")
-    table.filter(is_held).select("bag_id", "label", "group").write_csv(root / "heldout_labels.csv")
+    table.filter(~is_held).select("bag_id", *label_columns, "group").write_csv(root / "train_labels.csv")
+    table.filter(is_held).select("bag_id", *label_columns, "group").write_csv(root / "heldout_labels.csv")
     pl.DataFrame(tiles, schema=["bag_id", "x", "y", "digit"], orient="row").write_parquet(root / "tiles.parquet")
     return {"bags": bags, "train": int((~table.select(is_held).to_series()).sum()), "heldout": len(held) * 2}
+
+
+def _patient_outcome(outcomes: dict, patient: int, rng: np.random.Generator) -> dict:
+    """A patient's nines (0 to 3, on each of its slides), event time and censoring, drawn once."""
+    if patient not in outcomes:
+        nines = int(rng.integers(0, 4))
+        event_time = rng.exponential(1.0 / np.exp(_LOG_HAZARD_PER_NINE * nines))
+        censored_at = rng.uniform(0, _CENSORING_HORIZON)
+        outcomes[patient] = {
+            "nines": nines,
+            "time": round(max(float(min(event_time, censored_at)), 1e-3), 4),
+            "event": int(event_time <= censored_at),
+        }
+    return outcomes[patient]
 
 
 def _step(command: str, function: Callable, paths: dict, options: dict, echo: Callable[[str], None]):
@@ -145,25 +174,32 @@ def run_demo(
     trials: int = 4,
     echo: Callable[[str], None] = print,
     progress: bool = False,
+    task: str = "binary",
 ) -> dict:
     """Build the MNIST-bags cohort in ``out`` and run extract → tune → train-head → predict on it
-    through the Python API (each step printed as its command line); returns the held-out scores."""
+    through the Python API (each step printed as its command line); returns the held-out scores.
+    ``task`` survival labels patients with times to an event set by their nines (see the module)."""
     from sklearn.datasets import load_digits
-    from sklearn.metrics import accuracy_score, roc_auc_score
 
     import milcache
 
     start = time.perf_counter()
+    checks.one_of("--task", task, TASKS)
     root = checks.output_dir(out, "--out")
     root.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     cells = np.stack([render_digit(image) for image in digits.images])
     order = np.random.default_rng(0).permutation(len(cells))
     pretrain, cohort = order[: len(order) // 2], order[len(order) // 2 :]  # disjoint digit images
-    echo(f"Building the MNIST-bags cohort in {root}: {bags} slides of scattered digits, positive when one is a 9")
+    meaning = (
+        "a patient's event comes sooner the more 9s its slides hold"
+        if task == "survival"
+        else "positive when one is a 9"
+    )
+    echo(f"Building the MNIST-bags cohort in {root}: {bags} slides of scattered digits, {meaning}")
     weights = pretrain_backbone(cells[pretrain], digits.target[pretrain], root / "backbone.safetensors")
     echo(f"Pretrained the {BACKBONE} backbone on {len(pretrain)} digits that no slide uses → {weights}")
-    sizes = build_cohort(root, cells[cohort], digits.target[cohort], bags)
+    sizes = build_cohort(root, cells[cohort], digits.target[cohort], bags, task=task)
     (root / "space.toml").write_text('head = ["attention", "gated-attention"]\nepochs = 30\ninstances = 0\n')
     summary = _step(
         "extract",
@@ -208,7 +244,8 @@ def run_demo(
         {"folds": 3, **_train_options(best["config"]), "device": device, "progress": progress},
         echo,
     )
-    echo(f"  cross-validated AUC {trained.metrics['auc']:.3f} ± {trained.metrics['auc_std']:.3f}")
+    metric = best["metric"]
+    echo(f"  cross-validated {metric} {trained.metrics[metric]:.3f} ± {trained.metrics[metric + '_std']:.3f}")
     predictions = _step(
         "predict",
         milcache.predict,
@@ -226,12 +263,12 @@ def run_demo(
     predictions = pl.read_csv(root / "heldout_predictions.csv", schema_overrides={"bag_id": pl.Utf8}).join(
         labels, on="bag_id"
     )
-    y, p = predictions["label"].to_numpy(), predictions["prob_1"].to_numpy()
+    scores = _survival_scores(predictions, root) if task == "survival" else _class_scores(predictions)
     attention = _attention_on_nines(root, labels)
     result = {
-        "heldout_bags": len(y),
-        "auc": float(roc_auc_score(y, p)),
-        "accuracy": float(accuracy_score(y, p > 0.5)),
+        "task": task,
+        "heldout_bags": predictions.height,
+        **scores,
         "attention_on_nines": attention["nines"],
         "attention_on_others": attention["others"],
         "heatmaps": sorted(str(h) for h in (root / "heatmaps").glob("*.png")),
@@ -241,24 +278,71 @@ def run_demo(
     }
     (root / "demo.json").write_text(json.dumps({k: v for k, v in result.items() if k != "best_trial"}, indent=2))
     echo("\nHeld-out slides (patients never seen in training or tuning):")
-    echo(f"  {'bags':<28}{len(y)}")
-    echo(f"  {'AUC':<28}{result['auc']:.3f}")
-    echo(f"  {'accuracy':<28}{result['accuracy']:.3f}")
+    echo(f"  {'bags':<28}{predictions.height}")
+    for name, value in scores.items():
+        shown = _SHOWN.get(name, name.replace("_", "-"))
+        text = value if not isinstance(value, float) else f"{value:.3g}" if name == "log_rank_p" else f"{value:.3f}"
+        echo(f"  {shown:<28}{text}")
     echo(
         f"  {'mean attention on 9 tiles':<28}{attention['nines']:.3f}  (other tiles of positive slides: "
         f"{attention['others']:.3f})"
     )
-    positives = labels.filter(pl.col("label") == 1)["bag_id"].to_list()[:3]
+    positives = _slides_with_nines(root, labels)[:3]
     echo(f"  heatmaps                    {root / 'heatmaps'} (e.g. {', '.join(f'{b}.png' for b in positives)})")
     echo(f"done in {result['seconds']:.0f}s")
     return result
 
 
+def _class_scores(predictions: pl.DataFrame) -> dict:
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    y, p = predictions["label"].to_numpy(), predictions["prob_1"].to_numpy()
+    return {"auc": float(roc_auc_score(y, p)), "accuracy": float(accuracy_score(y, p > 0.5))}
+
+
+def _survival_scores(predictions: pl.DataFrame, root: Path) -> dict:
+    """Harrell's C of the held-out patients' risks (each the mean over its slides), and the
+    Kaplan–Meier curves of their two risk groups with the log-rank p-value (a PNG)."""
+    from milcache.aggregator.plots import plot_kaplan_meier
+    from milcache.aggregator.survival import harrell_c
+
+    patients = predictions.group_by("group").agg(pl.col("time", "event").first(), pl.col("risk").mean())
+    time, event, risk = (patients[c].to_numpy() for c in ("time", "event", "risk"))
+    groups = plot_kaplan_meier(
+        time,
+        event,
+        risk,
+        root / "heldout_kaplan_meier.png",
+        title=f"held-out patients · {patients.height}",
+    )
+    return {
+        "c_index": harrell_c(time, event > 0, risk),
+        "log_rank_p": groups["log_rank_p"],
+        "kaplan_meier": str(root / "heldout_kaplan_meier.png"),
+    }
+
+
+_SHOWN = {
+    "auc": "AUC",
+    "accuracy": "accuracy",
+    "c_index": "C-index (patients)",
+    "log_rank_p": "log-rank p",
+    "kaplan_meier": "Kaplan-Meier curves",
+}
+
+
+def _slides_with_nines(root: Path, labels: pl.DataFrame) -> list[str]:
+    """The held-out slides holding at least one 9 (the positives of the binary task)."""
+    tiles = pl.read_parquet(root / "tiles.parquet")
+    with_nines = set(tiles.filter(pl.col("digit") == 9)["bag_id"].to_list())
+    return [b for b in labels["bag_id"].to_list() if b in with_nines]
+
+
 def _attention_on_nines(root: Path, labels: pl.DataFrame) -> dict:
-    """Mean instance score of tiles holding a 9 against the other tiles, in held-out positive bags."""
+    """Mean instance score of tiles holding a 9 against the other tiles, in held-out bags with a 9."""
     scores = pl.read_parquet(root / "heldout_scores.parquet")
     tiles = pl.read_parquet(root / "tiles.parquet")
-    positive = labels.filter(pl.col("label") == 1)["bag_id"].to_list()
+    positive = _slides_with_nines(root, labels)
     same = [pl.col("x").cast(pl.Int64), pl.col("y").cast(pl.Int64)]  # older polars joins only equal dtypes
     scores, tiles = scores.with_columns(same), tiles.with_columns(same)
     joined = scores.filter(pl.col("bag_id").is_in(positive)).join(tiles, on=["bag_id", "x", "y"], how="left")

@@ -168,7 +168,7 @@ def test_grouped_folds_never_split_a_group():
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(40), 3).astype(object)
     y = np.repeat(rng.integers(0, 2, 40), 3)
-    for train, test in cv_splits(y, groups, True, folds=4, repeats=2):
+    for train, test in cv_splits(y, groups, folds=4, repeats=2):
         assert not set(groups[train]) & set(groups[test])
         assert len(np.unique(y[test])) == 2
 

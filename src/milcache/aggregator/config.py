@@ -7,11 +7,29 @@ from dataclasses import asdict, dataclass, field, replace
 from milcache import checks
 from milcache.errors import OptionError
 
-TASK_KINDS = ("binary", "multiclass", "ordinal", "regression")
+TASK_KINDS = ("binary", "multiclass", "ordinal", "regression", "survival")
 # Every metric a task can report (binary / multiclass: the first five, ordinal adds kappa,
-# regression: the last three), and those that are better when lower.
-METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "log_loss", "kappa", "mse", "r2", "pearson_r")
-MINIMISED = ("log_loss", "mse")
+# regression: mse, r2, pearson_r; survival: Harrell's and Uno's concordance, and with the discrete-time
+# loss the integrated Brier score and time-dependent AUC), and those that are better when lower.
+METRICS = (
+    "auc",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "log_loss",
+    "kappa",
+    "mse",
+    "r2",
+    "pearson_r",
+    "c_index",
+    "uno_c",
+    "ibs",
+    "td_auc",
+)
+MINIMISED = ("log_loss", "mse", "ibs")
+# Survival losses (Cox partial likelihood, discrete-time likelihood) and the Cox loss's handling of ties.
+SURVIVAL_LOSSES = ("cox", "nll")
+TIES = ("efron", "breslow")
 # Where a cohort's embeddings live while training: picked by size, or forced.
 REGIMES = ("auto", "gpu", "host", "stream")
 # Training precisions (fp16 needs loss scaling, which training does not do).

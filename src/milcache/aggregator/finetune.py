@@ -93,6 +93,11 @@ def fine_tune(
     if torch_device.type == "cpu":
         retain_freed_host_memory()  # each step's activations reuse the last one's pages (see there)
     model, config, task = load_model(run, "cpu")
+    if task.kind == "survival":
+        raise OptionError(
+            f"{run} is a survival model; fine-tune trains on a few bags a step, too few for a Cox risk set, "
+            "and does not take survival models yet: use train-head's heads on the cached embeddings"
+        )
     store, labels = _inputs_of(run, store, labels)
     with FeatureStore(store) as fs:
         check_model_input(config["store"], fs, model_dir=run, what="fine-tune on")
@@ -201,7 +206,7 @@ def _split(y: np.ndarray, groups: np.ndarray, task, settings: FineTuneSettings) 
     from milcache.aggregator.splits import validation_split
 
     everything = np.arange(len(y))
-    return validation_split(y, groups, everything, settings.val_fraction, task.kind != "regression", settings.seed)
+    return validation_split(task.strata(y), groups, everything, settings.val_fraction, settings.seed)
 
 
 def freeze(model: nn.Module, how: str) -> list[str]:

@@ -61,9 +61,15 @@ def resolved_options(name: str, options: dict) -> dict:
     return {**head_class(name).option_defaults(), **{k: v for k, v in options.items() if v is not None}}
 
 
-def check_head(name: str, options: dict) -> None:
+def check_head(name: str, options: dict, task_kind: str | None = None) -> None:
     """Refuse an unknown head, an option it does not take, or a value out of range, before any
-    work starts (by building the head once on a tiny input size)."""
+    work starts (by building the head once on a tiny input size); with ``task_kind``, a head
+    whose loss needs classes on a task without them."""
+    if task_kind in ("regression", "survival") and head_class(name).needs_classes:
+        raise MilcacheError(
+            f"head {name!r} adds an instance loss over classes, and a {task_kind} task has none: "
+            "choose another head (attention, gated-attention, dsmil …)"
+        )
     try:
         create_head(name, 4, 1, **options)
     except TypeError as exc:  # a value of the wrong kind reached torch
@@ -202,6 +208,7 @@ class Head(nn.Module):
     name = "?"
     order_invariant = True  # False for heads that read instances in their stored order (concat)
     has_instance_scores = True  # False for heads whose output gives no per-instance score (pooling)
+    needs_classes = False  # True for heads whose own loss works on the task's classes (CLAM)
 
     def __init__(
         self, in_dim: int, n_outputs: int, hidden: int = 128, dropout: float = 0.25, instance_dropout: float = 0.0
@@ -569,6 +576,8 @@ class ClamSB(GatedAttentionMIL):
     k = min(k_sample, n // 2) for a bag of n instances (so no instance is both); with more than two
     classes (CLAM's subtyping mode) the k most attended are also negatives of every other class's
     classifier, averaged over classes. The loss is (1 − w) · bag loss + w · instance loss."""
+
+    needs_classes = True
 
     def __init__(
         self,

@@ -120,7 +120,7 @@ def load_model(
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / WEIGHTS_FILE).is_file():
         raise MilcacheError(f"{run_dir} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    task = Task(config["task"]["kind"], config["task"]["classes"])
+    task = Task.from_dict(config["task"])
 
     def rebuilt(state: dict) -> MILModel:
         model = build_model(config["head"], config["head_options"], config["dim"], task)

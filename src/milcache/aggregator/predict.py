@@ -35,11 +35,14 @@ def predict(
     scores_file: str | Path | None = None,
     memory_budget: int | None = None,
     ensemble: bool = False,
+    *,
+    groups: dict[str, str] | None = None,
 ) -> pl.DataFrame:
     """Predict every bag of the store (or ``bag_ids``); write the table to ``out_file`` (.csv/.parquet)
     and, with ``scores_file``, every instance's score with its coordinates (parquet). With
     ``ensemble``, the run's cross-validation fold models predict together (probabilities and
-    instance scores averaged) instead of its refit model."""
+    instance scores averaged) instead of its refit model. With ``groups`` (bag → patient), a
+    survival model's patient risks are written beside ``out_file`` (``patients_file``)."""
     model_dir = Path(model_dir)
     if out_file is not None:
         checks.output_file(out_file, "--out", (".csv", ".parquet", ".pq"))
@@ -81,13 +84,36 @@ def predict(
             if geojson:
                 write_geojson(bag, bag_scores, store.metadata.source, Path(geojson) / f"{bag.bag_id}.geojson")
     if out_file is not None:
-        out_file = Path(out_file)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        if out_file.suffix.lower() == ".csv":
-            table.write_csv(out_file)
-        else:
-            table.write_parquet(out_file)
+        _write_table(table, Path(out_file))
+        if task.kind == "survival" and groups:
+            _write_table(patient_risks(table, groups, task.output_columns), patients_file(Path(out_file)))
     return table
+
+
+def _write_table(table: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        table.write_csv(path)
+    else:
+        table.write_parquet(path)
+
+
+def patients_file(out_file: Path) -> Path:
+    """Where a survival prediction's per-patient table goes: OUT.patients.csv beside OUT.csv."""
+    return out_file.with_name(f"{out_file.stem}.patients{out_file.suffix}")
+
+
+def patient_risks(table: pl.DataFrame, groups: dict[str, str], columns: list[str]) -> pl.DataFrame:
+    """One row per patient: its bags' mean risk (and survival curve), the rule train-head scores by."""
+    grouped = table.with_columns(pl.col("bag_id").replace_strict(groups, default=None).alias("group"))
+    unknown = grouped.filter(pl.col("group").is_null())["bag_id"].to_list()
+    if unknown:
+        raise MilcacheError(f"--bags: no group for bag(s) {', '.join(unknown[:10])}")
+    return (
+        grouped.group_by("group", maintain_order=True)
+        .agg(pl.len().alias("bags"), pl.col(columns).mean())
+        .sort("risk", descending=True)
+    )
 
 
 def _heads(model: MILModel | Ensemble, config: dict) -> list[tuple[str, torch.nn.Module]]:
@@ -105,12 +131,8 @@ def _first_model(model: MILModel | Ensemble) -> MILModel:
 
 
 def _table(ids, outputs, task, scores, bags: list[Bag], names: list[str], top_k: int) -> pl.DataFrame:
-    columns: dict = {"bag_id": ids}
-    if task.kind == "regression":
-        columns["prediction"] = outputs[:, 0]
-    else:
-        for c, name in enumerate(task.classes):
-            columns[f"prob_{name}"] = outputs[:, c]
+    columns: dict = {"bag_id": ids, **dict(zip(task.output_columns, outputs.T, strict=True))}
+    if task.has_classes:
         columns["predicted"] = [task.classes[c] for c in outputs.argmax(1)]
     tops = []
     for bag, s in zip(bags, scores, strict=True):

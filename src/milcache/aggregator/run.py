@@ -20,14 +20,16 @@ from milcache.aggregator.data import Bags, load_bags
 from milcache.aggregator.heads import check_head, resolved_options
 from milcache.aggregator.memory import check_bags_fit, default_budget, measure_head
 from milcache.aggregator.model import MILModel, build_model, save_fold_models, save_model
-from milcache.aggregator.plots import plot_regression, plot_roc
+from milcache.aggregator.plots import plot_kaplan_meier, plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
+from milcache.aggregator.survival import COX_BATCH, SurvivalSpec
 from milcache.aggregator.tasks import Task
 from milcache.aggregator.trainer import Report, fit, fit_stacked, infer
 from milcache.devices import resolve_device
 from milcache.errors import LabelError
 from milcache.store import FeatureStore, read_labels
 from milcache.store.instance_index import duplicate_instances
+from milcache.store.tables import read_survival_labels, survival_columns
 
 
 @dataclass
@@ -55,17 +57,34 @@ def load_cohort(
     regime: str = "auto",
     classes: list | None = None,
     skip_duplicates: bool = False,
+    *,
+    survival: SurvivalSpec | None = None,
 ) -> Cohort:
     """Match labels to store bags (refusing labels of unknown bags) and load those bags once.
-    ``classes`` orders the classes (ordinal labels that are text need it)."""
-    labels = read_labels(labels_path, label_column)
+    ``classes`` orders the classes (ordinal labels that are text need it). Times to an event
+    (the columns ``survival`` names) make a survival task, trained as ``survival`` says."""
+    survival = survival or SurvivalSpec()
+    columns = survival_columns(
+        labels_path,
+        task_kind=task_kind,
+        label_column=label_column,
+        time_column=survival.time_column,
+        event_column=survival.event_column,
+    )
+    if columns is not None:
+        labels = read_survival_labels(labels_path, *columns)
+        raw = list(zip(labels["time"].to_list(), labels["event"].to_list(), strict=True))
+        task = Task.for_survival(labels["time"].to_numpy(), labels["event"].to_numpy(), survival)
+    else:
+        labels = read_labels(labels_path, label_column)
+        raw = labels["label"].to_list()
+        task = Task.infer(raw, task_kind, classes)
     with FeatureStore(store_dir) as store:
         in_store = set(store.bag_ids())
         missing = [b for b in labels["bag_id"].to_list() if b not in in_store]
         if missing:
             shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise LabelError(f"{len(missing)} labelled bag(s) are not in the store {store_dir}: {shown}")
-        task = Task.infer(labels["label"].to_list(), task_kind, classes)
         ids = labels["bag_id"].to_list()
         skip = duplicate_instances(store) if skip_duplicates else None
         data = load_bags(store, ids, resolve_device(device), progress, regime, skip)
@@ -74,9 +93,22 @@ def load_cohort(
     grouped = "group" in labels.columns
     groups = np.asarray(labels["group"].to_list() if grouped else ids, dtype=object)
     split = np.asarray(labels["split"].to_list(), dtype=object) if "split" in labels.columns else None
-    raw = labels["label"].to_list()
     notes = [] if grouped or split is not None else [grouping_hint(ids)]
     return Cohort(data, task, task.encode(raw), groups, split, raw, unlabelled, store_meta, notes)
+
+
+def planned_task(labels, task_kind: str | None, label_column: str, survival: SurvivalSpec | None) -> str | None:
+    """The task asked for, or "survival" when the labels hold times to an event (read from the
+    table's header: what the checks before loading a cohort need to know)."""
+    survival = survival or SurvivalSpec()
+    columns = survival_columns(
+        labels,
+        task_kind=task_kind,
+        label_column=label_column,
+        time_column=survival.time_column,
+        event_column=survival.event_column,
+    )
+    return "survival" if columns is not None else task_kind
 
 
 def check_model_input(recorded: dict, store, *, model_dir: Path, what: str = "predict") -> None:
@@ -189,19 +221,19 @@ def cross_validate(
     from tqdm import tqdm
 
     task, y, groups = cohort.task, cohort.y, cohort.groups
-    stratified = task.kind != "regression"
+    strata = task.strata(y)
     if cohort.split is not None:
         train, test, val = _fixed_split(cohort)
         plans = [(train, test, val)]
-        config = config.resolve(len(train))
+        config = resolved(config, task, len(train))
     else:
         bags = np.arange(len(y)) if bags is None else np.asarray(bags)
-        splits = cv_splits(y[bags], groups[bags], stratified, folds, repeats, config.seed)
-        config = config.resolve(min(len(train) for train, _ in splits))
+        splits = cv_splits(None if strata is None else strata[bags], groups[bags], folds, repeats, config.seed)
+        config = resolved(config, task, min(len(train) for train, _ in splits))
         plans = []
         for k, (train, test) in enumerate(splits):
             train, test = bags[train], bags[test]
-            fit_on, val = validation_split(y, groups, train, config.val_fraction, stratified, config.seed + k)
+            fit_on, val = validation_split(strata, groups, train, config.val_fraction, config.seed + k)
             plans.append((fit_on, test, val))
     models = [_initial_model(config, cohort, config.seed + k) for k in range(len(plans))]
     config, step_tokens = fit_memory(config, cohort, models[0])
@@ -233,7 +265,8 @@ def cross_validate(
         best_epochs.append(result["best_epoch"])
         logits, _ = infer(model, cohort.data, test, config)
         outputs = task.outputs(logits).cpu().numpy()
-        fold_metrics.append({"fold": k, "best_epoch": result["best_epoch"], **task.metrics(y[test], outputs)})
+        scores = task.metrics(y[test], outputs, groups=groups[test])
+        fold_metrics.append({"fold": k, "best_epoch": result["best_epoch"], **scores})
         oof.append(
             _prediction_table(cohort, test, outputs).with_columns(
                 pl.lit(k // max(folds, 1) if cohort.split is None else 0).alias("repeat"), pl.lit(k).alias("fold")
@@ -244,21 +277,31 @@ def cross_validate(
 
 
 def _prediction_table(cohort: Cohort, indices: np.ndarray, outputs: np.ndarray) -> pl.DataFrame:
-    table = {"bag_id": [cohort.data.bag_ids[i] for i in indices], "label": [cohort.labels[i] for i in indices]}
-    if cohort.task.kind == "regression":
-        table["prediction"] = outputs[:, 0]
+    table = {"bag_id": [cohort.data.bag_ids[i] for i in indices]}
+    if cohort.task.kind == "survival":
+        table.update(time=cohort.y[indices, 0], event=cohort.y[indices, 1].astype(np.int8))
+        table["group"] = [str(g) for g in cohort.groups[indices]]
     else:
-        for c, name in enumerate(cohort.task.classes):
-            table[f"prob_{name}"] = outputs[:, c]
+        table["label"] = [cohort.labels[i] for i in indices]
+    table.update(zip(cohort.task.output_columns, outputs.T, strict=True))
+    if cohort.task.has_classes:
         table["predicted"] = [cohort.task.classes[c] for c in outputs.argmax(1)]
     return pl.DataFrame(table)
+
+
+def resolved(config: TrainConfig, task: Task, training_bags: int) -> TrainConfig:
+    """``config.resolve`` for folds of ``training_bags``, where the Cox loss gets batches large enough
+    to be risk sets: ``COX_BATCH`` bags, or the whole fold when it is smaller."""
+    if config.batch_size is None and task.kind == "survival" and task.survival.loss == "cox":
+        config = dataclasses.replace(config, batch_size=max(1, min(training_bags, COX_BATCH)))
+    return config.resolve(training_bags)
 
 
 def refit(cohort: Cohort, config: TrainConfig, epochs: int, bags: np.ndarray | None = None) -> MILModel:
     """The final model: trained on every labelled bag (or ``bags``) for ``epochs`` (the folds'
     median best epoch)."""
     bags = np.arange(len(cohort.y)) if bags is None else np.asarray(bags)
-    final = dataclasses.replace(config.resolve(len(bags)), epochs=max(1, epochs))
+    final = dataclasses.replace(resolved(config, cohort.task, len(bags)), epochs=max(1, epochs))
     model = _initial_model(config, cohort)
     fit(model, cohort.data, cohort.task, cohort.y, bags, None, final)
     return model
@@ -279,17 +322,33 @@ def train_head(
     regime: str = "auto",
     classes: list | None = None,
     skip_duplicates: bool = False,
+    *,
+    survival: SurvivalSpec | None = None,
 ) -> dict:
-    """Cross-validate a head, refit it on all labelled bags, and write the run directory."""
+    """Cross-validate a head, refit it on all labelled bags, and write the run directory. A
+    survival task (``survival``: its columns, loss, risk groups) draws the Kaplan–Meier curves of
+    the out-of-fold risk groups."""
     config = config or TrainConfig()
     checks.whole("--folds", folds, 2)
     checks.whole("--repeats", repeats, 1)
-    check_head(config.head, config.head_options)
+    if cohort is None:
+        task_kind = planned_task(labels_path, task_kind, label_column, survival)
+    check_head(config.head, config.head_options, cohort.task.kind if cohort else task_kind)
     checks.output_dir(out_dir)
     start = time.perf_counter()
     cohort = cohort or load_cohort(
-        store_dir, labels_path, task_kind, device, label_column, progress, regime, classes, skip_duplicates
+        store_dir,
+        labels_path,
+        task_kind,
+        device,
+        progress=progress,
+        regime=regime,
+        classes=classes,
+        label_column=label_column,
+        skip_duplicates=skip_duplicates,
+        survival=survival,
     )
+    check_head(config.head, config.head_options, cohort.task.kind)
     metrics, oof, best_epochs, fold_models = cross_validate(cohort, config, folds, repeats, progress=progress)
     if cohort.split is not None:  # the split's one model: trained on the train bags, test bags kept out
         model = fold_models[0]
@@ -304,9 +363,9 @@ def train_head(
         "head": config.head,
         "head_options": resolved_options(config.head, config.head_options),
         "dim": cohort.data.dim,
-        "task": {"kind": cohort.task.kind, "classes": cohort.task.classes},
+        "task": cohort.task.to_dict(),
         "store": cohort.store_meta,
-        "train": config.resolve(trained_bags).to_dict(),
+        "train": resolved(config, cohort.task, trained_bags).to_dict(),
         "milcache_version": __version__,
     }
     save_model(model.cpu(), out, model_config)
@@ -324,9 +383,11 @@ def train_head(
             "seconds": round(time.perf_counter() - start, 2),
         }
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     oof.write_parquet(out / "oof.parquet")
-    _plot(cohort, oof, out)
+    kaplan_meier = _plot(cohort, oof, out)
+    if kaplan_meier is not None:
+        metrics["kaplan_meier"] = kaplan_meier
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if not isinstance(labels_path, (str, Path)):  # a DataFrame: kept in the run, so fine-tune finds it
         from milcache.store.tables import read_table
 
@@ -341,6 +402,7 @@ def train_head(
         "device": device,
         "label_column": label_column,
         "classes": classes,
+        "survival": None if cohort.task.survival is None else cohort.task.survival.to_dict(),
         "skip_duplicates": skip_duplicates,
         **config.to_dict(),
     }
@@ -348,11 +410,19 @@ def train_head(
     return metrics
 
 
-def _plot(cohort: Cohort, oof: pl.DataFrame, out: Path) -> None:
-    y = cohort.task.encode(oof["label"].to_list())
+def _plot(cohort: Cohort, oof: pl.DataFrame, out: Path) -> dict | None:
+    """The out-of-fold figure: a ROC, a scatter of values, or Kaplan–Meier curves of risk groups
+    (of patients: a patient's risk is the mean over its bags and repeats), whose test it returns."""
     title = f"out-of-fold · {len(oof)} predictions"
+    if cohort.task.kind == "survival":
+        patients = oof.group_by("group").agg(pl.col("time", "event").first(), pl.col("risk").mean())
+        title = f"out-of-fold risk · {patients.height} patients"
+        time, event, risk = (patients[c].to_numpy() for c in ("time", "event", "risk"))
+        groups = cohort.task.survival.risk_groups
+        return plot_kaplan_meier(time, event, risk, out / "kaplan_meier.png", title=title, groups=groups)
+    y = cohort.task.encode(oof["label"].to_list())
     if cohort.task.kind == "regression":
         plot_regression(y, oof["prediction"].to_numpy(), out / "predictions.png", title)
     else:
-        outputs = oof.select([f"prob_{c}" for c in cohort.task.classes]).to_numpy()
+        outputs = oof.select(cohort.task.output_columns).to_numpy()
         plot_roc(y, outputs, cohort.task.classes, out / "roc.png", title)

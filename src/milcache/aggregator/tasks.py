@@ -1,4 +1,5 @@
-"""What a label means: binary, multi-class, ordinal or continuous; its loss, probabilities and metrics."""
+"""What a label means: binary, multi-class, ordinal, continuous or a time to an event; its loss,
+outputs and metrics."""
 
 from __future__ import annotations
 
@@ -10,18 +11,56 @@ import torch
 import torch.nn.functional as F
 
 from milcache.aggregator.config import TASK_KINDS
+from milcache.aggregator.survival import SurvivalSpec
 from milcache.errors import LabelError
 
 
 @dataclass
 class Task:
-    """``classes`` maps class index → original label value (empty for regression)."""
+    """``classes`` maps class index → original label value (empty for regression and survival);
+    ``survival`` says how a survival task trains (its targets are (time, event) rows)."""
 
     kind: str
     classes: list
+    survival: SurvivalSpec | None = None
+
+    @classmethod
+    def for_survival(cls, time: np.ndarray, event: np.ndarray, spec: SurvivalSpec | None = None) -> Task:
+        """A survival task whose discrete-time intervals (if its loss has them) fit these times."""
+        return cls("survival", [], (spec or SurvivalSpec()).fitted(np.asarray(time), np.asarray(event)))
+
+    def to_dict(self) -> dict:
+        stored = {"kind": self.kind, "classes": self.classes}
+        return stored if self.survival is None else {**stored, "survival": self.survival.to_dict()}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> Task:
+        survival = stored.get("survival")
+        return cls(stored["kind"], stored["classes"], None if survival is None else SurvivalSpec.from_dict(survival))
+
+    @property
+    def has_classes(self) -> bool:
+        return self.kind not in ("regression", "survival")
+
+    def strata(self, y: np.ndarray) -> np.ndarray | None:
+        """What folds are stratified on: the class, the event for survival, nothing for regression."""
+        if self.kind == "survival":
+            return y[:, 1].astype(np.int64)
+        return y if self.has_classes else None
+
+    @property
+    def output_columns(self) -> list[str]:
+        """The names of ``outputs``' columns, as prediction tables write them."""
+        if self.kind == "survival":
+            return self.survival.output_columns()
+        if self.kind == "regression":
+            return ["prediction"]
+        return [f"prob_{name}" for name in self.classes]
 
     @property
     def n_outputs(self) -> int:
+        if self.kind == "survival":
+            return self.survival.n_outputs
         if self.kind in ("binary", "regression"):
             return 1
         if self.kind == "ordinal":
@@ -40,6 +79,8 @@ class Task:
             kind = kind or ("binary" if len(classes or values) == 2 else "multiclass")
         if kind not in TASK_KINDS:
             raise LabelError(f"unknown task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
+        if kind == "survival":
+            raise LabelError("a survival task needs a time and an event column (--time, --event), not a label")
         if kind == "regression":
             return cls(kind, [])
         if classes is not None:
@@ -56,8 +97,11 @@ class Task:
         return cls(kind, values)
 
     def encode(self, labels: list) -> np.ndarray:
+        """Targets from label values: class indices, values, or (time, event) rows for survival."""
         if self.kind == "regression":
             return np.asarray(labels, dtype=np.float32)
+        if self.kind == "survival":
+            return np.asarray(labels, dtype=np.float32).reshape(-1, 2)
         index = {v: i for i, v in enumerate(self.classes)}
         unknown = sorted({str(v) for v in labels if v not in index})
         if unknown:
@@ -72,6 +116,8 @@ class Task:
         bag_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mean loss of a batch; ``bag_weight`` (0/1 per bag) leaves padded bag slots out."""
+        if self.kind == "survival":  # the Cox loss is not a sum over bags
+            return self.survival.loss_of(logits, y, bag_weight)
         per_bag, norm = self._per_bag_loss(logits.float(), y, class_weights)
         if bag_weight is not None:
             per_bag, norm = per_bag * bag_weight, norm * bag_weight
@@ -101,7 +147,7 @@ class Task:
     def combine_streams(self, streams: list[torch.Tensor]) -> torch.Tensor:
         """Logits whose outputs are the mean of the streams' outputs (probabilities, or values)."""
         stacked = torch.stack([s.float() for s in streams])
-        if self.kind == "regression":
+        if self.kind == "regression" or (self.kind == "survival" and self.survival.loss == "cox"):
             return stacked.mean(0)
         if self.kind == "multiclass":
             return torch.logsumexp(torch.log_softmax(stacked, -1), 0) - math.log(len(streams))
@@ -109,8 +155,11 @@ class Task:
         return torch.logit(p)
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B × classes), or the predicted value (B × 1) for regression."""
+        """Class probabilities (B × classes), the predicted value (B × 1) for regression, or the risk
+        (and survival curve) for survival (``SurvivalSpec.outputs``)."""
         logits = logits.float()
+        if self.kind == "survival":
+            return self.survival.outputs(logits)
         if self.kind == "regression":
             return logits
         if self.kind == "binary":
@@ -123,9 +172,14 @@ class Task:
             return cumulative[:, :-1] - cumulative[:, 1:]
         return torch.softmax(logits, 1)
 
-    def metrics(self, y: np.ndarray, outputs: np.ndarray, only: str | None = None) -> dict[str, float]:
+    def metrics(
+        self, y: np.ndarray, outputs: np.ndarray, only: str | None = None, groups: np.ndarray | None = None
+    ) -> dict[str, float]:
         """Metrics of one evaluation; y are encoded targets, outputs as from ``outputs``. With
-        ``only`` (a metric this task has), just that one: what a pruner needs every epoch."""
+        ``only`` (a metric this task has), just that one: what a pruner needs every epoch. With
+        ``groups`` (patients), a survival task is scored per patient (``per_patient``)."""
+        if self.kind == "survival" and groups is not None:
+            y, outputs = per_patient(y, outputs, groups)
         functions = self._metric_functions(y, outputs)
         names = [only] if only in functions else list(functions)
         return {name: float(functions[name]()) for name in names}
@@ -133,12 +187,19 @@ class Task:
     @property
     def metric_names(self) -> list[str]:
         """The metrics ``metrics`` computes for this kind of task."""
-        return list(self._metric_functions(np.zeros(1), np.ones((1, max(len(self.classes), 1)))))
+        return list(self._metric_functions(np.zeros((1, 2)), np.ones((1, len(self.output_columns)))))
+
+    @property
+    def default_metric(self) -> str:
+        """What tune maximises unless told otherwise."""
+        return {"survival": "c_index", "regression": "r2"}.get(self.kind, "auc")
 
     def _metric_functions(self, y: np.ndarray, outputs: np.ndarray) -> dict:
         from scipy.stats import pearsonr
         from sklearn import metrics as m
 
+        if self.kind == "survival":
+            return self.survival.metric_functions(y, outputs)
         if self.kind == "regression":
             pred = outputs[:, 0]
             return {
@@ -160,6 +221,17 @@ class Task:
         if self.kind == "ordinal":
             functions["kappa"] = lambda: m.cohen_kappa_score(y, pred, weights="quadratic")
         return functions
+
+
+def per_patient(y: np.ndarray, outputs: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per patient from several slides' rows: the mean of their outputs (risk, curve) and
+    the patient's (time, event), which its slides share (``read_labels`` checks that)."""
+    _, first, inverse = np.unique(groups.astype(str), return_index=True, return_inverse=True)
+    if len(first) == len(groups):
+        return y, outputs
+    sums = np.zeros((len(first), outputs.shape[1]))
+    np.add.at(sums, inverse, outputs)
+    return y[first], sums / np.bincount(inverse)[:, None]
 
 
 def _ordered_classes(values: list, classes: list) -> list:

@@ -38,8 +38,8 @@ Report = Callable[[int, float], None]
 
 
 def _class_weights(task: Task, y: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Inverse class frequencies of a training split (ones for regression)."""
-    if task.kind == "regression":
+    """Inverse class frequencies of a training split (ones for tasks without classes)."""
+    if not task.has_classes:
         return torch.ones(1, device=device)
     counts = np.bincount(y, minlength=len(task.classes)).astype(np.float64)
     weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
@@ -368,7 +368,7 @@ def _instance_layer_of_sparse(x, params: dict, buffers: dict):
 def _epoch_batches(state: _ModelState, data: Bags, y: np.ndarray, task: Task, config: TrainConfig) -> list:
     """A model's batches for one epoch, smallest (padded instances) first."""
     bags = state.train
-    if config.balanced_sampling and task.kind != "regression":
+    if config.balanced_sampling and task.has_classes:
         bags = _balanced(y, bags, state.rng)
     batches = plan_batches(data.lengths, bags, config.batch_size, config.max_tokens, config.instances, state.rng, False)
     capped = data.lengths if config.instances is None else np.minimum(data.lengths, config.instances)

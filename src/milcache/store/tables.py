@@ -204,14 +204,89 @@ def read_labels(path, label_column: str = "label") -> pl.DataFrame:
     if missing.height:
         raise _label_rows(path, "missing labels (empty, NaN or NA: drop these rows or give them a label)", missing)
     _check_label_values(table, path, label_column)
-    keep = [c for c in ("bag_id", "label", "group", "split") if c in table.columns]
-    for column in keep[2:]:
+    return _bag_rows(table, path, ("label",))
+
+
+def _bag_rows(table: pl.DataFrame, path: Path, targets: tuple[str, ...]) -> pl.DataFrame:
+    """One row per bag: ``bag_id``, the ``targets`` columns, and ``group`` and ``split`` when
+    present (none empty; rows of one bag agreeing on each)."""
+    keep = ["bag_id", *targets, *(c for c in ("group", "split") if c in table.columns)]
+    for column in keep[1 + len(targets) :]:
         empty = table.filter(_is_missing(pl.col(column), table.schema[column]))
         if empty.height:
             raise _label_rows(path, f"empty {column} (give every bag one, or drop the column)", empty)
     for column in keep[1:]:
         _check_consistent(table, path, column)
     return table.select(keep).unique(subset="bag_id", keep="first", maintain_order=True)
+
+
+def survival_columns(
+    path, *, task_kind: str | None, label_column: str = "label", time_column: str = "time", event_column: str = "event"
+) -> tuple[str, str] | None:
+    """The (time, event) columns when the labels are times to an event: asked for with
+    ``task_kind`` survival or by naming the columns (other than time and event), or chosen when
+    the table has both columns and no label column."""
+    if task_kind == "survival" or (task_kind is None and (time_column, event_column) != ("time", "event")):
+        return time_column, event_column
+    if task_kind is not None:
+        return None
+    columns = read_table(path).columns
+    if label_column not in columns and time_column in columns and event_column in columns:
+        return time_column, event_column
+    return None
+
+
+def read_survival_labels(path, time_column: str = "time", event_column: str = "event") -> pl.DataFrame:
+    """Times to an event from a labels table: one row per bag, columns ``bag_id``, ``time``
+    (positive), ``event`` (1 observed, 0 censored) and, when present, ``group`` (the patient:
+    its bags must share its time and event) and ``split``."""
+    table = read_table(path, ("bag_id", "group", "split"))
+    path = Path(path) if isinstance(path, (str, Path)) else Path("(the labels DataFrame)")
+    _require_columns(table, path, ("bag_id", time_column, event_column))
+    table = table.rename({time_column: "time", event_column: "event"}).with_row_index(_ROW, offset=1)
+    if table.height == 0:
+        raise LabelError(f"{path} has no rows: give one row per bag, with its {time_column} and {event_column}")
+    _check_ids(table, path)
+    for column, name in (("time", time_column), ("event", event_column)):
+        missing = table.filter(_is_missing(pl.col(column), table.schema[column]))
+        if missing.height:
+            raise _label_rows(path, f"missing {name} (empty, NaN or NA: drop these rows or give them one)", missing)
+    time = pl.col("time").cast(pl.Float64, strict=False)
+    not_number = table.filter(time.is_null())
+    if not_number.height:
+        raise _label_rows(path, f"{time_column} that is not a number", not_number)
+    table = table.with_columns(time)
+    bad_time = table.filter((pl.col("time") <= 0) | pl.col("time").is_infinite())
+    if bad_time.height:
+        raise _label_rows(path, f"{time_column} that is zero, negative or infinite (a time must be > 0)", bad_time)
+    event = pl.col("event").cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+    table = table.with_columns(event.replace_strict(_EVENT_VALUES, default=None, return_dtype=pl.Int8))
+    bad_event = table.filter(pl.col("event").is_null())
+    if bad_event.height:
+        raise _label_rows(path, f"{event_column} other than 1 (event observed) or 0 (censored)", bad_event)
+    table = _bag_rows(table, path, ("time", "event"))
+    if "group" in table.columns:
+        _check_patients(table, path)
+    return table
+
+
+_EVENT_VALUES = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
+
+
+def _check_patients(table: pl.DataFrame, path: Path) -> None:
+    """The bags of one patient share the patient's time and event."""
+    bad = (
+        table.group_by("group", maintain_order=True)
+        .agg(pl.struct("time", "event").n_unique().alias("kinds"), pl.col("bag_id"))
+        .filter(pl.col("kinds") > 1)
+    )
+    if bad.height:
+        problems = [
+            f"patient {g!r} (bags {', '.join(ids[:5])})" for g, ids in bad.select("group", "bag_id").iter_rows()
+        ]
+        raise LabelError(
+            str(_problem_list(path, "bags of one patient (group) have different times or events", problems))
+        )
 
 
 def _label_rows(path: Path, what: str, rows: pl.DataFrame) -> LabelError:

@@ -32,7 +32,7 @@ class TuneSettings:
     timeout: float | None = None
     storage: str | None = None  # default: sqlite inside the run directory
     study_name: str = "milcache"
-    metric: str = "auc"
+    metric: str | None = None  # None: the task's own (auc; c_index for survival), see ``for_task``
     pruner: str = "median"
     jobs: int = 1
     resume: bool = False
@@ -48,12 +48,19 @@ class TuneSettings:
         checks.above("--timeout", self.timeout, 0)
         checks.one_of("--pruner", self.pruner, PRUNERS)
         checks.one_of("--select", self.selection, SELECTIONS)
-        checks.one_of("--metric", self.metric, METRICS)
+        if self.metric is not None:
+            checks.one_of("--metric", self.metric, METRICS)
         checks.at_least("--jobs", self.jobs, 1)
         checks.at_least("--folds", self.folds, 2)
         if self.repeats is not None:
             checks.at_least("--repeats", self.repeats, 1)
         checks.within("--holdout", self.holdout, 0.0, 0.5)
+
+    def for_task(self, task_kind: str | None) -> TuneSettings:
+        """These settings with the metric left to the task chosen: c_index for survival, else auc."""
+        if self.metric is not None:
+            return self
+        return dataclasses.replace(self, metric="c_index" if task_kind == "survival" else "auc")
 
     def resolve(self, study_bags: int) -> TuneSettings:
         """These settings with the inner CV's repeats chosen from the number of study bags when

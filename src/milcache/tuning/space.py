@@ -18,11 +18,13 @@ from milcache.settings_files import read_settings
 _TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"head", "head_options"}
 
 
-def default_space() -> dict:
+def default_space(task_kind: str | None = None) -> dict:
     """Every parameter the study searches when no space file narrows it; each admits its calibrated
-    default, so that the study's first trial (the defaults, see ``default_params``) lies inside it."""
+    default, so that the study's first trial (the defaults, see ``default_params``) lies inside it.
+    A task without classes leaves out the heads whose loss needs them (CLAM)."""
+    heads = [h for h in list_heads() if task_kind not in ("regression", "survival") or not head_class(h).needs_classes]
     return {
-        "head": {"type": "categorical", "choices": list_heads()},
+        "head": {"type": "categorical", "choices": heads},
         "hidden": {"type": "categorical", "choices": [64, 128, 256]},
         "dropout": {"type": "float", "low": 0.0, "high": 0.5},
         "attention_dim": {"type": "categorical", "choices": [32, 64, 128]},
@@ -39,9 +41,10 @@ def default_space() -> dict:
     }
 
 
-def load_space(path: str | Path | None, fixed: dict | None = None) -> dict:
-    """The default space, updated by a TOML/YAML file and by fixed values (which win)."""
-    space = default_space()
+def load_space(path: str | Path | None, fixed: dict | None = None, *, task_kind: str | None = None) -> dict:
+    """The default space (for ``task_kind``, when known), updated by a TOML/YAML file and by fixed
+    values (which win); a head the task cannot train is refused by name."""
+    space = default_space(task_kind)
     if path is not None:
         space.update(read_settings(path))
     space.update(fixed or {})
@@ -53,6 +56,8 @@ def load_space(path: str | Path | None, fixed: dict | None = None) -> dict:
         )
     for name, spec in space.items():
         _check(name, spec)
+    for head in _candidates(space["head"]):
+        check_head(head, {}, task_kind)
     for name, spec in space.items():
         if name != "head":
             _check_values(name, spec, space["head"])

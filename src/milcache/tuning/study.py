@@ -17,9 +17,11 @@ import polars as pl
 from milcache import checks
 from milcache.aggregator.config import MINIMISED, TrainConfig
 from milcache.aggregator.model import save_blend
-from milcache.aggregator.plots import pyplot
-from milcache.aggregator.run import Cohort, cross_validate, load_cohort, refit, train_head
+from milcache.aggregator.plots import plot_kaplan_meier, pyplot
+from milcache.aggregator.run import Cohort, cross_validate, load_cohort, planned_task, refit, train_head
 from milcache.aggregator.splits import validation_split
+from milcache.aggregator.survival import SurvivalSpec
+from milcache.aggregator.tasks import Task, per_patient
 from milcache.aggregator.trainer import infer
 from milcache.errors import MilcacheError, OptionError
 from milcache.tuning.selection import bootstrap_comparison, kept_score, kept_trials
@@ -182,6 +184,8 @@ def make_objective(
 ):
     import optuna
 
+    settings = settings.for_task(cohort.task.kind)
+
     def objective(trial: optuna.Trial) -> float:
         config = sample_config(trial, space, settings.seed)
         trial.set_user_attr("config", {**config.to_dict()})
@@ -222,7 +226,7 @@ def make_objective(
 def out_of_fold_outputs(cohort: Cohort, table: pl.DataFrame) -> dict:
     """A trial's out-of-fold outputs, each bag's averaged over the repeats, stored with the trial
     (4 decimals: a few bytes a bag) for the bootstrap selection: {"bags": cohort indices, "outputs"}."""
-    columns = [c for c in table.columns if c.startswith("prob_")] or ["prediction"]
+    columns = cohort.task.output_columns
     mean = table.group_by("bag_id", maintain_order=True).agg(pl.col(columns).mean())
     index = {bag_id: i for i, bag_id in enumerate(cohort.data.bag_ids)}
     return {
@@ -242,6 +246,8 @@ def tune(
     device: str = "auto",
     progress: bool = False,
     classes: list | None = None,
+    *,
+    survival: SurvivalSpec | None = None,
 ) -> dict:
     """Run (or resume) a study, then write best.json, trials.parquet, plots and RUN/best/.
 
@@ -251,7 +257,11 @@ def tune(
     import optuna
 
     out = checks.output_dir(out)
-    space = load_space(space_file, fixed)
+    task_kind = planned_task(labels, task_kind, "label", survival)
+    settings = settings.for_task(task_kind)
+    if task_kind == "survival":  # known from the table's header: refused before the study is made
+        _check_metric(settings.metric, Task("survival", [], survival or SurvivalSpec()))
+    space = load_space(space_file, fixed, task_kind=task_kind)
     out.mkdir(parents=True, exist_ok=True)
     url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(url)
@@ -285,14 +295,14 @@ def tune(
         progress=progress,
         classes=classes,
         skip_duplicates=settings.skip_duplicates,
+        survival=survival,
     )
-    if settings.metric not in cohort.task.metric_names:
+    try:
+        _check_metric(settings.metric, cohort.task)
+    except MilcacheError:
         if created and not study.trials[1:]:  # made by this run for nothing: a corrected rerun starts anew
             optuna.delete_study(study_name=settings.study_name, storage=storage)
-        raise MilcacheError(
-            f"--metric {settings.metric!r} is not computed for a {cohort.task.kind} task; "
-            f"use one of {', '.join(cohort.task.metric_names)}"
-        )
+        raise
     study_bags, held_out = holdout_split(cohort, settings.holdout, settings.seed)
     settings = settings.resolve(len(study_bags))
     _check_scoring(study, settings, url)  # and the repeats chosen from the cohort
@@ -320,9 +330,16 @@ def tune(
             bar.close()
     seconds = time.perf_counter() - start
     summary, kept = _report(study, cohort, store_dir, labels, out, settings, task_kind, device, seconds, progress)
-    summary["holdout"] = _holdout_estimate(kept, cohort, study_bags, held_out, settings)
+    summary["holdout"] = _holdout_estimate(kept, cohort, study_bags, held_out, settings, out)
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_metric(metric: str, task: Task) -> None:
+    if metric not in task.metric_names:
+        raise MilcacheError(
+            f"--metric {metric!r} is not computed for a {task.kind} task; use one of {', '.join(task.metric_names)}"
+        )
 
 
 def _create_if_new(storage, name: str, direction: str) -> bool:
@@ -393,20 +410,33 @@ def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarra
     if cohort.split is not None and fraction > 0:  # a fixed split column: its test bags are the held-out part
         test = np.char.lower(cohort.split.astype(str)) == "test"
         return every[~test], every[test]
-    stratified = cohort.task.kind != "regression"
-    study, held_out = validation_split(cohort.y, cohort.groups, every, fraction, stratified, seed + 7919)
+    study, held_out = validation_split(cohort.task.strata(cohort.y), cohort.groups, every, fraction, seed + 7919)
     return study, held_out
 
 
 def _holdout_estimate(
-    kept: list, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings
+    kept: list, cohort: Cohort, study_bags: np.ndarray, held_out: np.ndarray, settings, out: Path
 ) -> dict | None:
-    """The kept trials' configurations refit on the study's bags and scored on the held-out ones."""
+    """The kept trials' configurations refit on the study's bags and scored on the held-out ones
+    (for survival, per patient, with the Kaplan–Meier curves of their risk groups in
+    kaplan_meier_holdout.png)."""
     if not len(held_out):
         return None
     outputs = cohort.task.outputs(refit_kept(kept, cohort, study_bags, held_out)).cpu().numpy()
-    metrics = cohort.task.metrics(cohort.y[held_out], outputs)
-    return {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
+    y, groups = cohort.y[held_out], cohort.groups[held_out]
+    metrics = cohort.task.metrics(y, outputs, groups=groups)
+    estimate = {"bags": len(held_out), "metrics": metrics, "value": metrics.get(settings.metric)}
+    if cohort.task.kind == "survival":
+        y, outputs = per_patient(y, outputs, groups)
+        estimate["kaplan_meier"] = plot_kaplan_meier(
+            y[:, 0],
+            y[:, 1],
+            outputs[:, 0],
+            out / "kaplan_meier_holdout.png",
+            title=f"held-out risk · {len(y)} patients",
+            groups=cohort.task.survival.risk_groups,
+        )
+    return estimate
 
 
 def refit_kept(kept: list, cohort: Cohort, bags: np.ndarray, scored: np.ndarray):
