@@ -64,15 +64,8 @@ def load_cohort(
     ``classes`` orders the classes (ordinal labels that are text need it). Times to an event
     (the columns ``survival`` names) make a survival task, trained as ``survival`` says."""
     survival = survival or SurvivalSpec()
-    columns = survival_columns(
-        labels_path,
-        task_kind=task_kind,
-        label_column=label_column,
-        time_column=survival.time_column,
-        event_column=survival.event_column,
-    )
-    if columns is not None:
-        labels = read_survival_labels(labels_path, *columns)
+    if planned_task(labels_path, task_kind, label_column, survival) == "survival":
+        labels = read_survival_labels(labels_path, survival.time_column, survival.event_column)
         raw = list(zip(labels["time"].to_list(), labels["event"].to_list(), strict=True))
         task = Task.for_survival(labels["time"].to_numpy(), labels["event"].to_numpy(), survival)
     else:
