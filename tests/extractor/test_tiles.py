@@ -492,3 +492,38 @@ def test_tissue_is_detected_at_32_thumbnail_pixels_a_tile_within_2048():
         coarse = tissue_fractions(tissue_mask(small), 2048 / side, grid, tile)
         assert np.abs(full - coarse).mean() < 0.02
         assert ((full >= 0.5) != (coarse >= 0.5)).mean() <= 0.01
+
+
+def test_an_extract_that_fails_before_its_first_write_leaves_no_store(tmp_path, monkeypatch):
+    """A failure after the store's settings were written but before any bag (the model failing to
+    start): no folder with only store.json is left, so a corrected rerun with other settings starts
+    anew; a store that holds bags is never removed, nor a user's other files."""
+    import milcache
+    from milcache.extractor import loop
+
+    write_pyramid_tiff(tmp_path / "s.tif", tissue_image(128, 128, seed=1))
+    (tmp_path / "slides.csv").write_text(f"bag_id,path\ns,{tmp_path / 's.tif'}\n")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model failed to start")
+
+    run = lambda out, **options: milcache.extract(  # noqa: E731
+        tmp_path / "slides.csv", out, backbone="test_resnet", tile_size=64, workers=0, device="cpu", **options
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "Embedder", broken)
+        with pytest.raises(RuntimeError, match="failed to start"):
+            run(tmp_path / "new")
+        assert not (tmp_path / "new").exists()
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("keep")
+        with pytest.raises(RuntimeError):
+            run(tmp_path / "mine")
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    run(tmp_path / "new")  # the rerun: a store with its bag
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "Embedder", broken)
+        with pytest.raises(RuntimeError):
+            run(tmp_path / "new", reextract_changed=True)
+    with milcache.FeatureStore(tmp_path / "new") as store:
+        assert store.bag_ids() == ["s"]

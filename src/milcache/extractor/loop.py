@@ -30,7 +30,7 @@ from milcache.extractor.encoders import Encoder, create_encoder
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
 from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
-from milcache.store.lmdb_store import shard_path
+from milcache.store.lmdb_store import discard_if_empty, shard_path
 from milcache.store.tables import BagSpec
 
 
@@ -440,7 +440,19 @@ def _finished_bags(out: Path, mine: list[tuple[int, BagSpec]], reextract_changed
 def extract(
     manifest: str | Path, out: str | Path, source: Source, config: ExtractConfig, progress: bool = True
 ) -> ExtractSummary:
-    """Embed every instance of every bag of ``manifest`` (this shard's share) into the store ``out``."""
+    """Embed every instance of every bag of ``manifest`` (this shard's share) into the store ``out``.
+    A run that fails before it stores anything leaves no store behind (``discard_if_empty``)."""
+    try:
+        return _extract(manifest, out, source, config, progress)
+    except BaseException:
+        if Path(out).is_dir():
+            discard_if_empty(Path(out))
+        raise
+
+
+def _extract(
+    manifest: str | Path, out: str | Path, source: Source, config: ExtractConfig, progress: bool = True
+) -> ExtractSummary:
     from tqdm import tqdm
 
     start_time = time.perf_counter()
@@ -478,13 +490,13 @@ def extract(
     mine = [(i, b) for i, b in enumerate(bags) if i % shards == shard]
     try:
         done = _finished_bags(out, mine, config.reextract_changed)
+        embedder = Embedder(backbone, source, device, config.precision, config.compile)
     except BaseException:
         store_writer.close()
         raise
     summary = ExtractSummary()
     todo = [(i, b) for i, b in mine if b.bag_id not in done]
     summary.skipped = len(mine) - len(todo)
-    embedder = Embedder(backbone, source, device, config.precision, config.compile)
     writer = _Writer(store_writer)
     writer.start()
     loader = DataLoader(

@@ -60,6 +60,28 @@ def remove_store(store_dir: Path) -> None:
         stale.unlink()
 
 
+def discard_if_empty(store_dir: Path) -> bool:
+    """Remove a store that holds nothing (store.json written, no bag or failure ever stored: a
+    run that failed before its first write), and its folder when nothing else is in it, so that a
+    corrected rerun starts anew. Leaves it while any writer still holds it. True if removed."""
+    store_dir = Path(store_dir)
+    if not (store_dir / METADATA_FILE).exists() or shard_paths(store_dir):
+        return False
+    with _exclusive(store_dir / _CREATE_LOCK), open(store_dir / _WRITERS_LOCK, "a") as writers:
+        try:
+            fcntl.flock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # another writer is at work: the store is not ours alone
+        if shard_paths(store_dir):
+            return False
+        remove_store(store_dir)
+        (store_dir / _WRITERS_LOCK).unlink(missing_ok=True)
+    (store_dir / _CREATE_LOCK).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        store_dir.rmdir()  # only when empty: the user's other files stay
+    return True
+
+
 def staging_dir(parent: Path, *, prefix: str) -> Path:
     """A new folder in ``parent`` (or its nearest existing ancestor: a failed write creates no
     folders) to write a store aside before it is published; staging folders of processes that
