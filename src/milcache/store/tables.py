@@ -50,6 +50,9 @@ def read_table(path, string_columns: tuple[str, ...] = ("bag_id",)) -> pl.DataFr
             raise ManifestError(f"{path}: expected a .csv, .tsv or .parquet file, not {suffix or 'no suffix'}")
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ManifestError(f"{path}: cannot read it as a table: {exc}") from None
+    twice = sorted({c.split("_duplicated_")[0] for c in table.columns if "_duplicated_" in c})
+    if twice:  # polars renames a repeated header (label, label_duplicated_0): which one is meant?
+        raise ManifestError(f"{path}: the column(s) {', '.join(twice)} appear twice in the header; keep one")
     casts = [pl.col(c).cast(pl.Utf8) for c in string_columns if c in table.columns]
     return table.with_columns(casts) if casts else table
 
