@@ -296,3 +296,21 @@ def test_a_writer_whose_shard_another_writer_grew_goes_on(tmp_path):
 def _write_big(path, meta):
     with StoreWriter(path, meta, map_size=1 << 20) as writer:
         writer.put("big", np.ones((4096, 256), np.float32))  # 4 MiB: past the 1 MiB map
+
+
+def test_overwrite_of_one_shard_is_refused_while_another_process_writes_it(tmp_path):
+    """extract --overwrite with several shards starts only its own shard over, under the shard's
+    writer lock: refused while another writer holds that shard, other shards untouched."""
+    bags = random_bags(4)
+    for shard in (0, 1):
+        write_store(tmp_path / "s", dict(list(bags.items())[2 * shard : 2 * shard + 2]), shard=shard)
+    holder = StoreWriter(tmp_path / "s", make_meta(), shard=1)  # another process's writer of shard 1
+    try:
+        with pytest.raises(StoreError, match="shard-00001.mdb .* another process is writing it"):
+            StoreWriter(tmp_path / "s", make_meta(), shard=1, restart_shard=True)
+        with StoreWriter(tmp_path / "s", make_meta(), shard=0, restart_shard=True):
+            pass  # shard 0 is nobody else's: started over
+    finally:
+        holder.close()
+    with FeatureStore(tmp_path / "s") as store:
+        assert sorted(store.bag_ids()) == sorted(list(bags)[2:])

@@ -30,7 +30,7 @@ from milcache.extractor.encoders import Encoder, create_encoder
 from milcache.extractor.jpeg import decode_on_device, decode_tiles
 from milcache.extractor.sources import BagPlan, PlannedBag, Source, failure_reason
 from milcache.store import FeatureStore, StoreMetadata, StoreWriter, read_manifest
-from milcache.store.lmdb_store import discard_if_empty, shard_path
+from milcache.store.lmdb_store import discard_if_empty
 from milcache.store.tables import BagSpec
 
 
@@ -482,11 +482,16 @@ def _extract(
     )
     spec = backbone.spec(source.settings())
     metadata = StoreMetadata.for_embedding(spec, dtype=config.dtype, coords=source.coord_names)
-    if config.overwrite and shards > 1:  # the other processes write the other shards: start only ours over
-        shard_path(out, shard).unlink(missing_ok=True)
     # Locked identity check (another run with other settings is refused here, before any work);
-    # the shard opens at the first write, after the workers have forked.
-    store_writer = StoreWriter(out, metadata, shard=shard, overwrite=config.overwrite and shards == 1)
+    # the shard opens at the first write, after the workers have forked. With several shards,
+    # --overwrite starts only ours over: the other processes write the others.
+    store_writer = StoreWriter(
+        out,
+        metadata,
+        shard=shard,
+        overwrite=config.overwrite and shards == 1,
+        restart_shard=config.overwrite and shards > 1,
+    )
     mine = [(i, b) for i, b in enumerate(bags) if i % shards == shard]
     try:
         done = _finished_bags(out, mine, config.reextract_changed)

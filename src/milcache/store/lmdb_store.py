@@ -43,6 +43,11 @@ def shard_path(store_dir: Path, shard: int) -> Path:
     return Path(store_dir) / f"shard-{shard:05d}.mdb"
 
 
+def _shard_lock(shard: Path) -> Path:
+    """The lock every writer of ``shard`` holds shared for its life (exclusive to start it over)."""
+    return shard.with_name(f".{shard.stem}.writer.lock")
+
+
 def shard_paths(store_dir: Path) -> list[Path]:
     return sorted(p for p in Path(store_dir).iterdir() if _SHARD_PATTERN.match(p.name))
 
@@ -76,6 +81,8 @@ def discard_if_empty(store_dir: Path) -> bool:
             return False
         remove_store(store_dir)
         (store_dir / _WRITERS_LOCK).unlink(missing_ok=True)
+        for lock in store_dir.glob(".shard-*.writer.lock"):
+            lock.unlink()
     (store_dir / _CREATE_LOCK).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         store_dir.rmdir()  # only when empty: the user's other files stay
@@ -167,6 +174,8 @@ class StoreWriter:
         shard: int = 0,
         overwrite: bool = False,
         map_size: int = _INITIAL_MAP_SIZE,
+        *,
+        restart_shard: bool = False,
     ) -> None:
         self.path = Path(store_dir)
         self.metadata = metadata
@@ -176,12 +185,16 @@ class StoreWriter:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._writing = open(self.path / _WRITERS_LOCK, "a")  # noqa: SIM115  (held for the writer's life)
+            self._writing_shard = open(_shard_lock(self._file), "a")  # noqa: SIM115  (likewise, for its shard)
         except OSError as exc:
             raise StoreError(f"cannot write the store {self.path}: {exc}") from None
         with _exclusive(self.path / _CREATE_LOCK):
             if overwrite:
                 self._remove_unless_in_use()
+            if restart_shard:
+                self._remove_shard_unless_in_use()
             fcntl.flock(self._writing, fcntl.LOCK_SH)
+            fcntl.flock(self._writing_shard, fcntl.LOCK_SH)
             if (self.path / METADATA_FILE).exists():
                 existing = read_metadata(self.path)
                 metadata.check_compatible(existing, self.path)
@@ -195,6 +208,18 @@ class StoreWriter:
         except BlockingIOError:
             raise StoreError(f"cannot overwrite {self.path}: another process is writing to it right now") from None
         remove_store(self.path)
+
+    def _remove_shard_unless_in_use(self) -> None:
+        """Start this writer's shard over (``extract --overwrite`` of one shard of several), unless
+        another process writes it right now."""
+        try:
+            fcntl.flock(self._writing_shard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"cannot start {self._file.name} of {self.path} over: another process is writing it right now"
+            ) from None
+        self._file.unlink(missing_ok=True)
+        Path(f"{self._file}-lock").unlink(missing_ok=True)
 
     def _open(self):
         if self._env is None:
@@ -225,6 +250,8 @@ class StoreWriter:
             self._env = None
         if not self._writing.closed:
             self._writing.close()  # releases the shared lock
+        if not self._writing_shard.closed:
+            self._writing_shard.close()
 
     def put(
         self,
