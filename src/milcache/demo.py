@@ -305,15 +305,16 @@ def _survival_scores(predictions: pl.DataFrame, root: Path) -> dict:
     Kaplan–Meier curves of their two risk groups with the log-rank p-value (a PNG)."""
     from milcache.aggregator.plots import plot_kaplan_meier
     from milcache.aggregator.survival import harrell_c
+    from milcache.aggregator.tasks import per_patient
 
-    patients = predictions.group_by("group").agg(pl.col("time", "event").first(), pl.col("risk").mean())
-    time, event, risk = (patients[c].to_numpy() for c in ("time", "event", "risk"))
+    y, risk = per_patient(
+        predictions.select("time", "event").to_numpy(),
+        predictions.select("risk").to_numpy(),
+        predictions["group"].to_numpy(),
+    )
+    time, event, risk = y[:, 0], y[:, 1], risk[:, 0]
     groups = plot_kaplan_meier(
-        time,
-        event,
-        risk,
-        root / "heldout_kaplan_meier.png",
-        title=f"held-out patients · {patients.height}",
+        time, event, risk, root / "heldout_kaplan_meier.png", title=f"held-out patients · {len(y)}"
     )
     return {
         "c_index": harrell_c(time, event > 0, risk),

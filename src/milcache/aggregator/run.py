@@ -23,7 +23,7 @@ from milcache.aggregator.model import MILModel, build_model, save_fold_models, s
 from milcache.aggregator.plots import plot_kaplan_meier, plot_regression, plot_roc
 from milcache.aggregator.splits import cv_splits, validation_split
 from milcache.aggregator.survival import COX_BATCH, SurvivalSpec
-from milcache.aggregator.tasks import Task
+from milcache.aggregator.tasks import Task, per_patient
 from milcache.aggregator.trainer import Report, fit, fit_stacked, infer
 from milcache.devices import resolve_device
 from milcache.errors import LabelError
@@ -408,11 +408,12 @@ def _plot(cohort: Cohort, oof: pl.DataFrame, out: Path) -> dict | None:
     (of patients: a patient's risk is the mean over its bags and repeats), whose test it returns."""
     title = f"out-of-fold · {len(oof)} predictions"
     if cohort.task.kind == "survival":
-        patients = oof.group_by("group").agg(pl.col("time", "event").first(), pl.col("risk").mean())
-        title = f"out-of-fold risk · {patients.height} patients"
-        time, event, risk = (patients[c].to_numpy() for c in ("time", "event", "risk"))
+        y, risk = per_patient(
+            oof.select("time", "event").to_numpy(), oof.select("risk").to_numpy(), oof["group"].to_numpy()
+        )
+        title = f"out-of-fold risk · {len(y)} patients"
         groups = cohort.task.survival.risk_groups
-        return plot_kaplan_meier(time, event, risk, out / "kaplan_meier.png", title=title, groups=groups)
+        return plot_kaplan_meier(y[:, 0], y[:, 1], risk[:, 0], out / "kaplan_meier.png", title=title, groups=groups)
     y = cohort.task.encode(oof["label"].to_list())
     if cohort.task.kind == "regression":
         plot_regression(y, oof["prediction"].to_numpy(), out / "predictions.png", title)

@@ -189,11 +189,6 @@ class Task:
         """The metrics ``metrics`` computes for this kind of task."""
         return list(self._metric_functions(np.zeros((1, 2)), np.ones((1, len(self.output_columns)))))
 
-    @property
-    def default_metric(self) -> str:
-        """What tune maximises unless told otherwise."""
-        return {"survival": "c_index", "regression": "r2"}.get(self.kind, "auc")
-
     def _metric_functions(self, y: np.ndarray, outputs: np.ndarray) -> dict:
         from scipy.stats import pearsonr
         from sklearn import metrics as m
